@@ -1,0 +1,32 @@
+# `make demo` and `make test` each set everything up on a fresh machine (Python 3.10-3.12).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Tests and the demo run on 2 cores: one BLAS thread each avoids 10-40x oversubscription slowdowns;
+# albumentations (imported by img2dataset) otherwise calls PyPI from every worker.
+export OMP_NUM_THREADS ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cnclip corpus build recipes/demo.yaml
+	$(BIN)/cnclip corpus stats manifests/demo
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+# While iterating: everything but the end-to-end builds.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
+
+clean:
+	rm -rf data/demo manifests/demo .pytest_cache

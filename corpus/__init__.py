@@ -1,0 +1,14 @@
+"""cnclip.corpus: build Chinese image-text corpora from (url, caption) lists.
+
+    from cnclip.corpus import load_recipe, build
+    funnel = build(load_recipe("recipes/demo.yaml"))
+"""
+
+from .pipeline import build, run_download, run_shard, run_text
+from .recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from .stats import corpus_stats
+
+__all__ = [
+    "Recipe", "RecipeError", "build", "corpus_stats", "load_recipe", "parse_recipe", "run_download", "run_shard",
+    "run_text",
+]

@@ -1,0 +1,85 @@
+"""`cnclip corpus ...`: a thin Typer layer over cnclip.corpus's Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from . import pipeline
+from .funnel import AccountingError
+from .progress import error
+from .recipe import RecipeError, load_recipe
+from .sources import SourceError
+from .stats import corpus_stats, print_stats
+
+app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, shard.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+RecipeArg = typer.Argument(..., help="corpus recipe (YAML), e.g. recipes/demo.yaml", exists=False)
+
+
+def _run(step, recipe_path: Path):
+    try:
+        recipe = load_recipe(recipe_path)
+        return step(recipe)
+    except (RecipeError, SourceError, AccountingError, OSError) as err:
+        error(str(err))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def build(recipe: Path = RecipeArg) -> None:
+    """Run every stage: ingest + text, download, shard; print the funnel.
+
+    Example: cnclip corpus build recipes/demo.yaml
+    """
+    _run(pipeline.build, recipe)
+
+
+@app.command()
+def text(recipe: Path = RecipeArg) -> None:
+    """Ingest the sources and run the text stage (normalize, filter, collapse duplicates, cap).
+
+    Example: cnclip corpus text recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_text, recipe)
+
+
+@app.command()
+def download(recipe: Path = RecipeArg) -> None:
+    """Download the rows the text stage accepted, with img2dataset.
+
+    Example: cnclip corpus download recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_download, recipe)
+
+
+@app.command()
+def shard(recipe: Path = RecipeArg) -> None:
+    """Write the final WebDataset shards, samples/ and rejected/ manifests and funnel.json.
+
+    Example: cnclip corpus shard recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_shard, recipe)
+
+
+@app.command()
+def stats(
+    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON instead of tables"),
+) -> None:
+    """Counts, the funnel, caption-length and image-size distributions of a built corpus.
+
+    Example: cnclip corpus stats manifests/demo
+    """
+    try:
+        figures = corpus_stats(manifest_dir)
+    except FileNotFoundError as err:
+        error(str(err))
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(figures, ensure_ascii=False, indent=2))
+    else:
+        print_stats(figures)

@@ -1,0 +1,93 @@
+"""The build's accounting: every input row is in samples/ or rejected/, exactly once.
+
+The funnel is computed from the manifests themselves (a join, not a tally kept on the side), so
+a stage that lost or duplicated a row fails the build instead of publishing a wrong corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from rich.table import Table
+
+from .layout import BuildLayout, write_json_atomic
+from .progress import console
+
+STAGES = ["ingest", "text", "download", "shard"]
+
+
+class AccountingError(RuntimeError):
+    """Samples and rejects do not add up to the input: a bug, never silently published."""
+
+
+def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
+    parts = sorted(folder.glob("*.parquet"))
+    if not parts:
+        return None
+    return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
+
+
+def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+    report = json.loads(layout.ingest_report.read_text(encoding="utf-8"))
+    input_rows = sum(report["rows_by_source"].values())
+    samples = scan_manifest(layout.samples_dir, ["uid"])
+    rejected = scan_manifest(layout.rejected_dir, ["uid", "stage", "reason"])
+    sample_count = samples.select(pl.len()).collect().item() if samples is not None else 0
+    by_reason: dict[str, int] = {}
+    if rejected is not None:
+        counts = rejected.group_by("reason").agg(pl.len()).sort("reason").collect()
+        by_reason = dict(counts.rows())
+    rejected_count = sum(by_reason.values())
+
+    ids = [f.select("uid") for f in (samples, rejected) if f is not None]
+    distinct = pl.concat(ids).select(pl.col("uid").n_unique()).collect().item() if ids else 0
+    if sample_count + rejected_count != input_rows or distinct != input_rows:
+        raise AccountingError(
+            f"{layout.manifest_dir}: {input_rows} input rows but {sample_count} samples + "
+            f"{rejected_count} rejected ({distinct} distinct rows)"
+        )
+
+    stages, remaining = [], input_rows
+    for stage in STAGES:
+        reasons = {r: n for r, n in by_reason.items() if r.split(":", 1)[0] == stage}
+        out = remaining - sum(reasons.values())
+        stages.append({"stage": stage, "in": remaining, "out": out, "rejected": reasons})
+        remaining = out
+    # Rejections from stages not listed (e.g. a future stage) still count in the totals above.
+    return {
+        "name": recipe_name,
+        "input_rows": input_rows,
+        "rows_by_source": report["rows_by_source"],
+        "file_errors": report["file_errors"],
+        "stages": stages,
+        "samples": sample_count,
+        "rejected": rejected_count,
+        "rejected_by_reason": by_reason,
+    }
+
+
+def write_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+    funnel = compute_funnel(layout, recipe_name)
+    write_json_atomic(layout.funnel_path, funnel)
+    return funnel
+
+
+def funnel_table(funnel: dict) -> Table:
+    table = Table(title=f"funnel: {funnel['name']} ({funnel['input_rows']} input rows)")
+    table.add_column("stage")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("rejected by reason")
+    for stage in funnel["stages"]:
+        kept = f"{stage['out'] / stage['in']:.1%}" if stage["in"] else "-"
+        reasons = ", ".join(f"{r.split(':', 1)[1]} {n}" for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1]))
+        table.add_row(stage["stage"], str(stage["in"]), str(stage["out"]), kept, reasons or "-")
+    table.caption = f"{funnel['samples']} samples, {funnel['rejected']} rejected"
+    return table
+
+
+def print_funnel(funnel: dict) -> None:
+    console.print(funnel_table(funnel))

@@ -1,0 +1,82 @@
+"""Chinese caption normalization over whole columns: no Python call per caption.
+
+Order matters: control characters go first (so the batch separators below cannot occur in the
+data), then HTML entities, NFKC (full-width -> half-width), whitespace, and last OpenCC, which
+sees clean text.
+"""
+
+from __future__ import annotations
+
+import html
+from functools import lru_cache
+
+import polars as pl
+
+# C0/C1 controls (tab and newline included) become spaces; whitespace is collapsed afterwards.
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+# Zero-width and bidi formatting characters carry no text; they are removed, not spaced.
+_INVISIBLE = r"[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]"
+# html.unescape never produces U+0001 (it maps &#1; to ''), so it can separate captions in a batch.
+_UNESCAPE_SEPARATOR = "\x01"
+_OPENCC_BATCH = 50_000
+
+
+@lru_cache(maxsize=4)
+def _opencc(config: str):
+    import opencc
+
+    return opencc.OpenCC(config)
+
+
+def _unescape_html(captions: pl.Series) -> pl.Series:
+    """Unescape entities in the captions that contain '&', in one html.unescape call per batch."""
+    has_entity = captions.str.contains("&", literal=True).fill_null(False)
+    if not has_entity.any():
+        return captions
+    subset = captions.filter(has_entity).to_list()
+    unescaped = html.unescape(_UNESCAPE_SEPARATOR.join(subset)).split(_UNESCAPE_SEPARATOR)
+    if len(unescaped) != len(subset):  # cannot happen (see the separator), kept as a guard
+        unescaped = [html.unescape(c) for c in subset]
+    positions = has_entity.arg_true()
+    return captions.scatter(positions, pl.Series(unescaped, dtype=pl.String))
+
+
+def convert_chinese(captions: pl.Series, config: str = "t2s") -> pl.Series:
+    """OpenCC over newline-joined batches: one native call per 50k captions.
+
+    Captions must be free of newlines (normalize_captions guarantees it).
+    """
+    converter = _opencc(config)
+    values = captions.to_list()
+    out: list[str] = []
+    for start in range(0, len(values), _OPENCC_BATCH):
+        batch = values[start : start + _OPENCC_BATCH]
+        converted = converter.convert("\n".join(batch)).split("\n")
+        if len(converted) != len(batch):  # a dictionary entry spanning lines would be a bug in OpenCC
+            converted = [converter.convert(c) for c in batch]
+        out.extend(converted)
+    return pl.Series(captions.name, out, dtype=pl.String)
+
+
+def normalize_captions(raw: pl.Series, opencc_config: str | None = "t2s") -> pl.Series:
+    """Raw captions -> normalized captions (nulls become empty strings)."""
+    captions = raw.cast(pl.String).fill_null("").str.replace_all(_CONTROL, " ")
+    captions = _unescape_html(captions)
+    captions = (
+        captions.str.normalize("NFKC")
+        .str.replace_all(_CONTROL, " ")
+        .str.replace_all(_INVISIBLE, "")
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+    )
+    if opencc_config:
+        captions = convert_chinese(captions, opencc_config)
+    return captions.rename("caption")
+
+
+def normalize_phrases(phrases: list[str], opencc_config: str | None = "t2s") -> list[str]:
+    """Blacklist phrases go through the same normalization as captions so they match them."""
+    if not phrases:
+        return []
+    normalized = normalize_captions(pl.Series(phrases, dtype=pl.String), opencc_config)
+    return sorted({p for p in normalized.to_list() if p})

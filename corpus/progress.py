@@ -1,0 +1,51 @@
+"""Rich progress bars and the one-line warnings every stage prints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def _quiet() -> bool:
+    return os.environ.get("CNCLIP_QUIET", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def stage_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar for one step; yields `advance(n=1)`."""
+    if _quiet() or not sys.stderr.isatty() and total is not None and total <= 1:
+        yield lambda n=1: None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+def info(message: str) -> None:
+    if not _quiet():
+        console.print(message)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """One line per problem, never wrapped, so each stays greppable and names its file and key."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)

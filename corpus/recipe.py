@@ -1,0 +1,193 @@
+"""Corpus recipes: the YAML that drives `cnclip corpus build`, parsed once into typed objects.
+
+Everything downstream receives a `Recipe`; nothing deeper reads YAML. Validation errors name
+the file, the key and what is wrong, one per line, and nothing runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Columns the pipeline owns; a source may not carry extra columns under these names.
+RESERVED_COLUMNS = frozenset(
+    {
+        "uid", "source", "row", "url", "caption", "caption_raw", "stage", "reason", "detail",
+        "key", "shard", "width", "height", "original_width", "original_height", "sha256",
+    }
+)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetadataSource(_Strict):
+    """Rows of (url, caption) from Parquet / CSV / TSV / JSONL files (LAION, Wukong, your own)."""
+
+    name: str
+    kind: Literal["metadata"]
+    path: str = Field(description="local path, glob, or fsspec URL")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_column: str = "url"
+    caption_column: str = "caption"
+    where: Optional[str] = Field(default=None, description="polars SQL row filter")
+    keep_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _no_reserved(cls, value: list[str]) -> list[str]:
+        clash = sorted(set(value) & RESERVED_COLUMNS)
+        if clash:
+            raise ValueError(f"names reserved by the manifests: {', '.join(clash)}")
+        return value
+
+
+class SampleWebSource(_Strict):
+    """The built-in sample web: a seeded generated site served on 127.0.0.1 during the build."""
+
+    name: str
+    kind: Literal["sample_web"]
+    images: int = Field(default=300, ge=10, le=100_000)
+    seed: int = 0
+    port: int = Field(default=18765, ge=0, le=65535)
+
+
+Source = Annotated[Union[MetadataSource, SampleWebSource], Field(discriminator="kind")]
+
+
+class TextSettings(_Strict):
+    min_chars: int = Field(default=5, ge=0)
+    max_chars: int = Field(default=50, ge=1)
+    min_cjk_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_caption_repeats: Optional[int] = Field(default=10, ge=1)
+    blacklist: Optional[str] = None
+    default_blacklist: bool = True
+    opencc_config: Optional[str] = "t2s"
+    reject_filenames: bool = True
+    dedup_pairs: bool = True
+    processes: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TextSettings":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class ImageSettings(_Strict):
+    size: int = Field(default=224, ge=8)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "center_crop"
+    min_side: int = Field(default=64, ge=0)
+    max_aspect_ratio: float = Field(default=3.0, ge=1.0)
+    # PIL's own decompression-bomb threshold; also handed to OpenCV so oversize images are refused
+    # from their header, before any pixel memory is allocated.
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(default=95, ge=1, le=100)
+
+
+class DownloadSettings(_Strict):
+    processes: int = Field(default=2, ge=1)
+    threads: int = Field(default=16, ge=1)
+    timeout: int = Field(default=10, ge=1)
+    retries: int = Field(default=1, ge=0)
+    samples_per_part: int = Field(default=10_000, ge=1)
+    user_agent_token: Optional[str] = "cnclip"
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+class ShardSettings(_Strict):
+    samples_per_shard: int = Field(default=10_000, ge=1)
+    processes: int = Field(default=2, ge=1)
+
+
+class Recipe(_Strict):
+    name: str
+    output_dir: Path
+    manifest_dir: Path
+    sources: list[Source] = Field(min_length=1)
+    text: TextSettings = Field(default_factory=TextSettings)
+    image: ImageSettings = Field(default_factory=ImageSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
+    shard: ShardSettings = Field(default_factory=ShardSettings)
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def settings_hash(self, *sections: str) -> str:
+        """A short digest of the named sections, recorded beside a stage's outputs."""
+        payload = {name: _jsonable(getattr(self, name)) for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _format_location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("metadata", "sample_web") and parts and parts[-1].startswith("["):
+            continue  # pydantic's discriminator tag, not a key the user wrote
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def format_validation_error(origin: str, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = _format_location(err["loc"])
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+            shown = repr(err["input"])
+            message += f" (got {shown[:60]})"
+        lines.append(f"{origin}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: dict, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: expected a mapping of keys at the top level")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(origin, err)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise RecipeError(f"{path}: {where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,204 @@
+"""Text stage: normalize captions and filter them before any byte of an image is downloaded.
+
+Per part (parallel): normalization and the per-row filters, as polars expressions.
+Global (lazy polars over all parts): repeated (url, caption) rows collapsed to the first, then
+the caption-frequency cap. Per part again: the split into accepted/ and rejected/ parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+
+import polars as pl
+
+from .engine import LocalEngine
+from .ingest import ROW_BITS
+from .layout import BuildLayout, replace_dir
+from .normalize import normalize_captions, normalize_phrases
+from .recipe import Recipe, RecipeError, TextSettings
+
+# Captions that are a camera / app file name or a bare link describe nothing in the image.
+_FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
+_CAMERA_NAME = (
+    r"(?i)^(?:img|dsc[nf]?|pic|pxl|mvimg|vid|screenshot|wechat|mmexport|微信图片|qq图片|截图|截屏|屏幕截图)"
+    r"[_\- ]?\d{3,}[\d_\- ]*$"
+)
+_BARE_URL = r"(?i)^(?:https?://|ftp://|www\.)\S*$"
+_SUPPORTED_URL = r"(?i)^(?:https?|file)://\S"
+_COMMON = ["uid", "url", "caption", "reason"]
+
+PER_ROW_REASONS = [
+    "ingest:missing_url",
+    "ingest:unsupported_url",
+    "text:filename_or_url",
+    "text:blacklisted",
+    "text:too_short",
+    "text:too_long",
+    "text:not_chinese",
+]
+GLOBAL_REASONS = ["text:duplicate_pair", "text:repeated_caption"]
+
+
+def load_blacklist(settings: TextSettings) -> list[str]:
+    """Built-in boilerplate phrases (if on) plus the recipe's file, normalized like captions."""
+    lines: list[str] = []
+    if settings.default_blacklist:
+        lines += resources.files("cnclip.corpus").joinpath("data/blacklist.txt").read_text("utf-8").splitlines()
+    if settings.blacklist:
+        try:
+            lines += Path(settings.blacklist).read_text("utf-8").splitlines()
+        except OSError as err:
+            raise RecipeError(f"text.blacklist: cannot read {settings.blacklist!r} ({err.strerror})") from None
+    phrases = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return normalize_phrases(phrases, settings.opencc_config)
+
+
+def cjk_ratio(caption: pl.Expr) -> pl.Expr:
+    """Han characters among all letters (digits, punctuation and spaces do not count)."""
+    letters = caption.str.count_matches(r"\p{L}")
+    han = caption.str.count_matches(r"\p{Han}")
+    return pl.when(letters > 0).then(han / letters).otherwise(0.0)
+
+
+def per_row_reason(settings: TextSettings, blacklist: list[str]) -> pl.Expr:
+    """The first per-row filter a row fails (null when it passes them all)."""
+    url, caption = pl.col("url"), pl.col("caption")
+    length = caption.str.len_chars()
+    rules: list[tuple[pl.Expr, str]] = [
+        (url.is_null() | (url == ""), "ingest:missing_url"),
+        (~url.str.contains(_SUPPORTED_URL), "ingest:unsupported_url"),
+    ]
+    if settings.reject_filenames:
+        name_like = caption.str.contains(_FILE_NAME) | caption.str.contains(_CAMERA_NAME)
+        rules.append((name_like | caption.str.contains(_BARE_URL), "text:filename_or_url"))
+    if blacklist:
+        rules.append((caption.str.contains_any(blacklist, ascii_case_insensitive=True), "text:blacklisted"))
+    rules += [
+        (length < settings.min_chars, "text:too_short"),
+        (length > settings.max_chars, "text:too_long"),
+        (cjk_ratio(caption) < settings.min_cjk_ratio, "text:not_chinese"),
+    ]
+    condition, reason = rules[0]
+    chain = pl.when(condition).then(pl.lit(reason))
+    for condition, reason in rules[1:]:
+        chain = chain.when(condition).then(pl.lit(reason))
+    return chain.otherwise(pl.lit(None, pl.String)).alias("reason")
+
+
+@dataclass(frozen=True)
+class _NormalizeTask:
+    source_part: Path
+    out_part: Path
+    settings: TextSettings
+    blacklist: tuple[str, ...]
+
+
+def normalize_part(task: _NormalizeTask) -> int:
+    """One ingest part -> the same rows with `caption` and the per-row `reason`."""
+    frame = pl.read_parquet(task.source_part)
+    caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
+    frame = frame.with_columns(caption).with_columns(per_row_reason(task.settings, list(task.blacklist)))
+    frame.write_parquet(task.out_part)
+    return frame.height
+
+
+def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path) -> tuple[Path, Path]:
+    """Duplicate (url, caption) pairs and over-frequent captions, over every part at once."""
+    rows = pl.concat([pl.scan_parquet(p).select(_COMMON) for p in parts]).filter(pl.col("reason").is_null())
+    duplicates_path, repeated_path = out_dir / "duplicate_pairs.parquet", out_dir / "repeated_captions.parquet"
+    if settings.dedup_pairs:
+        first = rows.group_by("url", "caption").agg(pl.col("uid").min().alias("first_uid"))
+        duplicates = rows.join(first, on=["url", "caption"]).filter(pl.col("uid") != pl.col("first_uid"))
+        duplicates.select("uid", "first_uid").sink_parquet(duplicates_path)
+    else:
+        pl.DataFrame(schema={"uid": pl.Int64, "first_uid": pl.Int64}).write_parquet(duplicates_path)
+    survivors = rows.join(pl.scan_parquet(duplicates_path), on="uid", how="anti")
+    if settings.max_caption_repeats is not None:
+        counts = survivors.group_by("caption").agg(pl.len().alias("caption_count"))
+        counts.filter(pl.col("caption_count") > settings.max_caption_repeats).sink_parquet(repeated_path)
+    else:
+        pl.DataFrame(schema={"caption": pl.String, "caption_count": pl.UInt32}).write_parquet(repeated_path)
+    return duplicates_path, repeated_path
+
+
+@dataclass(frozen=True)
+class _SplitTask:
+    normalized_part: Path
+    duplicates: Path
+    repeated: Path
+    accepted_part: Path
+    rejected_part: Path
+    max_caption_repeats: int | None
+
+
+def split_part(task: _SplitTask) -> tuple[int, int]:
+    """Apply the global verdicts to one part and write its accepted and rejected rows."""
+    frame = pl.scan_parquet(task.normalized_part)
+    duplicates = pl.scan_parquet(task.duplicates)
+    repeated = pl.scan_parquet(task.repeated)
+    judged = (
+        frame.join(duplicates, on="uid", how="left")
+        .join(repeated, on="caption", how="left")
+        .with_columns(
+            pl.when(pl.col("reason").is_not_null())
+            .then(pl.col("reason"))
+            .when(pl.col("first_uid").is_not_null())
+            .then(pl.lit("text:duplicate_pair"))
+            .when(pl.col("caption_count").is_not_null())
+            .then(pl.lit("text:repeated_caption"))
+            .alias("reason")
+        )
+        .with_columns(
+            pl.when(pl.col("reason") == "text:duplicate_pair")
+            .then(pl.format("same url and caption as row {} of this source", pl.col("first_uid") % (1 << ROW_BITS)))
+            .when(pl.col("reason") == "text:repeated_caption")
+            .then(pl.format("caption occurs {} times (cap {})", "caption_count", pl.lit(task.max_caption_repeats)))
+            .otherwise(pl.lit(None, pl.String))
+            .alias("detail")
+        )
+        .rename({"first_uid": "duplicate_of_uid"})
+        .drop("caption_count")
+        .sort("uid")
+        .collect()
+    )
+    accepted = judged.filter(pl.col("reason").is_null()).drop("reason", "detail", "duplicate_of_uid")
+    rejected = judged.filter(pl.col("reason").is_not_null()).with_columns(
+        pl.col("reason").str.split(":").list.first().alias("stage")
+    )
+    if accepted.height:
+        accepted.write_parquet(task.accepted_part)
+    if rejected.height:
+        rejected.write_parquet(task.rejected_part)
+    return accepted.height, rejected.height
+
+
+@dataclass
+class TextReport:
+    accepted: int
+    rejected: int
+
+
+def run_text_stage(recipe: Recipe, ingest_parts: list[Path]) -> TextReport:
+    layout = BuildLayout.of(recipe)
+    settings = recipe.text
+    blacklist = tuple(load_blacklist(settings))
+    normalized_dir = replace_dir(layout.text_dir / "normalized")
+    replace_dir(layout.text_accepted_dir)
+    replace_dir(layout.text_rejected_dir)
+    engine = LocalEngine(settings.processes)
+    tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist) for p in ingest_parts]
+    engine.map_parts(normalize_part, tasks, "text: normalize + filter")
+    normalized = [t.out_part for t in tasks]
+    if not normalized:
+        return TextReport(0, 0)
+    duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir)
+    splits = [
+        _SplitTask(p, duplicates, repeated, layout.text_accepted_dir / p.name, layout.text_rejected_dir / p.name,
+                   settings.max_caption_repeats)
+        for p in normalized
+    ]
+    counts = engine.map_parts(split_part, splits, "text: duplicates + caption cap")
+    return TextReport(sum(a for a, _ in counts), sum(r for _, r in counts))

@@ -1,0 +1,55 @@
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("CNCLIP_QUIET", "1")
+
+from cnclip.corpus.recipe import parse_recipe  # noqa: E402
+from cnclip.corpus.sample_web import SampleWebServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def make_recipe(tmp_path):
+    """A validated recipe writing under tmp_path; keyword sections override the defaults."""
+
+    def make(sources, **sections):
+        data = {
+            "name": "test",
+            "output_dir": str(tmp_path / "out"),
+            "manifest_dir": str(tmp_path / "manifests"),
+            "sources": sources,
+            "download": {"processes": 1, "threads": 8, "timeout": 3, "retries": 0, "samples_per_part": 50},
+            "image": {"size": 32, "min_side": 16},
+            "shard": {"samples_per_shard": 20, "processes": 1},
+            "text": {"processes": 1},
+        }
+        for key, value in sections.items():
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+        return parse_recipe(data, "test-recipe")
+
+    return make
+
+
+@pytest.fixture
+def web_root(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def web(web_root):
+    """A loopback server over web_root (files the test writes), with /slow/ and /noai/ routes."""
+    with SampleWebServer(web_root, port=0) as server:
+        yield server
