@@ -10,11 +10,12 @@ import typer
 from . import pipeline
 from .funnel import AccountingError
 from .progress import error
-from .recipe import RecipeError, load_recipe
+from .eval_hashes import EvalSetError, write_eval_hashes
+from .recipe import ImageSettings, RecipeError, load_recipe
 from .sources import SourceError
 from .stats import corpus_stats, print_stats
 
-app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, shard.", no_args_is_help=True,
+app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, dedup, shard.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 
 RecipeArg = typer.Argument(..., help="corpus recipe (YAML), e.g. recipes/demo.yaml", exists=False)
@@ -24,18 +25,23 @@ def _run(step, recipe_path: Path):
     try:
         recipe = load_recipe(recipe_path)
         return step(recipe)
-    except (RecipeError, SourceError, AccountingError, OSError) as err:
+    except (RecipeError, SourceError, AccountingError, EvalSetError, OSError) as err:
         error(str(err))
         raise typer.Exit(2) from None
 
 
 @app.command()
-def build(recipe: Path = RecipeArg) -> None:
-    """Run every stage: ingest + text, download, shard; print the funnel.
+def build(
+    recipe: Path = RecipeArg,
+    fresh: bool = typer.Option(False, "--fresh", help="discard earlier outputs of this recipe and start over"),
+) -> None:
+    """Run every stage: ingest + text, download, hash + dedup, shard; print the funnel.
+
+    Rerunning an interrupted build resumes it; stages whose settings changed are redone.
 
     Example: cnclip corpus build recipes/demo.yaml
     """
-    _run(pipeline.build, recipe)
+    _run(lambda r: pipeline.build(r, fresh=fresh), recipe)
 
 
 @app.command()
@@ -54,6 +60,37 @@ def download(recipe: Path = RecipeArg) -> None:
     Example: cnclip corpus download recipes/laion-zh.yaml
     """
     _run(pipeline.run_download, recipe)
+
+
+@app.command()
+def dedup(recipe: Path = RecipeArg) -> None:
+    """pHash the downloaded images and drop exact, near-duplicate and evaluation-overlap rows.
+
+    Example: cnclip corpus dedup recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_dedup, recipe)
+
+
+@app.command("hash-eval")
+def hash_eval(
+    path: str = typer.Argument(..., help="a folder of images, a WebDataset tar or a glob of tars"),
+    out: Path = typer.Option(..., "--out", help="the pHash list to write (Parquet)"),
+    size: int = typer.Option(224, help="image.size of the recipes that will use the list"),
+    resize_mode: str = typer.Option("center_crop", help="image.resize_mode of those recipes"),
+) -> None:
+    """Write a pHash list of an evaluation set, for a recipe's dedup.eval_images.
+
+    Images are resized as the corpus stores them, so lists are only valid for that size and mode.
+
+    Example: cnclip corpus hash-eval data/coco-cn/val2014 --out evalsets/coco-cn.parquet
+    """
+    try:
+        settings = ImageSettings(size=size, resize_mode=resize_mode)
+        count = write_eval_hashes(path, out, settings)
+    except (EvalSetError, ValueError, OSError) as err:
+        error(str(err).splitlines()[0])
+        raise typer.Exit(2) from None
+    typer.echo(f"{count} pHashes -> {out}")
 
 
 @app.command()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import polars as pl
 
-from .layout import BuildLayout, replace_dir
+from .layout import BuildLayout
 from .progress import info
 from .recipe import Recipe, SampleWebSource
 
@@ -67,19 +66,14 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
     )
 
 
-@dataclass
-class DownloadReport:
-    attempted: int
-    by_status: dict[str, int]
-
-
-def run_download_stage(recipe: Recipe) -> DownloadReport:
+def run_download_stage(recipe: Recipe) -> dict:
+    """img2dataset in incremental mode: after a crash it redoes only parts without their stats."""
     layout = BuildLayout.of(recipe)
-    out_dir = replace_dir(layout.download_dir)
+    out_dir = layout.download_dir
     accepted = sorted(layout.text_accepted_dir.glob("*.parquet"))
     if not accepted:
         info("download: no rows to download")
-        return DownloadReport(0, {})
+        return {"by_status": {}}
     # Spawned img2dataset workers inherit these. OpenCV checks its limit on the header.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -92,5 +86,4 @@ def run_download_stage(recipe: Recipe) -> DownloadReport:
         if any(out_dir.glob("*.parquet"))
         else []
     )
-    by_status = {status: count for status, count in sorted(statuses)}
-    return DownloadReport(sum(by_status.values()), by_status)
+    return {"by_status": {status: count for status, count in sorted(statuses)}}

@@ -15,7 +15,7 @@ from rich.table import Table
 from .layout import BuildLayout, write_json_atomic
 from .progress import console
 
-STAGES = ["ingest", "text", "download", "shard"]
+STAGES = ["ingest", "text", "download", "dedup", "shard"]
 
 
 class AccountingError(RuntimeError):
@@ -30,7 +30,7 @@ def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
 
 
 def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
-    report = json.loads(layout.ingest_report.read_text(encoding="utf-8"))
+    report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
     input_rows = sum(report["rows_by_source"].values())
     samples = scan_manifest(layout.samples_dir, ["uid"])
     rejected = scan_manifest(layout.rejected_dir, ["uid", "stage", "reason"])

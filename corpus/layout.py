@@ -29,10 +29,6 @@ class BuildLayout:
     def ingest_dir(self) -> Path:
         return self.work / "ingest"
 
-    @property
-    def ingest_report(self) -> Path:
-        return self.ingest_dir / "_report.json"
-
     # text: normalized parts (every row, with its reason), then accepted/ and rejected/ parts
     @property
     def text_dir(self) -> Path:
@@ -50,6 +46,14 @@ class BuildLayout:
     @property
     def download_dir(self) -> Path:
         return self.work / "download"
+
+    @property
+    def hash_dir(self) -> Path:
+        return self.work / "hash"
+
+    @property
+    def dedup_decisions(self) -> Path:
+        return self.work / "dedup" / "decisions.parquet"
 
     @property
     def shard_plan(self) -> Path:

@@ -1,60 +1,162 @@
-"""The corpus build as a Python API: one function per stage, and `build` that runs them all."""
+"""The corpus build as a Python API: one function per stage, and `build` that runs them all.
+
+Stages are resumable (see state.py): rerunning a recipe after a crash skips completed stages,
+resumes the interrupted one from its last whole part, and redoes any stage whose settings (or
+whose upstream stage's outputs) changed. `fresh=True` starts over.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-from .download import DownloadReport, run_download_stage
-from .funnel import print_funnel, write_funnel
+import polars as pl
+
+from .dedup import DECISION_SCHEMA, find_duplicates, scan_dedup_input
+from .download import run_download_stage
+from .eval_hashes import load_eval_hashes
+from .funnel import print_funnel
+from .hashing import run_hash_stage
 from .ingest import ingest
 from .layout import BuildLayout
 from .progress import info
 from .recipe import Recipe, load_recipe
-from .shard import ShardReport, run_shard_stage
-from .text import TextReport, run_text_stage
+from .shard import run_shard_stage, scan_accepted
+from .sources import source_files
+from .state import StageState, fingerprint, write_parquet_atomic
+from .text import run_text_stage
+
+STAGES = ("ingest", "text", "download", "hash", "dedup", "shard")
+HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
 
 
 def _recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def run_text(recipe: Recipe | str | Path) -> TextReport:
+def _file_listing(paths: list[str]) -> list:
+    listing = []
+    for path in paths:
+        local = Path(path)
+        stat = local.stat() if local.exists() else None
+        listing.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return listing
+
+
+def stage_states(recipe: Recipe) -> dict[str, StageState]:
+    """Each stage's record, fingerprinted by its settings and everything upstream of it."""
+    layout = BuildLayout.of(recipe)
+    inputs = [_file_listing(source_files(s, layout.sample_web_dir)) for s in recipe.sources]
+    blacklist = _file_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
+    evals = _file_listing(recipe.dedup.eval_images)
+    prints: dict[str, str] = {}
+    prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), inputs)
+    prints["text"] = fingerprint(prints["ingest"], recipe.settings("text"), blacklist)
+    prints["download"] = fingerprint(prints["text"], recipe.settings("image"), recipe.settings("download"))
+    prints["hash"] = fingerprint(prints["download"], HASH_VERSION)
+    prints["dedup"] = fingerprint(prints["hash"], recipe.settings("dedup"), evals)
+    prints["shard"] = fingerprint(prints["dedup"], recipe.settings("shard"), str(recipe.manifest_dir))
+    outputs = {
+        "ingest": (layout.ingest_dir,),
+        "text": (layout.text_dir,),
+        "download": (layout.download_dir,),
+        "hash": (layout.hash_dir,),
+        "dedup": (layout.dedup_decisions.parent,),
+        "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
+                  layout.shard_plan.parent),
+    }
+    return {stage: StageState(layout.work, stage, prints[stage], outputs[stage]) for stage in STAGES}
+
+
+def _run_stage(state: StageState, run: Callable[[], dict]) -> dict:
+    if state.complete:
+        info(f"{state.stage}: up to date, skipped")
+        return state.summary
+    if state.begin():
+        info(f"{state.stage}: resuming")
+    summary = run()
+    state.finish(summary)
+    return summary
+
+
+def run_text(recipe: Recipe | str | Path) -> dict:
     """Ingest every source and run the text stage (normalize, filter, collapse, cap)."""
     recipe = _recipe(recipe)
-    report = ingest(recipe)
-    result = run_text_stage(recipe, report.parts)
-    info(f"text: {result.accepted} rows accepted, {result.rejected} rejected")
-    return result
+    states = stage_states(recipe)
+    _run_stage(states["ingest"], lambda: ingest(recipe))
+    summary = _run_stage(states["text"], lambda: run_text_stage(recipe))
+    info(f"text: {summary['accepted']} rows accepted, {summary['rejected']} rejected")
+    return summary
 
 
-def run_download(recipe: Recipe | str | Path) -> DownloadReport:
+def run_download(recipe: Recipe | str | Path) -> dict:
     """Download the rows the text stage accepted, with img2dataset."""
     recipe = _recipe(recipe)
-    BuildLayout.of(recipe).text_accepted_dir.mkdir(parents=True, exist_ok=True)
-    result = run_download_stage(recipe)
-    info(f"download: {result.attempted} attempted, by status: {result.by_status}")
-    return result
+    summary = _run_stage(stage_states(recipe)["download"], lambda: run_download_stage(recipe))
+    info(f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}")
+    return summary
+
+
+def _dedup(recipe: Recipe) -> dict:
+    layout = BuildLayout.of(recipe)
+    if not any(layout.download_dir.glob("*.parquet")):
+        write_parquet_atomic(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
+        return {"dropped": {}, "eval_images": 0}
+    rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout))
+    evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
+    decisions = find_duplicates(rows, recipe.dedup, evals)
+    write_parquet_atomic(decisions, layout.dedup_decisions)
+    counts = decisions.group_by("reason").len().sort("reason").rows()
+    return {"dropped": dict(counts), "eval_images": evals.height}
+
+
+def run_dedup(recipe: Recipe | str | Path) -> dict:
+    """pHash every downloaded image, then drop exact, near and (optionally) caption duplicates."""
+    recipe = _recipe(recipe)
+    layout = BuildLayout.of(recipe)
+    states = stage_states(recipe)
+    _run_stage(states["hash"], lambda: run_hash_stage(layout.download_dir, layout.hash_dir, recipe.dedup.processes))
+    summary = _run_stage(states["dedup"], lambda: _dedup(recipe))
+    info(f"dedup: dropped {summary['dropped'] or 'nothing'}")
+    return summary
 
 
 def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
     """Write the final shards and manifests; returns the funnel (also in <manifest_dir>/funnel.json)."""
     recipe = _recipe(recipe)
-    result: ShardReport = run_shard_stage(recipe)
-    info(f"shard: {result.samples} samples in {result.shards} shards")
-    funnel = write_funnel(BuildLayout.of(recipe), recipe.name)
+    funnel = _run_stage(stage_states(recipe)["shard"], lambda: run_shard_stage(recipe))
     if show_funnel:
         print_funnel(funnel)
     return funnel
 
 
-def build(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
-    """Every stage in order; returns the funnel."""
+def clean(recipe: Recipe | str | Path) -> None:
+    """Remove every output of a recipe's build (work files, shards, manifests)."""
     recipe = _recipe(recipe)
+    layout = BuildLayout.of(recipe)
+    for state in stage_states(recipe).values():
+        for output in state.outputs:
+            if output.is_dir():
+                shutil.rmtree(output)
+            elif output.exists():
+                output.unlink()
+        state.record.unlink(missing_ok=True)
+    shutil.rmtree(layout.work, ignore_errors=True)
+
+
+def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:
+    """Every stage in order (resuming an interrupted build); returns the funnel."""
+    recipe = _recipe(recipe)
+    if fresh:
+        clean(recipe)
     started = time.monotonic()
     run_text(recipe)
     run_download(recipe)
+    run_dedup(recipe)
     funnel = run_shard(recipe, show_funnel=show_funnel)
     info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "
          f"{recipe.manifest_dir}")
     return funnel
+

@@ -6,8 +6,6 @@ the file, the key and what is wrong, one per line, and nothing runs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -93,7 +91,13 @@ class ImageSettings(_Strict):
     # from their header, before any pixel memory is allocated.
     max_pixels: int = Field(default=89_478_485, ge=1)
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(default=95, ge=1, le=100)
+    encode_quality: int = Field(default=95, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _png_compression(self) -> "ImageSettings":
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError("for png, encode_quality is the compression level 0-9")
+        return self
 
 
 class DownloadSettings(_Strict):
@@ -106,6 +110,16 @@ class DownloadSettings(_Strict):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+
+
+class DedupSettings(_Strict):
+    exact: bool = True
+    near: bool = True
+    phash_max_distance: int = Field(default=4, ge=0, le=16)
+    text: bool = False
+    text_max_distance: int = Field(default=12, ge=0, le=32)
+    eval_images: list[str] = Field(default_factory=list)
+    processes: int = Field(default=2, ge=1)
 
 
 class ShardSettings(_Strict):
@@ -121,6 +135,7 @@ class Recipe(_Strict):
     text: TextSettings = Field(default_factory=TextSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
 
     @model_validator(mode="after")
@@ -131,18 +146,13 @@ class Recipe(_Strict):
             raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
         return self
 
-    def settings_hash(self, *sections: str) -> str:
-        """A short digest of the named sections, recorded beside a stage's outputs."""
-        payload = {name: _jsonable(getattr(self, name)) for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _jsonable(value):
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+    def settings(self, section: str) -> dict:
+        """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""
+        value = getattr(self, section)
+        dumped = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
+        if isinstance(dumped, dict):
+            dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads")}
+        return dumped
 
 
 def _format_location(loc: tuple) -> str:

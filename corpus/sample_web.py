@@ -4,7 +4,8 @@ It exists so that `make demo` and the tests exercise the whole pipeline on a fre
 internet: every case the text and download stages handle appears here (Traditional, full-width,
 entities, English, boilerplate, file names, repeated captions, duplicate rows, 404s, HTML pages,
 truncated files, a decompression bomb, tiny and elongated images, X-Robots-Tag opt-outs and a
-server that never answers). Each row carries its `case` so tests can check exact outcomes.
+server that never answers, exact and near-duplicate copies). Each row carries its `case` so
+tests can check exact outcomes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import polars as pl
 from PIL import Image, ImageDraw
 
+from .hashing import gray32, phash_pixels
+
 # (simplified, traditional, RGB)
 COLORS = [
     ("红色", "紅色", (220, 40, 40)),
@@ -35,6 +38,7 @@ ENGLISH = {"红色": "red", "绿色": "green", "蓝色": "blue", "黄色": "yell
 ENGLISH_SHAPES = {"圆形": "circle", "正方形": "square", "三角形": "triangle", "菱形": "diamond"}
 REPEATED_CAPTION = "高清壁纸图片大全免费下载"
 IMAGE_SIDE = 128
+DISTINCT_BITS = 12  # pHash bits between any two generated pictures (dedup's default threshold is 4)
 
 # The outcome each case must have after a build with recipes/demo.yaml's settings.
 EXPECTED_REASON = {
@@ -51,6 +55,8 @@ EXPECTED_REASON = {
     "too_short": "text:too_short",
     "too_long": "text:too_long",
     "repeated_caption": "text:repeated_caption",
+    "exact_copy": "dedup:exact_duplicate",
+    "near_copy": "dedup:near_duplicate",
     "missing_file": "download:failed_to_download",
     "no_ai": "download:failed_to_download",
     "never_answers": "download:failed_to_download",
@@ -70,9 +76,16 @@ class SampleRow:
 
 
 def draw_shape(color: tuple[int, int, int], shape: str, rng: random.Random, side: int = IMAGE_SIDE) -> Image.Image:
-    """One coloured shape on a light, slightly varied background."""
-    background = tuple(rng.randint(225, 250) for _ in range(3))
-    image = Image.new("RGB", (side, side), background)
+    """One coloured shape on a pale, smoothly mottled background.
+
+    The background is random 4x4 and 16x16 grids blown up smoothly: it gives every picture its own
+    low-frequency structure, so distinct pictures have distinct perceptual hashes (plain
+    backgrounds would make most same-coloured shapes near-duplicates of each other).
+    """
+    coarse = Image.frombytes("RGB", (4, 4), bytes(rng.randint(120, 250) for _ in range(48)))
+    fine = Image.frombytes("RGB", (16, 16), bytes(rng.randint(120, 250) for _ in range(768)))
+    image = Image.blend(coarse.resize((side, side), Image.Resampling.BICUBIC),
+                        fine.resize((side, side), Image.Resampling.BICUBIC), 0.35)
     draw = ImageDraw.Draw(image)
     radius = rng.randint(side // 4, side // 3)
     margin = radius + side // 32
@@ -125,15 +138,30 @@ def generate_site(root: Path, images: int = 300, seed: int = 0) -> list[SampleRo
         (root / path).write_bytes(_jpeg(image))
         return path
 
+    taken: list[int] = []
+
+    def distinct_shape(color: tuple[int, int, int], shape: str) -> Image.Image:
+        # Redraw until the picture's pHash is far from every earlier one, so that only the
+        # copies made on purpose below are near-duplicates.
+        while True:
+            image = draw_shape(color, shape, rng)
+            digest = int(phash_pixels(gray32(_jpeg(image)))[0])
+            if all(bin(digest ^ other).count("1") > DISTINCT_BITS for other in taken):
+                taken.append(digest)
+                return image
+
     # Most images are clean; a seeded share of them carry one of the text cases.
     text_cases = ["traditional"] * 8 + ["full_width"] * 5 + ["entities"] * 3 + ["english"] * 5
     text_cases += ["boilerplate"] * 3 + ["file_name"] * 3 + ["bare_url"] * 1 + ["too_short"] * 2 + ["too_long"] * 2
+    every_case = ["plain"] * 6 + sorted(set(text_cases))
     for index in range(images):
         simplified, traditional, rgb = COLORS[rng.randrange(len(COLORS))]
         shape_s, shape_t = SHAPES[rng.randrange(len(SHAPES))]
-        path = add_image(f"{index:05d}", draw_shape(rgb, shape_s, rng))
+        path = add_image(f"{index:05d}", distinct_shape(rgb, shape_s))
         roll = rng.randrange(100)
         case = text_cases[roll] if roll < len(text_cases) else "plain"
+        if index < len(every_case):  # each case at least once, whatever the seed
+            case = every_case[index]
         caption = _shape_caption(rng, simplified, shape_s)
         if case == "traditional":
             caption = f"一個{traditional}的{shape_t}"
@@ -158,17 +186,35 @@ def generate_site(root: Path, images: int = 300, seed: int = 0) -> list[SampleRo
     # A spam caption on 15 different images: over the demo's cap of 10, dropped everywhere.
     for index in range(15):
         simplified, _, rgb = COLORS[index % len(COLORS)]
-        path = add_image(f"repeat-{index:02d}", draw_shape(rgb, SHAPES[index % len(SHAPES)][0], rng))
+        path = add_image(f"repeat-{index:02d}", distinct_shape(rgb, SHAPES[index % len(SHAPES)][0]))
         rows.append(SampleRow(path, REPEATED_CAPTION, "repeated_caption"))
 
     # The same (url, caption) listed twice: collapsed to the first.
     for index in range(5):
         simplified, _, rgb = COLORS[index % len(COLORS)]
         shape = SHAPES[(index + 1) % len(SHAPES)][0]
-        path = add_image(f"dup-{index:02d}", draw_shape(rgb, shape, rng))
+        path = add_image(f"dup-{index:02d}", distinct_shape(rgb, shape))
         caption = f"重复列出的{simplified}{shape}第{index}张"
         rows.append(SampleRow(path, caption, "duplicate_row_first"))
         rows.append(SampleRow(path, caption, "duplicate_row_again"))
+
+    # Pictures already listed, again under other URLs and captions: byte-identical copies, and
+    # copies re-encoded at quality 50 or scaled to 90%. Dedup keeps the first listing.
+    originals = [r.path for r in rows if r.case == "plain"][:6]
+    for index, original in enumerate(originals):
+        data = (root / original).read_bytes()
+        if index < 2:
+            case, copy = "exact_copy", data
+        else:
+            image = Image.open(io.BytesIO(data))
+            if index % 2:
+                image = image.resize((IMAGE_SIDE * 9 // 10, IMAGE_SIDE * 9 // 10), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=50)
+            case, copy = "near_copy", buffer.getvalue()
+        path = f"img/copy-{index}.jpg"
+        (root / path).write_bytes(copy)
+        rows.append(SampleRow(path, f"别处转载的同一张图片第{index}号", case))
 
     good = "一张可以正常显示的{}号图片"
     for index in range(8):

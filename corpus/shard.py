@@ -2,7 +2,9 @@
 
 Samples are ordered by uid (source order, then row order) whatever order img2dataset's threads
 finished in, so the same inputs give the same keys and the same tar bytes. Each output shard is
-written by its own task, reading image bytes straight out of img2dataset's tars by member.
+written by its own task, reading image bytes straight out of img2dataset's tars by member; a tar
+and its manifest part are renamed into place when whole, so an interrupted stage resumes after
+the last complete shard.
 """
 
 from __future__ import annotations
@@ -17,20 +19,28 @@ import polars as pl
 import webdataset as wds
 
 from .engine import LocalEngine
-from .layout import BuildLayout, replace_dir, write_json_atomic
+from .funnel import write_funnel
+from .hashing import hex_digits
+from .layout import BuildLayout, write_json_atomic
 from .recipe import Recipe
+from .state import remove_temporaries, temporary_name, write_parquet_atomic
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
 SAMPLE_FIELDS = [
     "key", "shard", "uid", "source", "row", "url", "caption", "caption_raw",
-    "width", "height", "original_width", "original_height", "sha256",
+    "width", "height", "original_width", "original_height", "sha256", "phash",
 ]
-REJECTED_FIELDS = ["uid", "source", "row", "url", "caption_raw", "caption", "stage", "reason", "detail"]
+REJECTED_FIELDS = [
+    "uid", "source", "row", "url", "caption_raw", "caption", "stage", "reason", "detail", "duplicate_of",
+]
 
 
 def scan_accepted(layout: BuildLayout) -> pl.LazyFrame:
     parts = sorted(layout.text_accepted_dir.glob("*.parquet"))
+    if not parts:
+        return pl.LazyFrame(schema={"uid": pl.Int64, "source": pl.String, "row": pl.Int64, "url": pl.String,
+                                    "caption_raw": pl.String, "caption": pl.String})
     return pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed")
 
 
@@ -41,8 +51,12 @@ def scan_downloads(layout: BuildLayout) -> pl.LazyFrame:
     )
 
 
+def _has_downloads(layout: BuildLayout) -> bool:
+    return any(layout.download_dir.glob("*.parquet"))
+
+
 def plan_shards(recipe: Recipe) -> int:
-    """Assign every downloaded sample its final shard and key; returns the number of samples."""
+    """Assign every kept sample its final shard and key; returns the number of samples."""
     layout = BuildLayout.of(recipe)
     per_shard = recipe.shard.samples_per_shard
     digits = len(str(per_shard - 1))
@@ -52,9 +66,13 @@ def plan_shards(recipe: Recipe) -> int:
         pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"),
         "width", "height", "original_width", "original_height", "sha256",
     )
+    hashes = pl.scan_parquet(layout.hash_dir / "*.parquet").select("uid", hex_digits(pl.col("phash")).alias("phash"))
+    dropped = pl.scan_parquet(layout.dedup_decisions).select("uid")
     plan = (
         scan_accepted(layout)
         .join(successes, on="uid", how="inner")
+        .join(dropped, on="uid", how="anti")
+        .join(hashes, on="uid", how="left")
         .sort("uid")
         .with_row_index("position")
         .with_columns((pl.col("position") // per_shard).cast(pl.Int64).alias("shard"))
@@ -66,8 +84,7 @@ def plan_shards(recipe: Recipe) -> int:
         )
         .drop("position")
     )
-    layout.shard_plan.parent.mkdir(parents=True, exist_ok=True)
-    plan.sink_parquet(layout.shard_plan)
+    write_parquet_atomic(plan, layout.shard_plan)
     return pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
 
 
@@ -79,13 +96,19 @@ class _ShardTask:
     samples_dir: Path
     image_extension: str
 
+    @property
+    def tar_path(self) -> Path:
+        return self.shards_dir / f"{self.shard:05d}.tar"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.samples_dir / f"{self.shard:05d}.parquet"
+
 
 def write_shard(task: _ShardTask) -> int:
-    """One output tar (written under a temporary name, then renamed) and its manifest part."""
+    """One output tar and its manifest part, each written under a temporary name then renamed."""
     rows = pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard).collect()
-    name = f"{task.shard:05d}"
-    tar_path = task.shards_dir / f"{name}.tar"
-    tmp = task.shards_dir / f".{name}.tar.tmp{os.getpid()}"
+    tmp = temporary_name(task.tar_path)
     extras = [c for c in rows.columns if c not in SAMPLE_FIELDS and not c.startswith("download_")]
     sources: dict[str, tarfile.TarFile] = {}
     try:
@@ -104,19 +127,44 @@ def write_shard(task: _ShardTask) -> int:
                         "json": json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8"),
                     }
                 )
+        # The manifest goes in first: a shard counts as done only when its tar is in place too.
+        write_parquet_atomic(rows.select(SAMPLE_FIELDS + extras), task.manifest_path)
+        os.replace(tmp, task.tar_path)
     finally:
+        tmp.unlink(missing_ok=True)
         for tar in sources.values():
             tar.close()
-    os.replace(tmp, tar_path)
-    rows.select(SAMPLE_FIELDS + extras).write_parquet(task.samples_dir / f"{name}.parquet")
     return rows.height
 
 
-def write_download_rejects(layout: BuildLayout) -> None:
-    """Rows img2dataset failed on, and rows it never reported (a crashed part), with reasons."""
+def _ordered(frame: pl.DataFrame) -> pl.DataFrame:
+    present = [c for c in REJECTED_FIELDS if c in frame.columns]
+    return frame.select(present + [c for c in frame.columns if c not in REJECTED_FIELDS]).sort("uid")
+
+
+def _key_of_kept(layout: BuildLayout) -> pl.LazyFrame:
+    return pl.scan_parquet(layout.shard_plan).select(
+        pl.col("uid").alias("duplicate_of_uid"), pl.col("key").alias("duplicate_of")
+    )
+
+
+def write_rejects(layout: BuildLayout) -> None:
+    """rejected/: text-stage rejects, download failures (and rows img2dataset never reported),
+    dedup drops; `duplicate_of` names the kept sample's key (or the evaluation image)."""
+    keys = _key_of_kept(layout)
+    for part in sorted(layout.text_rejected_dir.glob("*.parquet")):
+        frame = pl.scan_parquet(part).join(keys, on="duplicate_of_uid", how="left").collect()
+        write_parquet_atomic(_ordered(frame), layout.rejected_dir / f"text-{part.name}")
     accepted = scan_accepted(layout)
-    downloads = scan_downloads(layout) if any(layout.download_dir.glob("*.parquet")) else None
-    frames = []
+    downloads = scan_downloads(layout) if _has_downloads(layout) else None
+    reported = downloads.select("uid") if downloads is not None else pl.LazyFrame(schema={"uid": pl.Int64})
+    frames = [
+        accepted.join(reported, on="uid", how="anti").with_columns(
+            pl.lit("download").alias("stage"),
+            pl.lit("download:not_attempted").alias("reason"),
+            pl.lit("img2dataset reported no status for this row").alias("detail"),
+        )
+    ]
     if downloads is not None:
         failed = downloads.filter(pl.col("status") != "success").select(
             "uid",
@@ -125,54 +173,53 @@ def write_download_rejects(layout: BuildLayout) -> None:
             pl.col("error_message").str.strip_chars().alias("detail"),
         )
         frames.append(accepted.join(failed, on="uid", how="inner"))
-        reported = downloads.select("uid")
-    else:
-        reported = pl.LazyFrame(schema={"uid": pl.Int64})
-    missing = accepted.join(reported, on="uid", how="anti").with_columns(
-        pl.lit("download").alias("stage"),
-        pl.lit("download:not_attempted").alias("reason"),
-        pl.lit("img2dataset reported no status for this row").alias("detail"),
-    )
-    frames.append(missing)
-    rejects = pl.concat(frames, how="diagonal_relaxed").sort("uid").collect()
-    if rejects.height:
-        ordered = REJECTED_FIELDS + [c for c in rejects.columns if c not in REJECTED_FIELDS]
-        rejects.select(ordered).write_parquet(layout.rejected_dir / "download.parquet")
+        decisions = pl.scan_parquet(layout.dedup_decisions)
+        dropped = (
+            accepted.join(downloads.select("uid", "width", "height", "original_width", "original_height", "sha256"),
+                          on="uid")
+            .join(decisions, on="uid", how="inner")
+            .join(keys, on="duplicate_of_uid", how="left")
+            .with_columns(
+                pl.lit("dedup").alias("stage"),
+                pl.coalesce("duplicate_of", "duplicate_of_eval").alias("duplicate_of"),
+            )
+            .drop("duplicate_of_eval")
+        )
+        frames.append(dropped)
+    rejects = pl.concat(frames, how="diagonal_relaxed").collect()
+    for stage in ("download", "dedup"):
+        part = rejects.filter(pl.col("stage") == stage)
+        target = layout.rejected_dir / f"{stage}.parquet"
+        if part.height:
+            write_parquet_atomic(_ordered(part), target)
+        else:
+            target.unlink(missing_ok=True)
 
 
-def collect_text_rejects(layout: BuildLayout) -> None:
-    for part in sorted(layout.text_rejected_dir.glob("*.parquet")):
-        frame = pl.read_parquet(part)
-        ordered = REJECTED_FIELDS + [c for c in frame.columns if c not in REJECTED_FIELDS]
-        frame.select(ordered).write_parquet(layout.rejected_dir / f"text-{part.name}")
-
-
-@dataclass
-class ShardReport:
-    samples: int
-    shards: int
-
-
-def run_shard_stage(recipe: Recipe) -> ShardReport:
+def run_shard_stage(recipe: Recipe) -> dict:
+    """Plan, write every shard not yet written, the rejects and sizes.json; returns the funnel."""
     layout = BuildLayout.of(recipe)
-    replace_dir(layout.shards_dir)
-    replace_dir(layout.samples_dir)
-    replace_dir(layout.rejected_dir)
-    collect_text_rejects(layout)
-    if not any(layout.text_accepted_dir.glob("*.parquet")):
-        write_json_atomic(layout.shards_dir / "sizes.json", {})
-        return ShardReport(0, 0)
-    write_download_rejects(layout)
-    total = plan_shards(recipe) if any(layout.download_dir.glob("*.parquet")) else 0
-    per_shard = recipe.shard.samples_per_shard
-    count = -(-total // per_shard)
+    for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder)
+    total = 0
+    if _has_downloads(layout):
+        # The plan is deterministic; one left by an interrupted run of this stage is whole.
+        total = (pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
+                 if layout.shard_plan.exists() else plan_shards(recipe))
+    else:
+        write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "key": pl.String}), layout.shard_plan)
+    count = -(-total // recipe.shard.samples_per_shard)
     tasks = [
         _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, recipe.image.encode_format)
         for shard in range(count)
     ]
-    written = LocalEngine(recipe.shard.processes).map_parts(write_shard, tasks, "shard: write tars")
+    todo = [t for t in tasks if not (t.tar_path.exists() and t.manifest_path.exists())]
+    LocalEngine(recipe.shard.processes).map_parts(write_shard, todo, "shard: write tars")
+    write_rejects(layout)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
-    sizes = {f"{t.shard:05d}.tar": n for t, n in zip(tasks, written)}
+    sizes = {
+        t.tar_path.name: pl.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
+    }
     write_json_atomic(layout.shards_dir / "sizes.json", sizes)
-    return ShardReport(sum(written), count)
-
+    return write_funnel(layout, recipe.name)

@@ -8,7 +8,6 @@ the caption-frequency cap. Per part again: the split into accepted/ and rejected
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import polars as pl
 
 from .engine import LocalEngine
 from .ingest import ROW_BITS
-from .layout import BuildLayout, replace_dir
+from .layout import BuildLayout
 from .normalize import normalize_captions, normalize_phrases
 from .recipe import Recipe, RecipeError, TextSettings
+from .state import remove_temporaries, write_parquet_atomic
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
@@ -101,7 +101,7 @@ def normalize_part(task: _NormalizeTask) -> int:
     frame = pl.read_parquet(task.source_part)
     caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
     frame = frame.with_columns(caption).with_columns(per_row_reason(task.settings, list(task.blacklist)))
-    frame.write_parquet(task.out_part)
+    write_parquet_atomic(frame, task.out_part)
     return frame.height
 
 
@@ -112,15 +112,15 @@ def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path
     if settings.dedup_pairs:
         first = rows.group_by("url", "caption").agg(pl.col("uid").min().alias("first_uid"))
         duplicates = rows.join(first, on=["url", "caption"]).filter(pl.col("uid") != pl.col("first_uid"))
-        duplicates.select("uid", "first_uid").sink_parquet(duplicates_path)
+        write_parquet_atomic(duplicates.select("uid", "first_uid"), duplicates_path)
     else:
-        pl.DataFrame(schema={"uid": pl.Int64, "first_uid": pl.Int64}).write_parquet(duplicates_path)
+        write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "first_uid": pl.Int64}), duplicates_path)
     survivors = rows.join(pl.scan_parquet(duplicates_path), on="uid", how="anti")
     if settings.max_caption_repeats is not None:
         counts = survivors.group_by("caption").agg(pl.len().alias("caption_count"))
-        counts.filter(pl.col("caption_count") > settings.max_caption_repeats).sink_parquet(repeated_path)
+        write_parquet_atomic(counts.filter(pl.col("caption_count") > settings.max_caption_repeats), repeated_path)
     else:
-        pl.DataFrame(schema={"caption": pl.String, "caption_count": pl.UInt32}).write_parquet(repeated_path)
+        write_parquet_atomic(pl.DataFrame(schema={"caption": pl.String, "caption_count": pl.UInt32}), repeated_path)
     return duplicates_path, repeated_path
 
 
@@ -168,32 +168,32 @@ def split_part(task: _SplitTask) -> tuple[int, int]:
     rejected = judged.filter(pl.col("reason").is_not_null()).with_columns(
         pl.col("reason").str.split(":").list.first().alias("stage")
     )
-    if accepted.height:
-        accepted.write_parquet(task.accepted_part)
-    if rejected.height:
-        rejected.write_parquet(task.rejected_part)
+    # Empty parts are not written (img2dataset cannot read an empty input file); remove stale ones.
+    for frame, path in ((accepted, task.accepted_part), (rejected, task.rejected_part)):
+        if frame.height:
+            write_parquet_atomic(frame, path)
+        else:
+            path.unlink(missing_ok=True)
     return accepted.height, rejected.height
 
 
-@dataclass
-class TextReport:
-    accepted: int
-    rejected: int
-
-
-def run_text_stage(recipe: Recipe, ingest_parts: list[Path]) -> TextReport:
+def run_text_stage(recipe: Recipe) -> dict:
+    """Normalize + filter every ingest part (parts done by an interrupted run are kept), then the
+    global steps and the split into accepted/ and rejected/ parts."""
     layout = BuildLayout.of(recipe)
     settings = recipe.text
     blacklist = tuple(load_blacklist(settings))
-    normalized_dir = replace_dir(layout.text_dir / "normalized")
-    replace_dir(layout.text_accepted_dir)
-    replace_dir(layout.text_rejected_dir)
+    normalized_dir = layout.text_dir / "normalized"
+    for folder in (normalized_dir, layout.text_accepted_dir, layout.text_rejected_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder)
     engine = LocalEngine(settings.processes)
+    ingest_parts = sorted(layout.ingest_dir.glob("*.parquet"))
     tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist) for p in ingest_parts]
-    engine.map_parts(normalize_part, tasks, "text: normalize + filter")
+    engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter")
     normalized = [t.out_part for t in tasks]
     if not normalized:
-        return TextReport(0, 0)
+        return {"accepted": 0, "rejected": 0}
     duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir)
     splits = [
         _SplitTask(p, duplicates, repeated, layout.text_accepted_dir / p.name, layout.text_rejected_dir / p.name,
@@ -201,4 +201,4 @@ def run_text_stage(recipe: Recipe, ingest_parts: list[Path]) -> TextReport:
         for p in normalized
     ]
     counts = engine.map_parts(split_part, splits, "text: duplicates + caption cap")
-    return TextReport(sum(a for a, _ in counts), sum(r for _, r in counts))
+    return {"accepted": sum(a for a, _ in counts), "rejected": sum(r for _, r in counts)}

@@ -78,6 +78,13 @@ def test_normalized_captions_and_img2dataset_messages(demo_build):
     assert details["tiny"] == "image too small"
     assert details["elongated"] == "aspect ratio too large"
     assert "CV_IO_MAX_IMAGE_PIXELS" in details["bomb"]
+    # Copies name the sample they duplicate, by key.
+    copies = rejected.filter(pl.col("stage") == "dedup")
+    kept = samples.filter(pl.col("key").is_in(copies["duplicate_of"].implode()))
+    assert kept.height == copies.height and set(kept["case"]) == {"plain"}
+    exact = copies.filter(pl.col("reason") == "dedup:exact_duplicate").join(
+        samples.select(pl.col("key").alias("duplicate_of"), pl.col("sha256").alias("kept_sha256")), on="duplicate_of")
+    assert (exact["sha256"] == exact["kept_sha256"]).all()
 
 
 def test_tars_hold_exactly_the_manifest(demo_build):
@@ -126,7 +133,9 @@ def test_funnel_and_stats(demo_build):
     assert on_disk == funnel
     stages = {s["stage"]: s for s in funnel["stages"]}
     assert stages["text"]["in"] == funnel["input_rows"]
-    assert stages["download"]["out"] == stages["shard"]["out"] == funnel["samples"]
+    assert stages["download"]["out"] == stages["dedup"]["in"]
+    assert stages["dedup"]["out"] == stages["shard"]["out"] == funnel["samples"]
+    assert stages["dedup"]["rejected"] == {"dedup:exact_duplicate": 2, "dedup:near_duplicate": 4}
     assert stages["text"]["rejected"]["text:repeated_caption"] == 15
     assert stages["download"]["rejected"]["download:failed_to_download"] == 8 + 2 + 1
     stats = corpus_stats(recipe.manifest_dir)

@@ -84,7 +84,7 @@ def test_text_stage_collapses_pairs_and_caps_captions_across_files(tmp_path, mak
     report = run_text(recipe)
     accepted = pl.read_parquet(sorted(glob.glob(str(tmp_path / "out/work/text/accepted/*.parquet"))))
     rejected = pl.read_parquet(sorted(glob.glob(str(tmp_path / "out/work/text/rejected/*.parquet"))))
-    assert (report.accepted, report.rejected) == (2, 7)
+    assert (report["accepted"], report["rejected"]) == (2, 7)
     # The Traditional duplicate in the second file collapses onto the first file's row 3.
     assert accepted.select("row", "url", "caption").rows() == [
         (3, "http://127.0.0.1/a.jpg", "一只可爱的小猫"),
@@ -104,4 +104,4 @@ def test_cap_off_keeps_repeats(tmp_path, make_recipe):
     write_metadata(tmp_path / "m.parquet", [(f"http://127.0.0.1/{i}.jpg", "同一个标题的图片") for i in range(30)])
     recipe = make_recipe([{"name": "m", "kind": "metadata", "path": str(tmp_path / "m.parquet")}],
                          text={"max_caption_repeats": None})
-    assert run_text(recipe).accepted == 30
+    assert run_text(recipe)["accepted"] == 30
