@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 # While iterating: everything but the end-to-end builds.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m 'not slow'
+
+# Speed and memory targets: each benchmark prints its figures and a ratio to a baseline run beside it.
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf data/demo manifests/demo .pytest_cache

@@ -4,11 +4,11 @@
     funnel = build(load_recipe("recipes/demo.yaml"))
 """
 
-from .pipeline import build, run_download, run_shard, run_text
+from .pipeline import build, clean, run_dedup, run_download, run_shard, run_text
 from .recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from .stats import corpus_stats
 
 __all__ = [
-    "Recipe", "RecipeError", "build", "corpus_stats", "load_recipe", "parse_recipe", "run_download", "run_shard",
-    "run_text",
+    "Recipe", "RecipeError", "build", "clean", "corpus_stats", "load_recipe", "parse_recipe", "run_dedup",
+    "run_download", "run_shard", "run_text",
 ]

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from cnclip.cli import app
 
 runner = CliRunner()
-COMMANDS = [["corpus", "build"], ["corpus", "text"], ["corpus", "download"], ["corpus", "shard"], ["corpus", "stats"]]
+COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "hash-eval")]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
