@@ -25,7 +25,7 @@ def _run(step, recipe_path: Path):
     try:
         recipe = load_recipe(recipe_path)
         return step(recipe)
-    except (RecipeError, SourceError, AccountingError, EvalSetError, OSError) as err:
+    except (RecipeError, SourceError, AccountingError, EvalSetError, OSError, RuntimeError) as err:
         error(str(err))
         raise typer.Exit(2) from None
 
@@ -54,12 +54,17 @@ def text(recipe: Path = RecipeArg) -> None:
 
 
 @app.command()
-def download(recipe: Path = RecipeArg) -> None:
-    """Download the rows the text stage accepted, with img2dataset.
+def download(
+    recipe: Path = RecipeArg,
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="fetch again only rows that failed for a transient reason "
+                                           "(timeouts, 5xx, 429, DNS, refused connections)"),
+) -> None:
+    """Download the rows the text stage accepted, with img2dataset behind the network guard.
 
-    Example: cnclip corpus download recipes/laion-zh.yaml
+    Example: cnclip corpus download recipes/laion-zh.yaml --retry-failed
     """
-    _run(pipeline.run_download, recipe)
+    _run(lambda r: pipeline.run_download(r, retry_failed=retry_failed), recipe)
 
 
 @app.command()

@@ -156,11 +156,9 @@ def find_duplicates(rows: pl.LazyFrame, settings: DedupSettings, eval_hashes: pl
 
 def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame) -> pl.LazyFrame:
     """Every downloaded row with its sha256, pHash and normalized caption."""
-    downloads = (
-        pl.scan_parquet(download_dir / "*.parquet")
-        .filter(pl.col("status") == "success")
-        .select("uid", "sha256")
-    )
+    from .download import scan_attempts
+
+    downloads = scan_attempts(download_dir).filter(pl.col("status") == "success").select("uid", "sha256")
     hashes = pl.scan_parquet(hash_dir / "*.parquet")
     return downloads.join(hashes, on="uid", how="left").join(accepted.select("uid", "caption"), on="uid",
                                                                how="left")

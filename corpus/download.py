@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator
 
 import polars as pl
 
 from .layout import BuildLayout
+from .state import write_parquet_atomic
 from .progress import info
 from .recipe import Recipe, SampleWebSource
 
@@ -66,24 +68,96 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
     )
 
 
+def _img2dataset(recipe: Recipe, **overrides) -> dict:
+    """Run img2dataset behind the guard proxy (spawned workers inherit the environment)."""
+    from img2dataset import download
+
+    from .guard_proxy import GuardProxy, ProxyConfig, proxy_environment
+
+    # OpenCV checks its pixel limit on the header; albumentations (imported by img2dataset)
+    # would otherwise call PyPI from every worker.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    config = ProxyConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
+    with serve_sample_webs(recipe), GuardProxy(config) as proxy, proxy_environment(proxy):
+        # The proxy enforces the recipe's timeout per request; the client waits longer so that a
+        # request queued for its host's turn is not abandoned early.
+        download(**{**img2dataset_arguments(recipe), "timeout": config.client_timeout, **overrides})
+        return proxy.stats()
+
+
+def scan_attempts(download_dir: Path) -> pl.LazyFrame:
+    """img2dataset's per-row results, the latest attempt of each row only (retries add parts
+    with higher numbers after the first run's)."""
+    return (
+        pl.scan_parquet(download_dir / "*.parquet", include_file_paths="download_parquet")
+        .select("uid", "key", "status", "error_message", "width", "height", "original_width", "original_height",
+                "sha256", "download_parquet")
+        .sort("download_parquet", "uid")
+        .unique("uid", keep="last", maintain_order=True)
+    )
+
+
+def failure_reason(status: str, error_message: str | None) -> str:
+    """A failed row's reason: the guard's or a transient network reason when the message names
+    one (network:blocked_address, network:timeout, network:rate_limited...), else img2dataset's."""
+    from .guard_reasons import reason_from_error_message
+
+    return reason_from_error_message(error_message) or f"download:{status}"
+
+
+def with_failure_reasons(attempts: pl.LazyFrame) -> pl.LazyFrame:
+    # A Python call per failed row only: failures are a minority, and the message rules live
+    # in one place (guard_reasons).
+    return attempts.with_columns(
+        pl.when(pl.col("status") == "success")
+        .then(pl.lit(None, pl.String))
+        .otherwise(pl.struct("status", "error_message").map_elements(
+            lambda r: failure_reason(r["status"], r["error_message"]), return_dtype=pl.String))
+        .alias("reason")
+    )
+
+
+def _statuses(download_dir: Path) -> dict:
+    if not any(download_dir.glob("*.parquet")):
+        return {}
+    rows = scan_attempts(download_dir).group_by("status").agg(pl.len()).sort("status").collect().rows()
+    return dict(rows)
+
+
 def run_download_stage(recipe: Recipe) -> dict:
     """img2dataset in incremental mode: after a crash it redoes only parts without their stats."""
     layout = BuildLayout.of(recipe)
-    out_dir = layout.download_dir
-    accepted = sorted(layout.text_accepted_dir.glob("*.parquet"))
-    if not accepted:
+    if not any(layout.text_accepted_dir.glob("*.parquet")):
         info("download: no rows to download")
-        return {"by_status": {}}
-    # Spawned img2dataset workers inherit these. OpenCV checks its limit on the header.
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download
+        return {"by_status": {}, "retries": 0}
+    guard = _img2dataset(recipe)
+    return {"by_status": _statuses(layout.download_dir), "retries": 0, "guard": guard}
 
-    with serve_sample_webs(recipe):
-        download(**img2dataset_arguments(recipe))
-    statuses = (
-        pl.scan_parquet(out_dir / "*.parquet").group_by("status").agg(pl.len()).collect().rows()
-        if any(out_dir.glob("*.parquet"))
-        else []
+
+def retry_failed(recipe: Recipe, previous: dict) -> dict:
+    """Download again only the rows whose latest attempt failed for a transient reason
+    (timeouts, 5xx, 429, DNS, refused connections); their new results are added as new parts."""
+    from .guard_reasons import TRANSIENT
+
+    layout = BuildLayout.of(recipe)
+    failed = with_failure_reasons(scan_attempts(layout.download_dir).filter(pl.col("status") != "success"))
+    transient = failed.filter(pl.col("reason").is_in(sorted(TRANSIENT))).select("uid")
+    retry_input = layout.work / "download-retry" / f"attempt-{previous.get('retries', 0) + 1}.parquet"
+    rows = (
+        pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
+                  how="diagonal_relaxed")
+        .join(transient, on="uid", how="semi")
+        .select("url", "caption", "uid")
+        .sort("uid")
+        .collect()
     )
-    return {"by_status": {status: count for status, count in sorted(statuses)}}
+    if rows.height == 0:
+        info("download: no transient failures to retry")
+        return previous
+    write_parquet_atomic(rows, retry_input)
+    info(f"download: retrying {rows.height} rows that failed for transient reasons")
+    # 'extend' numbers the new parts after the existing ones, so they are the latest attempts.
+    guard = _img2dataset(recipe, url_list=str(retry_input), incremental_mode="extend")
+    return {"by_status": _statuses(layout.download_dir), "retries": previous.get("retries", 0) + 1,
+            "retried": rows.height, "guard": guard}

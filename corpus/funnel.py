@@ -34,11 +34,14 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
     input_rows = sum(report["rows_by_source"].values())
     samples = scan_manifest(layout.samples_dir, ["uid"])
     rejected = scan_manifest(layout.rejected_dir, ["uid", "stage", "reason"])
+    by_stage: dict[str, dict[str, int]] = {}
     sample_count = samples.select(pl.len()).collect().item() if samples is not None else 0
     by_reason: dict[str, int] = {}
     if rejected is not None:
-        counts = rejected.group_by("reason").agg(pl.len()).sort("reason").collect()
-        by_reason = dict(counts.rows())
+        counts = rejected.group_by("stage", "reason").agg(pl.len()).sort("stage", "reason").collect()
+        for stage, reason, count in counts.rows():
+            by_stage.setdefault(stage, {})[reason] = count
+            by_reason[reason] = by_reason.get(reason, 0) + count
     rejected_count = sum(by_reason.values())
 
     ids = [f.select("uid") for f in (samples, rejected) if f is not None]
@@ -51,7 +54,7 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
 
     stages, remaining = [], input_rows
     for stage in STAGES:
-        reasons = {r: n for r, n in by_reason.items() if r.split(":", 1)[0] == stage}
+        reasons = by_stage.get(stage, {})
         out = remaining - sum(reasons.values())
         stages.append({"stage": stage, "in": remaining, "out": out, "rejected": reasons})
         remaining = out
@@ -61,6 +64,7 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
         "input_rows": input_rows,
         "rows_by_source": report["rows_by_source"],
         "file_errors": report["file_errors"],
+        "source_reports": report.get("source_reports", {}),
         "stages": stages,
         "samples": sample_count,
         "rejected": rejected_count,
@@ -83,7 +87,9 @@ def funnel_table(funnel: dict) -> Table:
     table.add_column("rejected by reason")
     for stage in funnel["stages"]:
         kept = f"{stage['out'] / stage['in']:.1%}" if stage["in"] else "-"
-        reasons = ", ".join(f"{r.split(':', 1)[1]} {n}" for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1]))
+        reasons = ", ".join(
+            f"{r.removeprefix(stage['stage'] + ':')} {n}" for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1])
+        )
         table.add_row(stage["stage"], str(stage["in"]), str(stage["out"]), kept, reasons or "-")
     table.caption = f"{funnel['samples']} samples, {funnel['rejected']} rejected"
     return table

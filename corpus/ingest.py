@@ -12,7 +12,7 @@ import polars as pl
 from .layout import BuildLayout
 from .progress import stage_progress, warn
 from .recipe import Recipe
-from .sources import SourceError, read_source_file, source_files
+from .sources import SourceError, prepare_source, read_source_file
 from .state import remove_temporaries, write_parquet_atomic
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
@@ -31,8 +31,11 @@ def ingest(recipe: Recipe) -> dict:
     remove_temporaries(out_dir)
     rows_by_source: dict[str, int] = {}
     file_errors: list[str] = []
+    source_reports: dict[str, dict] = {}
     for source_index, source in enumerate(recipe.sources):
-        files = source_files(source, layout.sample_web_dir)
+        files, report = prepare_source(source, layout.sample_web_dir, layout.work / "crawl", recipe.crawl)
+        if report is not None:
+            source_reports[source.name] = report
         offset = 0
         readable = 0
         with stage_progress(f"ingest {source.name}", total=len(files)) as advance:
@@ -64,4 +67,4 @@ def ingest(recipe: Recipe) -> dict:
             raise SourceError(f"source {source.name!r}: none of its {len(files)} file(s) could be read; "
                               f"first error: {file_errors[-1]}")
         rows_by_source[source.name] = offset
-    return {"rows_by_source": rows_by_source, "file_errors": file_errors}
+    return {"rows_by_source": rows_by_source, "file_errors": file_errors, "source_reports": source_reports}

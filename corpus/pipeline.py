@@ -15,6 +15,7 @@ from typing import Callable
 import polars as pl
 
 from .dedup import DECISION_SCHEMA, find_duplicates, scan_dedup_input
+from .download import retry_failed as retry_transient_failures
 from .download import run_download_stage
 from .eval_hashes import load_eval_hashes
 from .funnel import print_funnel
@@ -24,7 +25,7 @@ from .layout import BuildLayout
 from .progress import info
 from .recipe import Recipe, load_recipe
 from .shard import run_shard_stage, scan_accepted
-from .sources import source_files
+from .sources import source_inputs
 from .state import StageState, fingerprint, write_parquet_atomic
 from .text import run_text_stage
 
@@ -48,18 +49,18 @@ def _file_listing(paths: list[str]) -> list:
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
     """Each stage's record, fingerprinted by its settings and everything upstream of it."""
     layout = BuildLayout.of(recipe)
-    inputs = [_file_listing(source_files(s, layout.sample_web_dir)) for s in recipe.sources]
+    inputs = [_file_listing(source_inputs(s)) for s in recipe.sources]
     blacklist = _file_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
     evals = _file_listing(recipe.dedup.eval_images)
     prints: dict[str, str] = {}
-    prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), inputs)
+    prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), recipe.settings("crawl"), inputs)
     prints["text"] = fingerprint(prints["ingest"], recipe.settings("text"), blacklist)
     prints["download"] = fingerprint(prints["text"], recipe.settings("image"), recipe.settings("download"))
     prints["hash"] = fingerprint(prints["download"], HASH_VERSION)
     prints["dedup"] = fingerprint(prints["hash"], recipe.settings("dedup"), evals)
     prints["shard"] = fingerprint(prints["dedup"], recipe.settings("shard"), str(recipe.manifest_dir))
     outputs = {
-        "ingest": (layout.ingest_dir,),
+        "ingest": (layout.ingest_dir, layout.work / "crawl"),
         "text": (layout.text_dir,),
         "download": (layout.download_dir,),
         "hash": (layout.hash_dir,),
@@ -91,10 +92,25 @@ def run_text(recipe: Recipe | str | Path) -> dict:
     return summary
 
 
-def run_download(recipe: Recipe | str | Path) -> dict:
-    """Download the rows the text stage accepted, with img2dataset."""
+def run_download(recipe: Recipe | str | Path, retry_failed: bool = False) -> dict:
+    """Download the rows the text stage accepted, with img2dataset behind the network guard.
+
+    retry_failed: after a completed download, fetch again only the rows that failed for a
+    transient reason; the stages after it are then brought up to date by the next build.
+    """
     recipe = _recipe(recipe)
-    summary = _run_stage(stage_states(recipe)["download"], lambda: run_download_stage(recipe))
+    states = stage_states(recipe)
+    if retry_failed:
+        if not states["download"].complete:
+            raise RuntimeError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
+        summary = retry_transient_failures(recipe, states["download"].summary)
+        states["download"].finish(summary)
+        # New parts to hash; dedup over everything again; shards planned afresh.
+        states["hash"].reopen()
+        states["dedup"].reopen()
+        states["shard"].discard()
+    else:
+        summary = _run_stage(states["download"], lambda: run_download_stage(recipe))
     info(f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}")
     return summary
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, WarcSource
+
 # Columns the pipeline owns; a source may not carry extra columns under these names.
 RESERVED_COLUMNS = frozenset(
     {
@@ -60,7 +62,7 @@ class SampleWebSource(_Strict):
     port: int = Field(default=18765, ge=0, le=65535)
 
 
-Source = Annotated[Union[MetadataSource, SampleWebSource], Field(discriminator="kind")]
+Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource], Field(discriminator="kind")]
 
 
 class TextSettings(_Strict):
@@ -100,7 +102,9 @@ class ImageSettings(_Strict):
         return self
 
 
-class DownloadSettings(_Strict):
+class DownloadSettings(GuardSettings):
+    """img2dataset's settings, plus the network guard and per-host politeness it runs behind."""
+
     processes: int = Field(default=2, ge=1)
     threads: int = Field(default=16, ge=1)
     timeout: int = Field(default=10, ge=1)
@@ -136,6 +140,7 @@ class Recipe(_Strict):
     image: ImageSettings = Field(default_factory=ImageSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
+    crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
 
     @model_validator(mode="after")
@@ -160,7 +165,7 @@ def _format_location(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("metadata", "sample_web") and parts and parts[-1].startswith("["):
+        elif item in ("metadata", "sample_web", "html", "warc") and parts and parts[-1].startswith("["):
             continue  # pydantic's discriminator tag, not a key the user wrote
         else:
             parts.append(("." if parts else "") + str(item))

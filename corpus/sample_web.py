@@ -59,7 +59,7 @@ EXPECTED_REASON = {
     "near_copy": "dedup:near_duplicate",
     "missing_file": "download:failed_to_download",
     "no_ai": "download:failed_to_download",
-    "never_answers": "download:failed_to_download",
+    "never_answers": "network:timeout",
     "html_page": "download:failed_to_resize",
     "truncated": "download:failed_to_resize",
     "bomb": "download:failed_to_resize",

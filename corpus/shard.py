@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import webdataset as wds
 
+from .download import scan_attempts, with_failure_reasons
 from .engine import LocalEngine
 from .funnel import write_funnel
 from .hashing import hex_digits
@@ -44,13 +45,6 @@ def scan_accepted(layout: BuildLayout) -> pl.LazyFrame:
     return pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed")
 
 
-def scan_downloads(layout: BuildLayout) -> pl.LazyFrame:
-    return pl.scan_parquet(layout.download_dir / "*.parquet", include_file_paths="download_parquet").select(
-        "uid", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
-        "download_parquet",
-    )
-
-
 def _has_downloads(layout: BuildLayout) -> bool:
     return any(layout.download_dir.glob("*.parquet"))
 
@@ -60,7 +54,7 @@ def plan_shards(recipe: Recipe) -> int:
     layout = BuildLayout.of(recipe)
     per_shard = recipe.shard.samples_per_shard
     digits = len(str(per_shard - 1))
-    successes = scan_downloads(layout).filter(pl.col("status") == "success").select(
+    successes = scan_attempts(layout.download_dir).filter(pl.col("status") == "success").select(
         "uid",
         pl.col("key").alias("download_key"),
         pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"),
@@ -156,7 +150,7 @@ def write_rejects(layout: BuildLayout) -> None:
         frame = pl.scan_parquet(part).join(keys, on="duplicate_of_uid", how="left").collect()
         write_parquet_atomic(_ordered(frame), layout.rejected_dir / f"text-{part.name}")
     accepted = scan_accepted(layout)
-    downloads = scan_downloads(layout) if _has_downloads(layout) else None
+    downloads = scan_attempts(layout.download_dir) if _has_downloads(layout) else None
     reported = downloads.select("uid") if downloads is not None else pl.LazyFrame(schema={"uid": pl.Int64})
     frames = [
         accepted.join(reported, on="uid", how="anti").with_columns(
@@ -166,10 +160,10 @@ def write_rejects(layout: BuildLayout) -> None:
         )
     ]
     if downloads is not None:
-        failed = downloads.filter(pl.col("status") != "success").select(
+        failed = with_failure_reasons(downloads.filter(pl.col("status") != "success")).select(
             "uid",
             pl.lit("download").alias("stage"),
-            pl.format("download:{}", "status").alias("reason"),
+            "reason",
             pl.col("error_message").str.strip_chars().alias("detail"),
         )
         frames.append(accepted.join(failed, on="uid", how="inner"))

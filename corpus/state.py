@@ -72,6 +72,16 @@ class StageState:
             {"stage": self.stage, "fingerprint": self.fingerprint, "complete": True, "summary": summary or {}},
         )
 
+    def reopen(self) -> None:
+        """Mark incomplete but keep its parts: the next run resumes and redoes what is missing."""
+        record = self._read()
+        if record:
+            write_json_atomic(self.record, {**record, "complete": False})
+
+    def discard(self) -> None:
+        """Forget the stage: the next run removes its outputs and starts it from scratch."""
+        self.record.unlink(missing_ok=True)
+
     @property
     def summary(self) -> dict:
         return self._read().get("summary", {})

@@ -29,7 +29,9 @@ def make_recipe(tmp_path):
             "output_dir": str(tmp_path / "out"),
             "manifest_dir": str(tmp_path / "manifests"),
             "sources": sources,
-            "download": {"processes": 1, "threads": 8, "timeout": 3, "retries": 0, "samples_per_part": 50},
+            "download": {"processes": 1, "threads": 8, "timeout": 3, "retries": 0, "samples_per_part": 50,
+                         # test servers live on loopback, which the network guard blocks by default
+                         "allow_networks": ["127.0.0.1/32"], "per_host_delay": 0, "per_host_concurrency": 64},
             "image": {"size": 32, "min_side": 16},
             "shard": {"samples_per_shard": 20, "processes": 1},
             "text": {"processes": 1},

@@ -41,7 +41,8 @@ def demo_build(tmp_path_factory):
             "manifest_dir": str(root / "manifests"),
             "sources": [{"name": "web", "kind": "sample_web", "images": 80, "seed": 3, "port": free_port()}],
             "image": {"size": 64, "min_side": 64, "max_aspect_ratio": 3.0},
-            "download": {"processes": 2, "threads": 8, "timeout": 3, "retries": 0, "samples_per_part": 40},
+            "download": {"processes": 2, "threads": 8, "timeout": 3, "retries": 0, "samples_per_part": 40,
+                         "allow_networks": ["127.0.0.0/8"], "per_host_delay": 0, "per_host_concurrency": 16},
             "shard": {"samples_per_shard": 25, "processes": 2},
             "text": {"max_caption_repeats": 10, "processes": 1},
         }
@@ -74,7 +75,7 @@ def test_normalized_captions_and_img2dataset_messages(demo_build):
     details = dict(rejected.filter(pl.col("stage") == "download").select("case", "detail").unique("case").rows())
     assert details["missing_file"] == "HTTP Error 404: Not Found"
     assert "X-Robots-Tag" in details["no_ai"]
-    assert details["never_answers"] == "timed out"
+    assert "cnclip-guard network:timeout" in details["never_answers"]
     assert details["tiny"] == "image too small"
     assert details["elongated"] == "aspect ratio too large"
     assert "CV_IO_MAX_IMAGE_PIXELS" in details["bomb"]
@@ -137,7 +138,8 @@ def test_funnel_and_stats(demo_build):
     assert stages["dedup"]["out"] == stages["shard"]["out"] == funnel["samples"]
     assert stages["dedup"]["rejected"] == {"dedup:exact_duplicate": 2, "dedup:near_duplicate": 4}
     assert stages["text"]["rejected"]["text:repeated_caption"] == 15
-    assert stages["download"]["rejected"]["download:failed_to_download"] == 8 + 2 + 1
+    assert stages["download"]["rejected"]["download:failed_to_download"] == 8 + 2
+    assert stages["download"]["rejected"]["network:timeout"] == 1
     stats = corpus_stats(recipe.manifest_dir)
     assert stats["samples"] == funnel["samples"]
     assert stats["rejected_by_reason"] == funnel["rejected_by_reason"]

@@ -34,7 +34,7 @@ def test_every_format_where_and_keep_columns(tmp_path, make_recipe):
     recipe = make_recipe([source(tmp_path / "*", where="LANGUAGE = 'zh'", keep_columns=["similarity"])])
     report = ingest(recipe)
     rows = read_parts(recipe)
-    assert report == {"rows_by_source": {"meta": 8}, "file_errors": []}
+    assert report == {"rows_by_source": {"meta": 8}, "file_errors": [], "source_reports": {}}
     # Files in sorted order, numbered after `where`; captions stay text ("1984" is not a number).
     assert rows["row"].to_list() == list(range(8))
     assert rows["caption_raw"].to_list() == ["第一张图片的标题", "1984"] * 4

@@ -42,7 +42,8 @@ def write_recipe(folder: Path, listing: Path) -> Path:
         "manifest_dir": str(folder / "manifests"),
         "sources": [{"name": "site", "kind": "metadata", "path": str(listing)}],
         "image": {"size": 32, "min_side": 16},
-        "download": {"processes": 1, "threads": 2, "timeout": 5, "retries": 0, "samples_per_part": 20},
+        "download": {"processes": 1, "threads": 2, "timeout": 5, "retries": 0, "samples_per_part": 20,
+                     "allow_networks": ["127.0.0.1/32"], "per_host_delay": 0},
         "dedup": {"processes": 1},
         # One sample per shard: the shard stage lasts long enough to be killed in its middle.
         "shard": {"samples_per_shard": 1, "processes": 1},

@@ -1,0 +1,208 @@
+"""The guard proxy the download stage puts in front of img2dataset: urllib through it, and one real
+img2dataset run whose spawned workers only see the proxy through the environment.
+
+Only 127.0.0.1 is ever contacted: the proxy allows 127.0.0.1/32 alone, and every test that
+redirects elsewhere (127.0.0.2) checks that no connection was opened to it.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import polars as pl
+import pytest
+from loopback_routes import RouteServer, jpeg_bytes
+
+from cnclip.corpus.crawl_settings import GuardSettings
+from cnclip.corpus.guard_proxy import GuardProxy, ProxyConfig, proxy_environment, reason_from_error_message
+from cnclip.corpus.guard_reasons import is_transient
+
+IMAGE = jpeg_bytes(64)
+
+
+def config(**overrides):
+    values = dict(allow_networks=("127.0.0.1/32",), request_timeout=3.0, per_host_concurrency=4,
+                  per_host_delay=0.0, per_host_max_wait=5.0, max_response_bytes=100_000)
+    return ProxyConfig(**{**values, **overrides})
+
+
+def opener(proxy):
+    handler = urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url})
+    return urllib.request.build_opener(handler)
+
+
+def error_of(call):
+    try:
+        call()
+    except (urllib.error.URLError, OSError) as err:
+        return str(err)
+    raise AssertionError("the request was expected to fail")
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    opened = []
+    original = socket.create_connection
+
+    def spy(address, *args, **kwargs):
+        opened.append(address[0])
+        return original(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", spy)
+    return opened
+
+
+def test_proxy_relays_allowed_requests_and_refuses_others_with_a_marker(connections):
+    with RouteServer() as site, GuardProxy(config()) as proxy:
+        site.routes.update({
+            "/ok.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE),
+            "/moved.jpg": (302, {"Location": f"http://127.0.0.2:{site.port}/stolen.jpg"}, b""),
+            "/huge.jpg": (200, {"Content-Type": "image/jpeg"}, os.urandom(300_000)),
+        })
+        client = opener(proxy)
+        assert client.open(site.base + "/ok.jpg", timeout=10).read() == IMAGE
+        # Decimal spelling of 127.0.0.1: parsed like the C resolver, allowed, fetched.
+        assert client.open(f"http://2130706433:{site.port}/ok.jpg", timeout=10).read() == IMAGE
+        redirected = error_of(lambda: client.open(site.base + "/moved.jpg", timeout=10))
+        hex_host = error_of(lambda: client.open(f"http://0x7f000002:{site.port}/ok.jpg", timeout=10))
+        huge = error_of(lambda: client.open(site.base + "/huge.jpg", timeout=10))
+        tunnel = error_of(lambda: client.open(f"https://127.0.0.2:{site.port}/x.jpg", timeout=10))
+        stats = proxy.stats()
+        served = site.paths()
+    assert redirected == "HTTP Error 403: cnclip-guard network:blocked_address 127.0.0.2"
+    assert reason_from_error_message(redirected) == "network:blocked_address"
+    assert reason_from_error_message(hex_host) == "network:blocked_address" and "127.0.0.2" in hex_host
+    assert huge.startswith("HTTP Error 502: cnclip-guard network:too_large")
+    assert "Tunnel connection failed: 403 cnclip-guard network:blocked_address 127.0.0.2" in tunnel
+    assert served == ["/ok.jpg", "/ok.jpg", "/moved.jpg", "/huge.jpg"]
+    assert stats == {"ok": 2, "redirect": 1, "network:blocked_address": 3, "network:too_large": 1}
+    assert set(connections) == {"127.0.0.1"}   # 127.0.0.2 was never contacted
+
+
+def test_connect_tunnels_only_to_checked_addresses():
+    with RouteServer({"/t.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE)}) as site, GuardProxy(config()) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=10) as sock:
+            # The request right behind CONNECT lands in the proxy's read buffer: it must still pass.
+            sock.sendall(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1\r\n\r\n"
+                         f"GET /t.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 Connection established")
+    assert b"HTTP/1.0 200 OK" in answer and answer.endswith(IMAGE)
+
+
+def test_429_then_200_is_a_transient_failure_then_a_success():
+    answers = iter([(429, {"Retry-After": "1"}, b"slow down"), (200, {"Content-Type": "image/jpeg"}, IMAGE)])
+    with RouteServer({"/busy.jpg": lambda hit: next(answers)}) as site, GuardProxy(config()) as proxy:
+        client = opener(proxy)
+        first = error_of(lambda: client.open(site.base + "/busy.jpg", timeout=10))
+        assert client.open(site.base + "/busy.jpg", timeout=10).read() == IMAGE
+        stats = proxy.stats()
+    assert first == "HTTP Error 429: Too Many Requests"
+    assert reason_from_error_message(first) == "network:rate_limited" and is_transient("network:rate_limited")
+    assert stats == {"network:rate_limited": 1, "ok": 1}
+
+
+def test_per_host_spacing_queueing_and_time_limits():
+    release = threading.Event()
+    routes = {f"/{i}.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE) for i in range(3)}
+    routes["/hang.jpg"] = lambda hit: (release.wait(10), (200, {}, IMAGE))[1]
+    with RouteServer(routes) as site:
+        with GuardProxy(config(per_host_concurrency=1, per_host_delay=0.3)) as proxy:
+            client = opener(proxy)
+            threads = [threading.Thread(target=lambda i=i: client.open(f"{site.base}/{i}.jpg", timeout=10).read())
+                       for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        starts = sorted(h.at for h in site.hits)
+        assert all(b - a >= 0.2 for a, b in zip(starts, starts[1:])), starts  # 0.3 s apart at the proxy
+
+        with GuardProxy(config(per_host_concurrency=1, request_timeout=1.5, per_host_max_wait=0.3)) as proxy:
+            client = opener(proxy)
+            results = {}
+            hang = threading.Thread(target=lambda: results.update(hang=error_of(
+                lambda: client.open(site.base + "/hang.jpg", timeout=10))))
+            hang.start()
+            time.sleep(0.4)  # the hanging request holds the host's only slot
+            results["queued"] = error_of(lambda: client.open(site.base + "/0.jpg", timeout=10))
+            hang.join()
+            release.set()
+    assert reason_from_error_message(results["queued"]) == "network:host_busy"
+    assert results["hang"].startswith("HTTP Error 504: cnclip-guard network:timeout")
+
+
+def test_robots_for_images_when_configured():
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private/\n")
+    routes = {"/robots.txt": robots, "/private/a.jpg": (200, {}, IMAGE), "/public/a.jpg": (200, {}, IMAGE)}
+    with RouteServer(routes) as site, GuardProxy(config(obey_robots_for_images=True)) as proxy:
+        client = opener(proxy)
+        assert client.open(site.base + "/public/a.jpg", timeout=10).read() == IMAGE
+        refused = error_of(lambda: client.open(site.base + "/private/a.jpg", timeout=10))
+        served = site.paths()
+    assert reason_from_error_message(refused) == "politeness:robots_disallowed"
+    assert served == ["/robots.txt", "/public/a.jpg"]
+
+
+def test_settings_map_onto_the_proxy_and_the_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+    monkeypatch.delenv("http_proxy", raising=False)
+    settings = GuardSettings(allow_networks=["127.0.0.0/8"], per_host_concurrency=3, per_host_delay=0.5)
+    cfg = ProxyConfig.from_settings(settings, request_timeout=7)
+    assert (cfg.allow_networks, cfg.per_host_concurrency, cfg.per_host_delay, cfg.request_timeout) == (
+        ("127.0.0.0/8",), 3, 0.5, 7.0)
+    assert cfg.client_timeout == 7 + settings.per_host_max_wait + 5
+    with GuardProxy(cfg) as proxy, proxy_environment(proxy):
+        assert os.environ["http_proxy"] == os.environ["https_proxy"] == proxy.url
+        assert os.environ["no_proxy"] == ""   # loopback must not bypass the guard
+        assert urllib.request.getproxies()["http"] == proxy.url
+    assert os.environ["no_proxy"] == "localhost,127.0.0.1" and "http_proxy" not in os.environ
+
+
+def test_img2dataset_workers_fetch_through_the_proxy(tmp_path, connections):
+    """A real img2dataset run (spawned worker): each row's recorded error maps to its reason."""
+    from img2dataset import download
+
+    answers = iter([(429, {}, b"slow down")] + [(200, {"Content-Type": "image/jpeg"}, IMAGE)] * 5)
+    with RouteServer() as site:
+        site.routes.update({
+            "/ok.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE),
+            "/moved.jpg": (302, {"Location": f"http://127.0.0.2:{site.port}/inside.jpg"}, b""),
+            "/huge.jpg": (200, {"Content-Type": "image/jpeg"}, os.urandom(300_000)),
+            "/busy.jpg": lambda hit: next(answers),
+        })
+        urls = {"ok": f"{site.base}/ok.jpg", "decimal": f"http://2130706433:{site.port}/ok.jpg",
+                "redirect": f"{site.base}/moved.jpg", "hex": f"http://0x7f000002:{site.port}/ok.jpg",
+                "huge": f"{site.base}/huge.jpg", "busy": f"{site.base}/busy.jpg"}
+        pl.DataFrame({"url": list(urls.values()), "caption": list(urls)}).write_parquet(tmp_path / "in.parquet")
+        cfg = config()
+        with GuardProxy(cfg) as proxy, proxy_environment(proxy):
+            download(url_list=str(tmp_path / "in.parquet"), input_format="parquet", url_col="url",
+                     caption_col="caption", output_format="parquet", output_folder=str(tmp_path / "out"),
+                     processes_count=1, thread_count=2, image_size=32, resize_mode="no", timeout=cfg.client_timeout,
+                     retries=0, distributor="multiprocessing", enable_wandb=False, compute_hash=None)
+            stats = proxy.stats()
+        served = site.paths()
+    result = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    outcome = {row["caption"]: (row["status"], reason_from_error_message(row["error_message"]))
+               for row in result.iter_rows(named=True)}
+    assert outcome == {
+        "ok": ("success", None),
+        "decimal": ("success", None),
+        "redirect": ("failed_to_download", "network:blocked_address"),
+        "hex": ("failed_to_download", "network:blocked_address"),
+        "huge": ("failed_to_download", "network:too_large"),
+        "busy": ("failed_to_download", "network:rate_limited"),
+    }
+    assert stats == {"ok": 2, "redirect": 1, "network:blocked_address": 2, "network:too_large": 1,
+                     "network:rate_limited": 1}
+    assert sorted(served) == sorted(["/ok.jpg", "/ok.jpg", "/moved.jpg", "/huge.jpg", "/busy.jpg"])
+    # The worker talked only to the proxy, and the proxy only to 127.0.0.1.
+    assert "127.0.0.2" not in connections
+    assert json.loads((tmp_path / "out" / "00000_stats.json").read_text())["successes"] == 2
