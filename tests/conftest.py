@@ -44,6 +44,20 @@ def make_recipe(tmp_path):
 
 
 @pytest.fixture
+def connections(monkeypatch):
+    """Every address the code under test opens a TCP connection to."""
+    opened = []
+    original = socket.create_connection
+
+    def spy(address, *args, **kwargs):
+        opened.append(address[0])
+        return original(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", spy)
+    return opened
+
+
+@pytest.fixture
 def web_root(tmp_path):
     root = tmp_path / "site"
     root.mkdir()

@@ -3,7 +3,6 @@ on 127.0.0.1 the tests serve, and WARC/WAT files the tests write with warcio."""
 
 import io
 import json
-import socket
 import threading
 import time
 
@@ -148,19 +147,6 @@ def test_host_limiter_spaces_and_bounds_requests():
 
 
 # -- crawling ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def connections(monkeypatch):
-    """Every address the code under test opens a TCP connection to."""
-    opened = []
-    original = socket.create_connection
-
-    def spy(address, *args, **kwargs):
-        opened.append(address[0])
-        return original(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "create_connection", spy)
-    return opened
 
 
 def test_crawl_extracts_pairs_from_utf8_gbk_and_big5_pages_politely(tmp_path, connections):

@@ -43,19 +43,6 @@ def error_of(call):
     raise AssertionError("the request was expected to fail")
 
 
-@pytest.fixture
-def connections(monkeypatch):
-    opened = []
-    original = socket.create_connection
-
-    def spy(address, *args, **kwargs):
-        opened.append(address[0])
-        return original(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "create_connection", spy)
-    return opened
-
-
 def test_proxy_relays_allowed_requests_and_refuses_others_with_a_marker(connections):
     with RouteServer() as site, GuardProxy(config()) as proxy:
         site.routes.update({
