@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from .progress import stage_progress
 
@@ -41,7 +41,3 @@ class LocalEngine:
         with ProcessPoolExecutor(min(self.processes, len(parts)), mp_context=context) as pool:
             yield from pool.map(fn, parts)
 
-
-def chunked(items: Sequence[Part], size: int) -> Iterable[Sequence[Part]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

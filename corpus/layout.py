@@ -86,12 +86,3 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
 
-
-def replace_dir(path: Path) -> Path:
-    """Empty `path` (created if missing) so a stage rerun never mixes old and new parts."""
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -21,7 +20,7 @@ def _quiet() -> bool:
 @contextlib.contextmanager
 def stage_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A progress bar for one step; yields `advance(n=1)`."""
-    if _quiet() or not sys.stderr.isatty() and total is not None and total <= 1:
+    if _quiet():
         yield lambda n=1: None
         return
     progress = Progress(
