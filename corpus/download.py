@@ -16,7 +16,7 @@ import polars as pl
 
 from .layout import BuildLayout
 from .state import write_parquet_atomic
-from .progress import info
+from .progress import info, stage_progress
 from .recipe import Recipe, SampleWebSource
 
 
@@ -79,11 +79,42 @@ def _img2dataset(recipe: Recipe, **overrides) -> dict:
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     config = ProxyConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
-    with serve_sample_webs(recipe), GuardProxy(config) as proxy, proxy_environment(proxy):
+    arguments = {**img2dataset_arguments(recipe), "timeout": config.client_timeout, **overrides}
+    with (serve_sample_webs(recipe), GuardProxy(config) as proxy, proxy_environment(proxy),
+          _parts_progress(Path(arguments["output_folder"]), arguments["url_list"], recipe.download.samples_per_part)):
         # The proxy enforces the recipe's timeout per request; the client waits longer so that a
         # request queued for its host's turn is not abandoned early.
-        download(**{**img2dataset_arguments(recipe), "timeout": config.client_timeout, **overrides})
+        download(**arguments)
         return proxy.stats()
+
+
+@contextlib.contextmanager
+def _parts_progress(output_dir: Path, url_list: str, samples_per_part: int) -> Iterator[None]:
+    """A progress bar of img2dataset parts done (it writes a part's stats file last), polled."""
+    import threading
+
+    listed = Path(url_list)
+    inputs = sorted(listed.glob("*.parquet")) if listed.is_dir() else [listed]
+    # img2dataset cuts each input file into parts of samples_per_part rows.
+    total = sum(-(-pl.scan_parquet(p).select(pl.len()).collect().item() // samples_per_part) for p in inputs)
+    before = len(list(output_dir.glob("*_stats.json")))
+    stop = threading.Event()
+    with stage_progress("download: img2dataset parts", total=total) as advance:
+
+        def poll() -> None:
+            shown = 0
+            while not stop.wait(0.5):
+                done = len(list(output_dir.glob("*_stats.json"))) - before
+                advance(done - shown)
+                shown = done
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def scan_attempts(download_dir: Path) -> pl.LazyFrame:
