@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The main job on the embedded default: build the demo corpus from the built-in sample web,
+# train both stages of the tiny model on it, evaluate, print the tables.
 demo: $(STAMP)
 	$(BIN)/cnclip corpus build recipes/demo.yaml
 	$(BIN)/cnclip corpus stats manifests/demo
+	$(BIN)/cnclip train recipes/train-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -33,4 +36,4 @@ bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf data/demo manifests/demo .pytest_cache
+	rm -rf data/demo manifests/demo runs/demo .pytest_cache

@@ -184,25 +184,34 @@ def format_validation_error(origin: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe(data: dict, origin: str = "<recipe>") -> Recipe:
+def validate_mapping(model: type[BaseModel], data: object, origin: str, error: type[Exception]):
+    """Validate YAML data against a schema; problems become one `error` naming origin and keys."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{origin}: expected a mapping of keys at the top level")
+        raise error(f"{origin}: expected a mapping of keys at the top level")
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(origin, err)) from None
+        raise error(format_validation_error(origin, err)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_yaml(path: str | Path, error: type[Exception], what: str) -> object:
+    """A YAML file's data; unreadable files and bad YAML become one `error` naming the file (and line)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+        raise error(f"{path}: cannot read {what} ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
-        raise RecipeError(f"{path}: {where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    return parse_recipe(data, str(path))
+        raise error(f"{path}: {where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def parse_recipe(data: dict, origin: str = "<recipe>") -> Recipe:
+    return validate_mapping(Recipe, data, origin, RecipeError)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_yaml(path, RecipeError, "recipe"), str(path))

@@ -1,0 +1,59 @@
+"""`cnclip export` writes an open_clip local-dir model with identical embeddings and token ids."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnclip.train.cli import app
+from cnclip.train.loop import load_model_from_checkpoint, train
+from test_train_support import shape_samples, shape_shards, tiny_config  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, shape_shards):
+    root = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(root, shape_shards, stage1={"steps": 3}, stage2={"steps": 3})
+    train(cfg)
+    return root / "run" / "checkpoints" / "stage2-final.pt"
+
+
+def test_local_dir_model_gives_identical_embeddings(checkpoint, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(checkpoint), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    exported = tmp_path / "exported"
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "vocab.txt",
+            "tokenizer_config.json"} <= {p.name for p in exported.iterdir()}
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{exported}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{exported}")
+    ours, our_tokenizer, _ = load_model_from_checkpoint(checkpoint, tmp_path / "work")
+    model.eval()
+
+    captions = [s["txt"] for s in shape_samples(40, seed=9)] + ["2023年 一个蓝色的菱形 HD", "一只猫"]
+    assert torch.equal(tokenizer(captions), our_tokenizer(captions))
+    images = torch.stack([preprocess(Image.new("RGB", (90, 70), color)) for color in
+                          [(200, 30, 30), (30, 200, 30), (30, 30, 200)]])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), ours.encode_image(images))
+        assert torch.equal(model.encode_text(tokenizer(captions)), ours.encode_text(our_tokenizer(captions)))
+        # …and the trained weights, not a fresh init: embeddings differ from a random model's.
+        fresh = open_clip.create_model(f"local-dir:{exported}", load_weights=False, pretrained_text=False)
+        assert not torch.allclose(fresh.eval().encode_image(images), model.encode_image(images))
+    config = json.loads((exported / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["context_length"] == 52
+    assert config["preprocess_cfg"]["size"] == [64, 64]
+
+
+def test_eval_cli_prints_and_logs_metrics(checkpoint, shape_shards, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(checkpoint), "--data", shape_shards[0], "--log",
+                                      str(tmp_path / "eval.jsonl")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "eval.jsonl").read_text())
+    assert record["images"] == 48 and record["texts"] == 48 and 0 <= record["mean_recall"] <= 100
+    assert f'"mean_recall": {record["mean_recall"]}' in result.output
+    bad = CliRunner().invoke(app, ["eval", str(checkpoint), "--data", str(tmp_path / "none-*.tar")])
+    assert bad.exit_code == 2 and "the patterns match no shard" in bad.output

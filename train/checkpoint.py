@@ -1,0 +1,101 @@
+"""Checkpoints: written atomically, read with `torch.load(weights_only=True)`.
+
+A checkpoint holds everything a run needs to continue exactly: model, optimizer, scheduler and
+grad-scaler states, stage and step, every RNG state, each rank's data position, the eval history
+that drives the stage switch, and what rebuilds the model elsewhere (the resolved open_clip
+config, the tokenizer vocab). Only tensors, numbers, strings, lists and dicts are stored, so
+loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+FORMAT = "cnclip-train-1"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_tuples_to_lists(v) for v in value]
+    return value
+
+
+def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
+    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename.
+    A crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as stream:
+        torch.save({"format": FORMAT, **state}, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a cnclip training checkpoint")
+    return state
+
+
+def model_config(state: dict) -> dict:
+    return json.loads(state["model_cfg"])
+
+
+def write_latest(output_dir: Path, checkpoint: Path) -> None:
+    """`latest.txt` names the newest checkpoint (a file, not a symlink: works on every filesystem)."""
+    tmp = output_dir / f".latest.txt.tmp{os.getpid()}"
+    tmp.write_text(checkpoint.name + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / "latest.txt")
+
+
+def find_latest(output_dir: Union[str, Path]) -> Optional[Path]:
+    marker = Path(output_dir) / "checkpoints" / "latest.txt"
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text(encoding="utf-8").strip()
+    return path if path.is_file() else None
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints; stage-end checkpoints are never removed."""
+    steps = sorted(directory.glob("stage*-step*.pt"))  # names sort by stage, then zero-padded step
+    for old in steps[:-keep]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,379 @@
+"""The two-stage training loop: `train(config)` runs stage 1 (image tower locked) then stage 2.
+
+Stage 1 (LiT) locks the whole image tower, kept in eval mode so BatchNorm statistics stay frozen
+(open_clip's `freeze_bn_stats` swaps in FrozenBatchNorm2d modules, which would change the state
+dict between stages), and trains the text tower, both projections and the temperature. Stage 2
+unlocks everything with a fresh optimizer and schedule at stage 2's learning rate. Stage 1 ends
+after its steps, or earlier when the first retrieval set's mean recall has not improved for
+`stage1.patience` evaluations. Either stage can start from any checkpoint.
+
+Runs under torchrun with DDP (NCCL on GPUs, gloo on CPU); loss is open_clip's ClipLoss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import open_clip
+import torch
+import torch.distributed as dist
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import DataPosition, ShardSet, read_captions, resolve_train_shards, train_loader
+from .distributed import Runtime, seed_everything
+from .evaluate import autocast, evaluate_set
+from .models import create_model, load_clip_weights, load_image_tower, rebuild_model
+from .runlog import RunLog
+from .tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer, build_corpus_vocab, read_vocab
+
+
+def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
+    """`tokenizer.vocab`: bert-base-chinese | text-tower | corpus | a vocab.txt path."""
+    choice, length = cfg.tokenizer.vocab, cfg.tokenizer.context_length
+    if choice == "bert-base-chinese":
+        return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, length)
+    if choice == "text-tower":
+        if cfg.init.text is None:
+            raise ValueError("tokenizer.vocab: text-tower needs init.text (an HF directory with vocab.txt)")
+        return ChineseTokenizer.from_file(Path(cfg.init.text) / "vocab.txt", length)
+    if choice == "corpus":
+        saved = Path(cfg.output_dir) / "vocab.txt"
+        if not saved.is_file():  # built once per run directory, so a resumed run gets the same ids
+            if shard_set.manifest_dir is not None:
+                import polars as pl
+
+                captions = pl.scan_parquet(Path(shard_set.manifest_dir) / "samples" / "*.parquet").select(
+                    "caption").collect()["caption"].to_list()
+            else:
+                captions = read_captions(shard_set.shards)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text("\n".join(build_corpus_vocab(captions)) + "\n", encoding="utf-8")
+        return ChineseTokenizer(read_vocab(saved), length)
+    return ChineseTokenizer.from_file(choice, length)
+
+
+def build_model(cfg: TrainConfig, tokenizer: ChineseTokenizer, device: torch.device, initialise: bool = True):
+    model, model_cfg = create_model(
+        cfg.model, vocab_size=tokenizer.vocab_size, workdir=Path(cfg.output_dir),
+        text_init=cfg.init.text if initialise else None, context_length=cfg.tokenizer.context_length,
+        quick_gelu=cfg.quick_gelu)
+    if initialise and cfg.init.image is not None:
+        load_image_tower(model, cfg.init.image)
+    if initialise and cfg.init.clip is not None:
+        load_clip_weights(model, cfg.init.clip)
+    return model.to(device), model_cfg
+
+
+def transforms(model: torch.nn.Module, augment: bool = True):
+    """open_clip's train (RandomResizedCrop) and eval transforms for the model's preprocess config."""
+    cfg = PreprocessCfg(**get_model_preprocess_cfg(model))
+    return image_transform_v2(cfg, is_train=augment), image_transform_v2(cfg, is_train=False)
+
+
+def set_stage_mode(model: torch.nn.Module, stage: int) -> None:
+    """Which parameters train, and train/eval mode, for a stage (call after every model.train())."""
+    if stage == 1:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+        for name, param in model.named_parameters():
+            if not name.startswith("visual."):
+                param.requires_grad = True
+    else:
+        for param in model.parameters():
+            param.requires_grad = True
+    model.train()
+    if stage == 1:
+        model.visual.eval()  # frozen BN statistics (and no dropout) in the locked tower
+
+
+def make_optimizer(model: torch.nn.Module, stage_cfg) -> torch.optim.Optimizer:
+    # open_clip_train's rule: no weight decay on gains, biases, norms and the temperature.
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in params if not exclude(n, p)], "weight_decay": stage_cfg.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=stage_cfg.lr, betas=tuple(stage_cfg.betas), eps=stage_cfg.eps)
+
+
+def make_scheduler(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the stage's end
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, runtime: Optional[Runtime] = None):
+        self.cfg, self.rt = cfg, runtime or Runtime(cfg.device)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        seed_everything(cfg.seed + self.rt.rank)
+        self.shard_set = resolve_train_shards(cfg.data)
+        self.tokenizer = build_tokenizer(cfg, self.shard_set) if self.rt.main else None
+        if self.rt.distributed:  # rank 0 may have just built the corpus vocab
+            dist.barrier()
+        self.tokenizer = self.tokenizer or build_tokenizer(cfg, self.shard_set)
+        self.accum = cfg.accumulation(self.rt.world_size)
+        self.global_batch = cfg.global_batch(self.rt.world_size)
+        self.loss_fn = open_clip.ClipLoss(local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad,
+                                          cache_labels=True, rank=self.rt.rank, world_size=self.rt.world_size)
+        self.log = RunLog(self.out, enabled=self.rt.main, tensorboard=cfg.tensorboard)
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _setup_model(self, resume_state: Optional[dict]) -> None:
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        self.model, self.model_cfg = build_model(self.cfg, self.tokenizer, self.rt.device,
+                                                 initialise=resume_state is None)
+        seed_everything(self.cfg.seed + self.rt.rank)
+        if resume_state is not None:
+            self.model.load_state_dict(resume_state["model"])
+        if self.cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.train_transform, self.val_transform = transforms(self.model, self.cfg.data.augment)
+
+    def _start_loader(self, position: Optional[DataPosition], seed: int) -> None:
+        self.position = position or DataPosition(workers=max(self.cfg.data.workers, 1))
+        loader = train_loader(
+            self.shard_set.shards, self.cfg.data, batch_size=self.cfg.batch_size, transform=self.train_transform,
+            tokenizer=self.tokenizer, seed=seed, rank=self.rt.rank, world_size=self.rt.world_size,
+            position=position)
+        self.batches = iter(loader)
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def run(self, stage: str = "all", resume: Optional[Union[str, Path]] = None,
+            stop_after: Optional[int] = None) -> dict:
+        stages = {"1": [1], "2": [2], "all": [1, 2]}[str(stage)]
+        state = ckpt.load_checkpoint(resume) if resume else None
+        if state is not None:  # the ids the checkpoint was trained with, whatever the config says now
+            self.tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
+        self._setup_model(state)
+        start_step, continuing = 0, False
+        if state is not None:
+            done_stage, complete = state["stage"], state["stage_complete"]
+            if complete:  # a finished stage: its weights start the next requested stage
+                stages = [s for s in stages if s > done_stage]
+                if not stages:
+                    raise ValueError(f"{resume}: stage {done_stage} is complete; nothing left to run for --stage {stage}")
+            elif done_stage in stages:  # mid-stage: continue exactly
+                stages = [s for s in stages if s >= done_stage]
+                start_step, continuing = state["step"], True
+            elif done_stage > stages[-1]:
+                raise ValueError(f"{resume}: a stage-2 checkpoint cannot resume stage 1 (use --stage 2)")
+            # else: a mid-stage-1 checkpoint starts stage 2 (--stage 2)
+        self.log.start(state["log_lines"] if state is not None else 0)
+        self.samples_seen = state["samples_seen"] if state else 0
+        self.history = state["history"] if continuing else {"best": None, "bad": 0, "evals": 0}
+        position, seed = None, self.cfg.seed
+        if state is not None and self.cfg.data.exact_resume:
+            position = DataPosition.from_state(state["data"][self.rt.rank])
+            if state["world_size"] != self.rt.world_size:
+                raise ValueError(f"{resume}: written by {state['world_size']} processes; exact resume needs the "
+                                 f"same number (or data.exact_resume: false)")
+        elif state is not None:
+            seed = self.cfg.seed + 1 + state["samples_seen"]  # fresh streams, not a replay
+        self._start_loader(position, seed)
+        summary = {"stages": {}, "output_dir": str(self.out)}
+        steps_left = stop_after
+        for number in stages:
+            first = number == stages[0]
+            result = self._run_stage(number, state if continuing and first else None, start_step if first else 0,
+                                     steps_left, eval_at_start=first)
+            if not first and summary["stages"][number - 1]["evals"]:  # stage 1's end is stage 2's start
+                result["evals"].insert(0, {**summary["stages"][number - 1]["evals"][-1], "stage": number, "step": 0})
+            summary["stages"][number] = result
+            if result["stopped"]:
+                summary["stopped"] = True
+                break
+            if steps_left is not None:
+                steps_left -= result["steps_run"]
+        self.log.close()
+        return summary
+
+    def _run_stage(self, stage: int, state: Optional[dict], step: int, steps_left: Optional[int],
+                   eval_at_start: bool) -> dict:
+        cfg = getattr(self.cfg, f"stage{stage}")
+        total = cfg.total_steps(self.global_batch)
+        model = self.model
+        set_stage_mode(model, stage)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg.warmup, total)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.precision == "fp16")
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            ckpt.set_rng_state(state["rng"][self.rt.rank])
+        ddp = (DistributedDataParallel(model, device_ids=[self.rt.device] if self.rt.device.type == "cuda" else None)
+               if self.rt.distributed else model)
+        result = {"stage": stage, "total_steps": total, "start_step": step, "losses": [], "evals": [],
+                  "stopped": False, "steps_run": 0, "trainable": sum(p.numel() for p in model.parameters()
+                                                                      if p.requires_grad)}
+        if step == 0 and eval_at_start and self.cfg.eval.sets and self.cfg.eval.at_start:
+            result["evals"].append(self._evaluate(stage, 0))
+        window, t0, data_time = [], time.perf_counter(), 0.0
+        early = False
+        while step < total:
+            if steps_left is not None and result["steps_run"] >= steps_left:
+                result["stopped"] = True
+                self._save(stage, step, False, optimizer, scheduler, scaler)
+                break
+            t_data = time.perf_counter()
+            micro = [self._next_batch() for _ in range(self.accum)]
+            data_time += time.perf_counter() - t_data
+            loss = self._step(ddp, model, micro, optimizer, scaler, cfg.grad_clip)
+            scheduler.step()
+            step += 1
+            result["steps_run"] += 1
+            self.samples_seen += self.global_batch
+            window.append(loss)
+            result["losses"].append(loss)
+            if step % self.cfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t0
+                self.log.train(stage=stage, step=step, loss=sum(window) / len(window), lr=scheduler.get_last_lr()[0],
+                               logit_scale=model.logit_scale.exp().item(), samples=self.samples_seen,
+                               epoch=(self.samples_seen / self.shard_set.samples if self.shard_set.samples else None),
+                               samples_per_s=len(window) * self.global_batch / elapsed,
+                               data_wait=data_time / elapsed, bad_samples=self.rt.gather(self.position.bad_samples),
+                               bad_shards=self.rt.gather(self.position.bad_shards))
+                window, t0, data_time = [], time.perf_counter(), 0.0
+            if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < total:
+                result["evals"].append(self._evaluate(stage, step))
+                early = stage == 1 and self._patience_exhausted(cfg.patience)
+            if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < total and not early:
+                self._save(stage, step, False, optimizer, scheduler, scaler)
+            if early:
+                self.log.event("stage_switch", stage=stage, step=step, reason="patience")
+                break
+        shards = self.rt.gather(sorted(self.position.shards))
+        # Which shards each rank read: full lists for small runs, counts for large ones.
+        self.log.event("data", stage=stage, step=step, shards_by_rank=shards if len(self.shard_set.shards) <= 1000
+                       else [len(s) for s in shards])
+        if not result["stopped"]:
+            if self.cfg.eval.sets and (not result["evals"] or result["evals"][-1]["step"] != step):
+                result["evals"].append(self._evaluate(stage, step))
+            result["checkpoint"] = str(self._save(stage, step, True, optimizer, scheduler, scaler))
+        result["end_step"] = step
+        return result
+
+    def _next_batch(self) -> dict:
+        batch = next(self.batches)
+        self.position.advance(batch)
+        if batch["errors"]:
+            self.log.event("skipped", rank=self.rt.rank, errors=batch["errors"])
+        return batch
+
+    def _step(self, ddp, model, micro: list[dict], optimizer, scaler, grad_clip: Optional[float]) -> float:
+        device, precision = self.rt.device, self.cfg.precision
+        images = [b["image"].to(device, non_blocking=True) for b in micro]
+        texts = [b["text"].to(device, non_blocking=True) for b in micro]
+        optimizer.zero_grad(set_to_none=True)
+        if len(micro) == 1:
+            with autocast(device, precision):
+                img, txt, scale = ddp(images[0], texts[0])[:3]
+                loss = self.loss_fn(img, txt, scale)
+            scaler.scale(loss).backward()
+        else:
+            # open_clip's feature cache: embed every micro-batch without gradients, then recompute
+            # one micro-batch at a time with gradients against the cached rest. The summed gradients
+            # equal those of one batch of the accumulated size.
+            with torch.no_grad(), autocast(device, precision):
+                cached = [ddp(i, t)[:2] for i, t in zip(images, texts)]
+            for j in range(len(micro)):
+                sync = contextlib.nullcontext() if j == len(micro) - 1 or ddp is model else ddp.no_sync()
+                with sync:
+                    with autocast(device, precision):
+                        img_j, txt_j, scale = ddp(images[j], texts[j])[:3]
+                        img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1:]])
+                        txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1:]])
+                        loss = self.loss_fn(img, txt, scale)
+                    scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():  # the paper's cap on the temperature: logit scale <= 100
+            model.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        return self.rt.mean(loss.detach().float())
+
+    def _evaluate(self, stage: int, step: int) -> dict:
+        record = {"stage": stage, "step": step, "sets": {}}
+        if self.rt.main:
+            for eval_set in self.cfg.eval.sets:
+                metrics = evaluate_set(self.model, self.tokenizer, eval_set, self.val_transform, device=self.rt.device,
+                                       precision=self.cfg.precision, batch_size=self.cfg.eval.batch_size)
+                record["sets"][eval_set.name] = metrics
+                self.log.eval(stage=stage, step=step, name=eval_set.name, metrics=metrics)
+        record = self.rt.broadcast(record)
+        set_stage_mode(self.model, stage)
+        return record
+
+    def _patience_exhausted(self, patience: Optional[int]) -> bool:
+        if patience is None:
+            return False
+        name = next(s.name for s in self.cfg.eval.sets if s.kind == "retrieval")
+        latest = self.log.last_eval[name]["mean_recall"] if self.rt.main else None
+        latest = self.rt.broadcast(latest)
+        hist = self.history
+        hist["evals"] += 1
+        if hist["best"] is None or latest > hist["best"]:
+            hist["best"], hist["bad"] = latest, 0
+        else:
+            hist["bad"] += 1
+        return hist["bad"] >= patience
+
+    def _save(self, stage: int, step: int, complete: bool, optimizer, scheduler, scaler) -> Optional[Path]:
+        rng = self.rt.gather(ckpt.rng_state())
+        data = self.rt.gather(self.position.state_dict())
+        if not self.rt.main:
+            return None
+        name = f"stage{stage}-final.pt" if complete else f"stage{stage}-step{step:08d}.pt"
+        path = ckpt.save_checkpoint(self.ckpt_dir / name, {
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "stage": stage, "step": step, "stage_complete": complete, "rng": rng, "data": data,
+            "world_size": self.rt.world_size, "samples_seen": self.samples_seen, "history": self.history,
+            "log_lines": self.log.lines, "model_cfg": json.dumps(self.model_cfg), "vocab": self.tokenizer.vocab_text,
+            "context_length": self.tokenizer.context_length, "config": self.cfg.model_dump_json(),
+        })
+        ckpt.write_latest(self.ckpt_dir, path)
+        ckpt.prune(self.ckpt_dir, self.cfg.keep_checkpoints)
+        self.log.event("checkpoint", stage=stage, step=step, path=str(path))
+        return path
+
+
+def train(cfg: TrainConfig, stage: str = "all", resume: Optional[Union[str, Path]] = None,
+          stop_after: Optional[int] = None) -> dict:
+    """Run the configured stages; returns per-stage losses, evaluations and checkpoint paths.
+
+    `resume`: a checkpoint; mid-stage it continues exactly, a finished stage-1 checkpoint starts
+    stage 2. `stop_after`: optimizer steps to run in this call before checkpointing and returning
+    (for time-limited jobs; `resume` the latest checkpoint to go on).
+    """
+    return Trainer(cfg).run(stage, resume, stop_after)
+
+
+def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],
+                               device: Union[str, torch.device] = "cpu"):
+    """(model, tokenizer, state) from a training checkpoint alone."""
+    state = ckpt.load_checkpoint(path)
+    model = rebuild_model(ckpt.model_config(state), workdir, device)
+    model.load_state_dict(state["model"])
+    tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
+    return model.eval(), tokenizer, state
