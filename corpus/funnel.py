@@ -61,6 +61,8 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
     # Rejections from stages not listed (e.g. a future stage) still count in the totals above.
     return {
         "name": recipe_name,
+        # Absolute, so a trainer given only this manifest_dir finds the shards.
+        "shards_dir": str(layout.shards_dir.resolve()),
         "input_rows": input_rows,
         "rows_by_source": report["rows_by_source"],
         "file_errors": report["file_errors"],

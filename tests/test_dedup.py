@@ -109,3 +109,28 @@ def test_text_duplicates_need_the_same_caption():
     found = text_duplicates(frame, 12)
     assert found.select("uid", "duplicate_of_uid").rows() == [(2, 1)]
     assert text_duplicates(frame, 11).height == 0
+
+
+def test_eval_sets_from_folders_and_tars_hash_alike(tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    from cnclip.corpus.eval_hashes import hash_eval_images
+    from cnclip.corpus.recipe import ImageSettings
+    from test_hashing import encode, textured
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with wds.TarWriter(str(tmp_path / "eval-000.tar")) as tar:
+        for i in range(4):
+            data = encode(textured(100 + i, 160))
+            (folder / f"{i}.jpg").write_bytes(data)
+            tar.write({"__key__": f"{i:03d}", "jpg": data, "txt": "标题"})
+    settings = ImageSettings(size=64)
+    from_folder = hash_eval_images(str(folder), settings)
+    from_tar = hash_eval_images(str(tmp_path / "eval-*.tar"), settings)
+    assert from_folder["id"].to_list() == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    assert from_tar["id"].to_list() == [f"eval-000.tar/{i:03d}" for i in range(4)]
+    assert from_folder["phash"].to_list() == from_tar["phash"].to_list()
+    assert from_folder["phash"].n_unique() == 4
+    assert Image.open(folder / "0.jpg").size == (160, 160)

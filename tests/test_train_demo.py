@@ -65,3 +65,14 @@ def test_config_errors_are_one_line(tmp_path):
     assert output.startswith("error:")
     assert f"{path}: batch_size: Input should be greater than or equal to 1" in output
     assert f"{path}: data: Field required" in output and f"{path}: stage1: Field required" in output
+
+
+def test_a_build_manifest_dir_alone_locates_its_shards(demo_corpus):
+    from cnclip.train.config import DataSettings
+    from cnclip.train.data import resolve_train_shards
+
+    found = resolve_train_shards(DataSettings(manifest_dir=demo_corpus / "manifests"))
+    shards = sorted(str(p) for p in (demo_corpus / "data" / "shards").glob("*.tar"))
+    sizes = json.loads((demo_corpus / "data" / "shards" / "sizes.json").read_text())
+    assert found.shards == shards and len(shards) == 3
+    assert found.samples == sum(sizes.values())

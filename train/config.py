@@ -57,7 +57,8 @@ class TokenizerSettings(_Strict):
 class DataSettings(_Strict):
     train: Optional[ShardSpec] = Field(default=None, description="shard globs or brace patterns")
     corpus: Optional[Path] = Field(default=None, description="a corpus recipe: train on its shards")
-    manifest_dir: Optional[Path] = Field(default=None, description="sample counts from a build's samples/ manifest")
+    manifest_dir: Optional[Path] = Field(
+        default=None, description="a build's manifest_dir: sample counts, and the shards when no train/corpus")
     shuffle_buffer: int = Field(default=1000, ge=0)
     resampled: bool = False
     workers: int = Field(default=2, ge=0)
@@ -67,8 +68,11 @@ class DataSettings(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSettings":
-        if (self.train is None) == (self.corpus is None):
-            raise ValueError("give exactly one of data.train (shard patterns) or data.corpus (a corpus recipe)")
+        if self.train is not None and self.corpus is not None:
+            raise ValueError("give one of data.train (shard patterns) or data.corpus (a corpus recipe), not both")
+        if self.train is None and self.corpus is None and self.manifest_dir is None:
+            raise ValueError("give data.train (shard patterns), data.corpus (a corpus recipe) or "
+                             "data.manifest_dir (a corpus build's manifests)")
         return self
 
     @property

@@ -65,7 +65,8 @@ class ShardSet:
 
 
 def resolve_train_shards(data: DataSettings) -> ShardSet:
-    """The training shards and their sample count, from patterns or a corpus recipe."""
+    """The training shards and their sample count, from patterns, a corpus recipe, or a build's
+    manifest_dir (its funnel.json names the shards folder)."""
     if data.corpus is not None:
         from cnclip.corpus.recipe import RecipeError, load_recipe
 
@@ -75,6 +76,15 @@ def resolve_train_shards(data: DataSettings) -> ShardSet:
             raise DataError(f"data.corpus: {err}") from None
         shards = expand_patterns([str(Path(recipe.output_dir) / "shards" / "*.tar")], "data.corpus")
         manifest_dir = data.manifest_dir or Path(recipe.manifest_dir)
+    elif data.train is None:
+        funnel = Path(data.manifest_dir) / "funnel.json"
+        try:
+            shards_dir = json.loads(funnel.read_text(encoding="utf-8"))["shards_dir"]
+        except (OSError, ValueError, KeyError):
+            raise DataError(f"data.manifest_dir: {funnel} does not name the build's shards folder "
+                            "(rebuild with this cnclip, or give data.train)") from None
+        shards = expand_patterns([str(Path(shards_dir) / "*.tar")], "data.manifest_dir")
+        manifest_dir = data.manifest_dir
     else:
         shards = expand_patterns(data.train_patterns)
         manifest_dir = data.manifest_dir
