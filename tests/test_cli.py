@@ -9,6 +9,7 @@ from cnclip.cli import app
 
 runner = CliRunner()
 COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "hash-eval")]
+COMMANDS += [["train"], ["eval"], ["export"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
