@@ -39,7 +39,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     # Without the guard img2dataset decodes all 400M pixels before its own area check.
     unguarded = probe(bomb, "plain")
     assert unguarded["error"] == "image area too large"
-    assert unguarded["grew_mib"] > 350
+    assert unguarded["grew_mib"] > 200  # ~380 MiB of pixels; ru_maxrss deltas vary with the allocator
 
 
 def test_recipe_maps_onto_img2dataset(make_recipe, tmp_path):
