@@ -120,13 +120,18 @@ def _parts_progress(output_dir: Path, url_list: str, samples_per_part: int) -> I
 def scan_attempts(download_dir: Path) -> pl.LazyFrame:
     """img2dataset's per-row results, the latest attempt of each row only (retries add parts
     with higher numbers after the first run's)."""
-    return (
-        pl.scan_parquet(download_dir / "*.parquet", include_file_paths="download_parquet")
-        .select("uid", "key", "status", "error_message", "width", "height", "original_width", "original_height",
-                "sha256", "download_parquet")
-        .sort("download_parquet", "uid")
-        .unique("uid", keep="last", maintain_order=True)
+    attempts = pl.scan_parquet(download_dir / "*.parquet", include_file_paths="download_parquet").select(
+        "uid", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
+        "download_parquet",
     )
+    if not _retry_dir(download_dir).exists():  # one attempt per row: nothing to collapse
+        return attempts
+    return attempts.sort("download_parquet", "uid").unique("uid", keep="last", maintain_order=True)
+
+
+def _retry_dir(download_dir: Path) -> Path:
+    """Where --retry-failed writes the rows it asks img2dataset for again."""
+    return download_dir.parent / "download-retry"
 
 
 def failure_reason(status: str, error_message: str | None) -> str:
@@ -174,7 +179,7 @@ def retry_failed(recipe: Recipe, previous: dict) -> dict:
     layout = BuildLayout.of(recipe)
     failed = with_failure_reasons(scan_attempts(layout.download_dir).filter(pl.col("status") != "success"))
     transient = failed.filter(pl.col("reason").is_in(sorted(TRANSIENT))).select("uid")
-    retry_input = layout.work / "download-retry" / f"attempt-{previous.get('retries', 0) + 1}.parquet"
+    retry_input = _retry_dir(layout.download_dir) / f"attempt-{previous.get('retries', 0) + 1}.parquet"
     rows = (
         pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
                   how="diagonal_relaxed")
