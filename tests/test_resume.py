@@ -81,6 +81,7 @@ def snapshot(folder: Path) -> dict:
     shards = folder / "out" / "shards"
     manifests = folder / "manifests"
     funnel = json.loads((manifests / "funnel.json").read_text())
+    funnel.pop("shards_dir")  # where the build is, not what it holds
     return {
         "tars": {p.name: p.read_bytes() for p in sorted(shards.glob("*.tar"))},
         "sizes": (shards / "sizes.json").read_text(),
