@@ -119,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._refuse(ROBOTS_DISALLOWED, decision.host, refusal)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers["Connection"] = "close"
+        # The recipe's user agent names the tool to image hosts too, as robots.txt was read with
+        # it (over https the client's own agent travels inside the tunnel).
+        headers["User-Agent"] = config.user_agent
         try:
             with proxy.limiter.slot(decision.host, config.per_host_max_wait):
                 answer = fetch_once(proxy.guard, decision, url, timeout=config.request_timeout,
@@ -224,9 +227,14 @@ class GuardProxy(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def environment(self) -> dict[str, str]:
-        """Variables for the client processes; an empty no_proxy so no host skips the guard."""
-        return {"http_proxy": self.url, "https_proxy": self.url, "HTTP_PROXY": self.url,
-                "HTTPS_PROXY": self.url, "no_proxy": "", "NO_PROXY": ""}
+        """Variables for the client processes; an empty no_proxy so no host skips the guard.
+
+        ftp_proxy too: urllib follows a redirect to ftp:// and, with no proxy for that scheme,
+        would connect directly; through the proxy such a hop is refused as an unsupported scheme.
+        """
+        names = ("http_proxy", "https_proxy", "ftp_proxy")
+        proxies = {name: self.url for name in names} | {name.upper(): self.url for name in names}
+        return proxies | {"no_proxy": "", "NO_PROXY": ""}
 
     def handle_error(self, request, client_address) -> None:
         # A client that hung up mid-answer, or a request no rule foresaw: count it, no traceback

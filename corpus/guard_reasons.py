@@ -40,7 +40,9 @@ _HTTP_STATUS_RE = re.compile(r"HTTP Error (\d{3})")
 # Messages urllib/socket raise when nothing went through the proxy (or before it answered).
 _MESSAGE_RULES = (
     (re.compile(r"\[SSL|CERTIFICATE_VERIFY_FAILED|SSLError", re.I), TLS_FAILED),
-    (re.compile(r"timed out|TimeoutError", re.I), TIMEOUT),
+    # A tunnelled (HTTPS) answer cut by the proxy's deadline or size cap reaches the client only
+    # as a truncated body: counted as a timeout (transient), the common case of the two.
+    (re.compile(r"timed out|TimeoutError|IncompleteRead", re.I), TIMEOUT),
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo failed|"
                 r"Temporary failure in name resolution|No address associated", re.I), DNS_FAILED),
     (re.compile(r"Connection refused|Connection reset|Remote end closed connection", re.I), CONNECT_FAILED),

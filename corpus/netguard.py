@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit
@@ -229,13 +230,19 @@ class NetworkGuard:
         return self.check_host(host, port or (443 if scheme == "https" else 80))
 
     def connect(self, decision: Decision, timeout: Optional[float]) -> socket.socket:
-        """A TCP connection to one of the addresses the decision checked (first that answers)."""
+        """A TCP connection to one of the addresses the decision checked (first that answers),
+        all attempts together within `timeout`."""
         if not decision.allowed:
             raise PermissionError(f"cnclip-guard: {decision.marker}: {decision.detail}")
         last: Optional[OSError] = None
+        deadline = None if timeout is None else time.monotonic() + timeout
         for address in decision.addresses:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                last = TimeoutError("timed out")
+                break
             try:
-                return socket.create_connection((address, decision.port), timeout=timeout)
+                return socket.create_connection((address, decision.port), timeout=remaining)
             except OSError as err:
                 last = err
         raise ConnectionError(f"{CONNECT_FAILED}: {decision.host}:{decision.port}: {last}")

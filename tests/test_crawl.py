@@ -287,7 +287,7 @@ def wat(writer, url, html_metadata, headers=None, warc_type="response"):
                 "Payload-Metadata": {"HTTP-Response-Metadata": {
                     "Response-Message": {"Status": "200"}, "Headers": headers or {"Content-Type": "text/html"},
                     "HTML-Metadata": html_metadata}}}
-    payload = json.dumps({"Envelope": envelope}, ensure_ascii=False).encode()
+    payload = json.dumps({"Envelope": envelope}).encode()  # \uXXXX escapes, as Common Crawl writes them
     return writer.create_warc_record(url, "metadata", payload=io.BytesIO(payload),
                                      warc_headers_dict={"Content-Type": "application/json"})
 
@@ -354,3 +354,43 @@ def test_a_truncated_warc_keeps_what_was_read_and_says_so(tmp_path):
     assert len(report.file_errors) == 3
     assert any("cut.warc.gz: unreadable after" in e and "TruncatedFile" in e for e in report.file_errors)
     assert any("junk.warc: unreadable after 0 record(s) (ArchiveLoadFailed" in e for e in report.file_errors)
+
+
+def test_a_wat_caption_cut_mid_character_does_not_fail_the_file(tmp_path):
+    # json.loads turns the escaped half of an emoji into a lone surrogate, which UTF-8 cannot hold.
+    broken = {"Links": [{"path": "IMG@/src", "url": "/a.jpg", "alt": "半个表情\ud83d"},
+                        {"path": "IMG@/src", "url": "/b.jpg", "alt": "完整的标题"}]}
+    write_warc(tmp_path / "x.warc.wat.gz", lambda w: [wat(w, "http://blog.example/p.html", broken)])
+    out = tmp_path / "pairs.parquet"
+    report = extract_warc(WarcSource(name="cc", kind="warc", path=str(tmp_path / "*.gz")), out)
+    assert [r[1] for r in rows(out)] == ["半个表情\ufffd\ufffd\ufffd", "完整的标题"]
+    assert report.file_errors == []
+
+
+def test_meta_charset_utf16_on_an_ascii_compatible_page_reads_as_utf8():
+    body = page("<img src='a.jpg' alt='雪山'>", '<meta charset="utf-16">').encode("utf-8")
+    decoded = decode_page(body, "text/html")
+    assert decoded.encoding == "utf-8" and "雪山" in decoded.text
+    assert "雪山" in decode_page(page("雪山", '<meta charset="undefined">').encode(), None).text
+
+
+def test_a_long_tail_without_closing_bracket_parses_in_linear_time():
+    started = time.monotonic()
+    content = extract_page('<img src="/a.jpg" alt="前面的图片">' + "if a<b then c<d; " * 20_000, "http://x.example/")
+    assert time.monotonic() - started < 2
+    assert [i.caption for i in content.images] == ["前面的图片"]
+
+
+def test_gzipped_pages_are_inflated_within_the_size_limit(tmp_path):
+    import gzip
+
+    small = gzip.compress(page('<img src="/a.jpg" alt="压缩页面里的图片">').encode())
+    bomb = gzip.compress(b"<p>" + b"x" * 3_000_000 + b"</p>")
+    routes = {"/robots.txt": (404, {}, b""),
+              "/": (200, {"Content-Type": "text/html; charset=utf-8", "Content-Encoding": "gzip"}, small),
+              "/big.html": (200, {"Content-Type": "text/html", "Content-Encoding": "gzip"}, bomb)}
+    with RouteServer(routes) as site:
+        report = crawl_html(source(site.base + "/", site.base + "/big.html", max_depth=0),
+                            settings(max_response_bytes=1_000_000), tmp_path / "pairs.parquet")
+    assert [r[1] for r in rows(tmp_path / "pairs.parquet")] == ["压缩页面里的图片"]
+    assert report.refused_pages == {"network:too_large": 1}

@@ -109,6 +109,7 @@ def test_per_host_spacing_queueing_and_time_limits():
             for t in threads:
                 t.join()
         starts = sorted(h.at for h in site.hits)
+        assert len(starts) == 3, starts
         assert all(b - a >= 0.2 for a, b in zip(starts, starts[1:])), starts  # 0.3 s apart at the proxy
 
         with GuardProxy(config(per_host_concurrency=1, request_timeout=1.5, per_host_max_wait=0.3)) as proxy:
@@ -193,3 +194,20 @@ def test_img2dataset_workers_fetch_through_the_proxy(tmp_path, connections):
     # The worker talked only to the proxy, and the proxy only to 127.0.0.1.
     assert "127.0.0.2" not in connections
     assert json.loads((tmp_path / "out" / "00000_stats.json").read_text())["successes"] == 2
+
+
+def test_a_redirect_to_ftp_goes_through_the_proxy_and_is_refused(connections):
+    routes = {"/hop.jpg": (302, {"Location": "ftp://127.0.0.2:2121/secret.jpg"}, b"")}
+    with RouteServer(routes) as site, GuardProxy(config()) as proxy, proxy_environment(proxy) as variables:
+        assert variables["ftp_proxy"] == proxy.url  # urllib would otherwise follow ftp:// directly
+        message = error_of(lambda: urllib.request.urlopen(site.base + "/hop.jpg", timeout=10))
+    assert reason_from_error_message(message) == "network:unsupported_scheme"
+    assert "127.0.0.2" not in connections
+
+
+def test_image_requests_carry_the_recipes_user_agent():
+    with RouteServer({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE)}) as site:
+        with GuardProxy(config(user_agent="cnclip/9 (+https://example.org/contact)")) as proxy:
+            request = urllib.request.Request(site.base + "/a.jpg", headers={"User-Agent": "Mozilla/5.0 img2dataset"})
+            assert opener(proxy).open(request, timeout=10).read() == IMAGE
+        assert site.hits[0].headers["User-Agent"] == "cnclip/9 (+https://example.org/contact)"

@@ -70,7 +70,7 @@ def _try(body: bytes, codec: Optional[str]) -> Optional[str]:
         return None
     try:
         return body.decode(codec)
-    except (UnicodeDecodeError, LookupError):
+    except (UnicodeError, LookupError):  # UnicodeError too: some codecs (e.g. 'undefined') raise it
         return None
 
 
@@ -86,7 +86,10 @@ def decode_page(body: bytes, content_type: Optional[str] = None) -> DecodedPage:
     candidates = []
     if declared and not weak:
         candidates.append((declared, "http"))
-    candidates.append((normalize_label(meta_charset(body)), "meta"))
+    meta = normalize_label(meta_charset(body))
+    if meta and meta.startswith(("utf-16", "utf-32")):
+        meta = "utf-8"  # a page that could read its own <meta> is ASCII-compatible (as browsers rule)
+    candidates.append((meta, "meta"))
     if body.isascii():
         candidates.append(("ascii", "detected"))
     else:

@@ -147,6 +147,9 @@ def extract_page(html: str, page_url: str, *, title_fallback: bool = False,
                  robots_names: tuple[str, ...] = ("robots",)) -> PageContent:
     """Images with their alt text (or title), followed-link candidates and meta robots values."""
     parser = _PageParser(tuple(n.lower() for n in robots_names))
+    # Text after the last '>' holds no complete tag, and Python's parser (before 3.11.13,
+    # CVE-2025-6069) can take hours over a long tail of '<' without '>': drop it.
+    html = html[: html.rfind(">") + 1]
     try:
         parser.feed(html)
         parser.close()

@@ -17,7 +17,7 @@ from urllib.parse import urldefrag, urlsplit
 
 from ..crawl_settings import CrawlSettings, HtmlSource, is_web_url
 from ..fetch import GuardedFetcher
-from ..guard_reasons import CRAWL_DELAY_TOO_LONG, NOT_HTML, OPTED_OUT, PAGE_ERROR, ROBOTS_DISALLOWED
+from ..guard_reasons import CRAWL_DELAY_TOO_LONG, NOT_HTML, OPTED_OUT, PAGE_ERROR, ROBOTS_DISALLOWED, TOO_LARGE
 from ..netguard import NetworkGuard
 from ..politeness import HostLimiter, RobotsCache, opted_out, robots_token
 from ..uri import to_uri
@@ -87,6 +87,24 @@ def read_seeds(source: HtmlSource) -> tuple[list[str], list[str]]:
         elif normalized not in seeds:
             seeds.append(normalized)
     return seeds, errors
+
+
+def _content_decoded(body: bytes, encoding: str, max_bytes: int) -> tuple[bytes, Optional[str]]:
+    """The page bytes of a body a server compressed although asked for identity, decompressed no
+    further than the size limit; or a refusal reason (unknown or corrupt encoding, too large)."""
+    import zlib
+
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body, None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return b"", NOT_HTML
+    try:
+        page = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS).decompress(
+            body, max_bytes + 1)
+    except zlib.error:
+        return b"", NOT_HTML
+    return (b"", TOO_LARGE) if len(page) > max_bytes else (page, None)
 
 
 class HtmlCrawler:
@@ -167,7 +185,12 @@ class HtmlCrawler:
         if content_type and not is_html(content_type):  # no Content-Type at all: try it as HTML
             outcome.reason, outcome.detail = NOT_HTML, f"{answer.url}: Content-Type {content_type[:80]}"
             return outcome
-        page = decode_page(answer.body, content_type)
+        encoding = answer.headers.get("Content-Encoding", "")
+        body, refusal = _content_decoded(answer.body, encoding, self.settings.max_response_bytes)
+        if refusal:
+            outcome.reason, outcome.detail = refusal, f"{answer.url}: Content-Encoding {encoding[:40]!r}"
+            return outcome
+        page = decode_page(body, content_type)
         content = extract_page(page.text, answer.url, title_fallback=self.source.title_fallback,
                                robots_names=("robots", self.token))
         outcome.images_without_alt = content.images_without_alt

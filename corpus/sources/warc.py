@@ -92,6 +92,12 @@ def _response_rows(record, source: WarcSource, report: WarcReport) -> list[Row]:
     return [(image.url, image.caption, page_url, image.alt_source) for image in content.images]
 
 
+def _valid_text(text: str) -> str:
+    """WAT JSON may hold escaped halves of a character (a caption cut mid-emoji); they cannot be
+    written as UTF-8, so they become U+FFFD instead of failing the whole file."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _wat_rows(payload: dict, source: WarcSource, report: WarcReport) -> list[Row]:
     """One WAT JSON record -> pairs from its HTML-Metadata links (IMG@/src with alt)."""
     envelope = payload.get("Envelope") or {}
@@ -125,7 +131,7 @@ def _wat_rows(payload: dict, source: WarcSource, report: WarcReport) -> list[Row
         if caption is None:
             report.images_without_alt += 1
             continue
-        rows.append((url, caption[0], page_url, caption[1]))
+        rows.append((_valid_text(url), _valid_text(caption[0]), _valid_text(page_url), caption[1]))
     if rows and opted_out(robots, _OPT_OUT, "*"):
         report.drop(OPTED_OUT, len(rows))
         return []
