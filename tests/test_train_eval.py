@@ -30,6 +30,52 @@ def test_recall_definitions_with_several_captions_per_image():
     assert (m["images"], m["texts"]) == (3, 4)
 
 
+def test_images_without_captions_are_not_image_to_text_queries():
+    images = unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    texts = unit([1, 0.1, 0], [0.1, 1, 0])  # image 2 has no caption: still a text->image candidate
+    m = retrieval_metrics(images, texts, torch.tensor([0, 1]))
+    assert m["image_to_text_R@1"] == m["text_to_image_R@1"] == 100.0  # not 66.7: image 2 is no query
+    assert m["mean_recall"] == 100.0 and (m["images"], m["texts"]) == (3, 2)
+
+
+def test_a_retrieval_set_without_captions_is_an_error(tmp_path):
+    import webdataset as wds
+
+    from cnclip.train.config import EvalSet
+    from cnclip.train.evaluate import evaluate_set
+    from cnclip.train.loop import transforms
+    from cnclip.train.models import create_model
+    from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer
+
+    with wds.TarWriter(str(tmp_path / "labels.tar")) as writer:  # a zero-shot layout: images and classes only
+        for i, sample in enumerate(shape_samples(4, seed=1)):
+            writer.write({"__key__": f"k{i}", "jpg": sample["jpg"], "cls": str(sample["cls"])})
+    with pytest.raises(ValueError, match="a retrieval set needs captions"):
+        retrieval_metrics(unit([1, 0]), torch.empty(0, 2), torch.empty(0, dtype=torch.long))
+    model, _ = create_model("cn-tiny", vocab_size=21128, workdir=tmp_path)
+    eval_set = EvalSet(name="val", data=str(tmp_path / "labels.tar"))
+    with pytest.raises(ValueError, match=r"eval.sets\[val\]: no captions .* a retrieval set needs them") as err:
+        evaluate_set(model, ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB), eval_set, transforms(model)[1],
+                     device=torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_top_k_recall_matches_a_full_sort():
+    torch.manual_seed(3)
+    images = torch.nn.functional.normalize(torch.randn(60, 8), dim=1)
+    owner = torch.randint(0, 50, (90,))  # some images with several captions, images 50-59 with none
+    texts = torch.nn.functional.normalize(images[owner] + 0.8 * torch.randn(90, 8), dim=1)
+    m = retrieval_metrics(images, texts, owner)
+    sims = texts @ images.T
+    ranked_images = sims.argsort(dim=1, descending=True)
+    queries = sorted(set(owner.tolist()))
+    ranked_texts = sims.T[queries].argsort(dim=1, descending=True)
+    for k in (1, 5, 10):
+        t2i = (ranked_images[:, :k] == owner[:, None]).any(1).float().mean().item() * 100
+        i2t = (owner[ranked_texts[:, :k]] == torch.tensor(queries)[:, None]).any(1).float().mean().item() * 100
+        assert m[f"text_to_image_R@{k}"] == pytest.approx(t2i) and m[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+
+
 def test_chance_recall_for_random_embeddings():
     torch.manual_seed(0)
     images, texts = torch.nn.functional.normalize(torch.randn(500, 32), dim=1), None

@@ -1,15 +1,19 @@
 """The two-stage loop on CPU with the tiny models: learning, locking, exact resume, accumulation."""
 
+import types
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
 from cnclip.train.checkpoint import find_latest, load_checkpoint
-from cnclip.train.loop import train
+from cnclip.train.data import DataError
+from cnclip.train.distributed import Runtime
+from cnclip.train.loop import Trainer, train
 from cnclip.train.models import create_model
 from cnclip.train.runlog import read_log
-from test_train_support import shape_samples, shape_shards, tiny_config, write_shards  # noqa: F401
+from test_train_support import dropout_model, shape_samples, shape_shards, tiny_config, write_shards  # noqa: F401
 
 
 def losses(run_dir: Path) -> list[tuple]:
@@ -93,26 +97,71 @@ def test_batchnorm_statistics_frozen_in_stage_1(tmp_path, shape_shards):
     assert all(not torch.equal(stage2["model"][k], stage1["model"][k]) for k in bn_keys if "running_mean" in k)
 
 
-@pytest.mark.parametrize("stop_after", [4, 8])  # mid-stage 1, mid-stage 2
-def test_exact_resume(tmp_path, shape_shards, stop_after):
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory, shape_shards):
+    """Text dropout (training draws from the RNG), log lines every 2 steps, 2 workers; and the
+    uninterrupted run every resumed one must match."""
+    root = tmp_path_factory.mktemp("resume")
+    model = dropout_model(root)
+
     def config(name, **data):
-        return tiny_config(tmp_path / name, shape_shards, checkpoint_every=2,
+        return tiny_config(root / name, shape_shards, model=model, log_every=2, checkpoint_every=2,
                            data={"train": shape_shards, "workers": 2, "shuffle_buffer": 20, **data},
                            stage1={"steps": 6}, stage2={"steps": 6})
 
     train(config("straight"))
-    stopped = train(config("resumed"), stop_after=stop_after)
-    assert stopped["stopped"] and len(losses(tmp_path / "resumed" / "run")) == stop_after
-    latest = find_latest(tmp_path / "resumed" / "run")
-    assert latest.name == f"stage{1 if stop_after < 6 else 2}-step{stop_after % 6:08d}.pt"
-    train(config("resumed"), resume=latest)
-    straight, resumed = losses(tmp_path / "straight" / "run"), losses(tmp_path / "resumed" / "run")
-    assert len(straight) == 12 and resumed == straight  # bit-identical losses, in order
+    straight = losses(root / "straight" / "run")
+    assert len(straight) == 6  # steps 2, 4, 6 of each stage
+    return root, config, straight
 
-    # The check can fail: without the data replay the resumed losses differ.
-    train(config("replay-off", exact_resume=False), stop_after=stop_after)
-    train(config("replay-off", exact_resume=False), resume=find_latest(tmp_path / "replay-off" / "run"))
-    assert losses(tmp_path / "replay-off" / "run")[stop_after:] != straight[stop_after:]
+
+@pytest.mark.parametrize("stop_after", [3, 9])  # mid-stage 1, mid-stage 2; both mid-log-window
+def test_exact_resume(resume_setup, stop_after):
+    root, config, straight = resume_setup
+    name = f"resumed{stop_after}"
+    stopped = train(config(name), stop_after=stop_after)
+    assert stopped["stopped"] and len(losses(root / name / "run")) == stop_after // 2
+    latest = find_latest(root / name / "run")
+    assert latest.name == f"stage{1 if stop_after < 6 else 2}-step{stop_after % 6:08d}.pt"
+    train(config(name), resume=latest)
+    # Bit-identical losses, in order: the same data, dropout masks and log windows (the line after
+    # the resume averages a step from before it).
+    assert losses(root / name / "run") == straight
+
+    if stop_after == 3:  # the check can fail: without the data replay the resumed losses differ
+        train(config("replay-off", exact_resume=False), stop_after=stop_after)
+        train(config("replay-off", exact_resume=False), resume=find_latest(root / "replay-off" / "run"))
+        assert losses(root / "replay-off" / "run") != straight
+
+
+def test_stage_2_from_stage_1_final_matches_the_straight_run(resume_setup):
+    """`--stage 1` then `--stage 2 --resume stage1-final.pt` (or `--resume latest`): RNG restored too."""
+    root, config, straight = resume_setup
+    train(config("split"), stage="1")
+    final = root / "split" / "run" / "checkpoints" / "stage1-final.pt"
+    assert find_latest(root / "split" / "run") == final
+    train(config("split"), stage="2", resume=final)
+    assert losses(root / "split" / "run") == straight
+
+
+def test_resume_with_another_process_count(resume_setup):
+    """What rank 1 of 2 processes does with a 1-process checkpoint: a user error with exact resume,
+    fresh RNG and data streams without (said in the log)."""
+    root, config, _ = resume_setup
+    checkpoint = root / "straight" / "run" / "checkpoints" / "stage2-step00000004.pt"
+
+    def trainer(cfg, rank):
+        runtime = Runtime("cpu")
+        runtime.rank, runtime.world_size = rank, 2  # no process group: gathers return this rank's own
+        return Trainer(cfg, runtime)
+
+    with pytest.raises(DataError, match="written by 1 processes, now 2; exact resume needs the same number"):
+        trainer(config("ws-exact"), rank=1).run(resume=checkpoint)
+    for rank in (1, 0):  # stop_after=0: set up, start the data streams, checkpoint, no step
+        summary = trainer(config("ws-fresh", exact_resume=False), rank=rank).run(resume=checkpoint, stop_after=0)
+        assert summary["stopped"]
+    notes = read_log(root / "ws-fresh" / "run", "resume")
+    assert notes and "written by 1 processes, now 2" in notes[-1]["note"]
 
 
 def test_accumulation_equals_the_large_batch(tmp_path, shape_shards):
@@ -128,6 +177,35 @@ def test_accumulation_equals_the_large_batch(tmp_path, shape_shards):
     # …and differs from plain batches of 8.
     train(tiny_config(tmp_path / "small", shape_shards, batch_size=8, **common))
     assert losses(tmp_path / "small" / "run")[0][2] != pytest.approx(big[0][2], rel=1e-3)
+
+
+@pytest.mark.parametrize("micro", [[8, 8], [4, 4, 4, 4]])
+def test_accumulation_gradients_equal_the_large_batch(tmp_path, micro):
+    """Every parameter's gradient, the temperature's included, equals one batch of 16's."""
+    torch.manual_seed(0)
+    model, _ = create_model("cn-tiny", vocab_size=200, workdir=tmp_path)
+    model.train()
+    images = torch.randn(16, 3, 64, 64)
+    texts = torch.randint(5, 200, (16, 52))
+    texts[:, 0], texts[:, 20], texts[:, 21:] = 2, 3, 0
+    trainer = types.SimpleNamespace(rt=Runtime("cpu"), loss_fn=open_clip.ClipLoss(),
+                                    cfg=types.SimpleNamespace(precision="fp32", max_logit_scale=100.0))
+
+    def gradients(sizes):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        batches = [{"image": images[a:a + n], "text": texts[a:a + n]} for a, n in zip(starts, sizes)]
+        loss = Trainer._step(trainer, model, model, batches, optimizer, torch.amp.GradScaler("cuda", enabled=False),
+                             None)
+        loss = float(loss)
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    big_loss, big = gradients([16])
+    loss, accumulated = gradients(micro)
+    assert loss == pytest.approx(big_loss, rel=1e-5)
+    assert set(big) == set(accumulated) and "logit_scale" in big and big["logit_scale"].abs().item() > 1e-4
+    for name, grad in big.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_patience_switches_stage_early(tmp_path, shape_shards):
@@ -169,3 +247,76 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     summary = train(cfg)
     assert summary["stages"][2]["end_step"] == 1
     assert read_log(cfg.output_dir, "train")[-1]["bad_shards"][0] >= 1
+
+
+def test_resume_counts_bad_shards_once(tmp_path):
+    """A truncated shard met before the checkpoint is not counted (or logged) again by the replay."""
+    shards = write_shards(tmp_path / "shards", shape_samples(40, seed=6), per_shard=20)
+    raw = Path(shards[1]).read_bytes()
+    Path(shards[1]).write_bytes(raw[: len(raw) // 2 + 100])
+
+    def config(name):
+        return tiny_config(tmp_path / name, shards, batch_size=8, stage1={"steps": 8}, stage2={"steps": 1},
+                           data={"train": shards, "workers": 0, "shuffle_buffer": 0})
+
+    def counts(name):
+        records = read_log(tmp_path / name / "run")
+        return ([(r["stage"], r["step"], r["bad_shards"]) for r in records if r["event"] == "train"],
+                [r["errors"] for r in records if r["event"] == "skipped"])
+
+    train(config("straight"))
+    train(config("resumed"), stop_after=5)
+    assert counts("resumed")[0][-1][2] == [1]  # the broken shard was met before the stop
+    train(config("resumed"), resume=find_latest(tmp_path / "resumed" / "run"))
+    straight = counts("straight")
+    assert straight[0][-1][2][0] >= 2  # met in more than one epoch: some before the stop, some after
+    assert counts("resumed") == straight
+
+
+def test_stream_reports_each_error_once_and_caps_the_messages(tmp_path):
+    import webdataset as wds
+
+    from cnclip.train.data import ShardStream
+
+    good = shape_samples(16, seed=2)
+    path = tmp_path / "00000.tar"
+    with wds.TarWriter(str(path)) as writer:  # 30 undecodable samples, then 16 good ones
+        for i in range(30):
+            writer.write({"__key__": f"bad{i:03d}", "jpg": b"not a jpeg", "txt": "坏"})
+        for i, sample in enumerate(good):
+            writer.write({"__key__": f"ok{i:03d}", "jpg": sample["jpg"], "txt": sample["txt"]})
+    stream = ShardStream([str(path)], batch_size=4, transform=lambda image: torch.zeros(3, 8, 8),
+                         tokenizer=lambda captions: torch.zeros(len(captions), 4, dtype=torch.long), seed=0,
+                         shuffle_buffer=0)
+    batches = iter(stream)
+    first, second = next(batches), next(batches)
+    assert first["bad_samples"] == 30 and len(first["errors"]) == 20  # the first 20 messages (per worker)
+    assert first["errors"][0].startswith("bad000:")
+    assert second["bad_samples"] == 0 and second["errors"] == []  # only what is new since the last batch
+
+
+def test_latest_marker_is_fsynced_with_its_directory(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from cnclip.train.checkpoint import write_latest
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd)))
+    write_latest(tmp_path, tmp_path / "stage1-final.pt")
+    assert (tmp_path / "latest.txt").read_text() == "stage1-final.pt\n"
+    assert False in synced and True in synced  # the file's bytes, then the directory holding the rename
+    assert synced.index(True) > synced.index(False)
+
+
+def test_losses_are_reduced_only_for_log_lines(tmp_path, shape_shards, monkeypatch):
+    """No per-step all_reduce/.item() sync: the window keeps detached tensors until a line is written."""
+    calls = []
+    real = Runtime.means
+    monkeypatch.setattr(Runtime, "means", lambda self, values: (calls.append(len(values)), real(self, values))[1])
+    cfg = tiny_config(tmp_path, shape_shards, log_every=2, stage1={"steps": 3}, stage2={"steps": 3})
+    summary = train(cfg)
+    assert calls == [2, 1, 2, 1]  # steps 2 and 3 (the stage end) of each stage
+    assert [len(summary["stages"][n]["losses"]) for n in (1, 2)] == [3, 3]
+    assert [r["step"] for r in read_log(cfg.output_dir, "train")] == [2, 3, 2, 3]

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import test_train_support  # noqa: F401  (one thread, quiet)
-from cnclip.train.models import (ModelError, create_model, list_models, load_clip_weights, load_image_tower,
-                                 parameter_count)
+from cnclip.train.models import (ModelError, create_model, get_model_config, list_models, load_clip_weights,
+                                 load_image_tower, parameter_count)
 
 # Chinese-CLIP's published sizes (README of OFA-Sys/Chinese-CLIP): 77M, 188M, 406M, 407M, 958M.
 PAPER_SIZES = {"cn-RN50": 77.0e6, "cn-ViT-B-16": 188.3e6, "cn-ViT-L-14": 406.2e6, "cn-ViT-L-14-336": 406.6e6,
@@ -65,6 +65,21 @@ def test_text_tower_from_hf_directory(tmp_path):
         create_model("cn-tiny", vocab_size=len(VOCAB), workdir=tmp_path / "w", text_init=tmp_path / "wide")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_text_tower_saved_in_half_precision_loads_in_float32(tmp_path, dtype):
+    bert = tiny_bert_dir(tmp_path / "roberta", VOCAB)
+    bert.to(dtype).save_pretrained(tmp_path / "roberta")  # re-saved in half precision, as hub conversions often are
+    model, _ = create_model("cn-tiny", vocab_size=len(VOCAB), workdir=tmp_path / "w", text_init=tmp_path / "roberta")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    loaded = model.text.transformer.state_dict()
+    for key, value in bert.state_dict().items():
+        assert torch.equal(loaded[key], value.float()), key  # fp16/bf16 -> fp32 is exact
+    texts = torch.zeros(2, 52, dtype=torch.long)
+    texts[:, 0], texts[:, 1], texts[:, 2] = 2, 7, 3
+    image, text, scale = model(torch.randn(2, 3, 64, 64), texts)[:3]  # the first forward used to fail
+    assert text.dtype == torch.float32 and torch.isfinite(text).all()
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("fmt", ["open_clip_train", "safetensors", "openai_torchscript"])
 def test_image_tower_from_checkpoint(tmp_path, fmt):
@@ -104,6 +119,16 @@ def test_image_tower_mismatch_is_an_error(tmp_path):
     model, _ = create_model("cn-tiny", vocab_size=50, workdir=tmp_path)
     with pytest.raises(ModelError, match="image tower does not match the model"):
         load_image_tower(model, tmp_path / "rn.pt")
+    # A ResNet tower trained at another image size: open_clip resizes only ViT position embeddings.
+    rn96 = {**get_model_config("cn-tiny-rn"), "vision_cfg": {**get_model_config("cn-tiny-rn")["vision_cfg"],
+                                                              "image_size": 96}}
+    (tmp_path / "rn96.json").write_text(json.dumps(rn96))
+    big, _ = create_model(str(tmp_path / "rn96.json"), vocab_size=50, workdir=tmp_path)
+    torch.save(big.state_dict(), tmp_path / "rn96.pt")
+    with pytest.raises(ModelError, match="ResNet image tower was trained at 96 px and the model uses 64 px"):
+        load_image_tower(other, tmp_path / "rn96.pt")
+    with pytest.raises(ModelError, match="ResNet image tower was trained at 96 px"):
+        load_clip_weights(other, tmp_path / "rn96.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="junk.pt: cannot read checkpoint"):
         load_image_tower(model, tmp_path / "junk.pt")

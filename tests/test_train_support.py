@@ -87,6 +87,19 @@ def tiny_config(tmp: Path, train: str | list[str], **overrides) -> TrainConfig:
     return parse_config(data, "test-config")
 
 
+def dropout_model(folder: Path, dropout: float = 0.1) -> str:
+    """cn-tiny with text dropout, like every real zoo model (cn-ViT-B-16: 0.1): a config file path.
+    Exact-resume checks need it, since dropout is what draws from the RNG during training."""
+    from cnclip.train.models import ZOO_DIR
+
+    cfg = json.loads((ZOO_DIR / "cn-tiny.json").read_text(encoding="utf-8"))
+    cfg["hf_text_config"]["hidden_dropout_prob"] = cfg["hf_text_config"]["attention_probs_dropout_prob"] = dropout
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny-dropout.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return str(path)
+
+
 _CACHE: dict[str, object] = {}
 
 

@@ -51,9 +51,23 @@ def _tuples_to_lists(value: Any) -> Any:
     return value
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename.
-    A crash mid-write leaves the previous checkpoint intact."""
+    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename,
+    fsync the folder. A crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -62,6 +76,7 @@ def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -82,8 +97,12 @@ def model_config(state: dict) -> dict:
 def write_latest(output_dir: Path, checkpoint: Path) -> None:
     """`latest.txt` names the newest checkpoint (a file, not a symlink: works on every filesystem)."""
     tmp = output_dir / f".latest.txt.tmp{os.getpid()}"
-    tmp.write_text(checkpoint.name + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as stream:
+        stream.write(checkpoint.name + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
     os.replace(tmp, output_dir / "latest.txt")
+    _fsync_dir(output_dir)  # the rename itself survives a crash
 
 
 def find_latest(output_dir: Union[str, Path]) -> Optional[Path]:

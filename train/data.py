@@ -134,11 +134,28 @@ def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+ERRORS_PER_WORKER = 20  # error messages each worker reports (the first ones); every error is counted
+
+
 @dataclass
 class StreamCounters:
+    """What a worker met since its last batch: counts, and messages while under the cap."""
+
     bad_shards: int = 0
     bad_samples: int = 0
     errors: list[str] = field(default_factory=list)
+    reported: int = 0  # messages reported so far by this worker
+
+    def note(self, message: str) -> None:
+        if self.reported < ERRORS_PER_WORKER:
+            self.errors.append(message[:200])
+            self.reported += 1
+
+    def take(self) -> dict:
+        """The batch's share (what happened since the previous batch); resets the counts."""
+        out = {"bad_samples": self.bad_samples, "bad_shards": self.bad_shards, "errors": self.errors}
+        self.bad_samples, self.bad_shards, self.errors = 0, 0, []
+        return out
 
 
 def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -217,18 +234,20 @@ class ShardStream(IterableDataset):
         role = (worker_id + self.first_slot_role) % self.workers
         slot = self.rank * self.workers + role
         counters = StreamCounters()
+        position = 0
+        skip = self.positions.get(role, 0)
 
         def on_error(exn: Exception) -> bool:
-            counters.bad_shards += 1
-            counters.errors.append(str(exn)[:200])
+            # While replaying (reading towards sample `skip`), errors were already counted and logged
+            # before the checkpoint: the batch that ended at `skip` reported them.
+            if position >= skip:
+                counters.bad_shards += 1
+                counters.note(str(exn))
             return True
 
         samples = tarfile_samples(self._shard_urls(slot), handler=on_error)
         samples = _shuffled(samples, self.shuffle_buffer, random.Random(_seed(self.seed, "shuffle", slot)))
-        position = 0
-        skip = self.positions.get(role, 0)
         images, captions, keys = [], [], []
-        reported = StreamCounters()
         for sample in samples:
             position += 1
             if position <= skip:
@@ -243,7 +262,7 @@ class ShardStream(IterableDataset):
                     pixels = self.transform(image)
             except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped and counted
                 counters.bad_samples += 1
-                counters.errors.append(f"{sample.get('__key__')}: {exn}"[:200])
+                counters.note(f"{sample.get('__key__')}: {exn}")
                 continue
             images.append(pixels)
             captions.append(caption)
@@ -256,11 +275,8 @@ class ShardStream(IterableDataset):
                     "shards": sorted({k.rsplit(":", 1)[0] for k in keys}),
                     "role": role,
                     "position": position,
-                    "bad_samples": counters.bad_samples - reported.bad_samples,
-                    "bad_shards": counters.bad_shards - reported.bad_shards,
-                    "errors": counters.errors[len(reported.errors):],
+                    **counters.take(),
                 }
-                reported = StreamCounters(counters.bad_shards, counters.bad_samples, list(counters.errors))
                 images, captions, keys = [], [], []
 
 

@@ -45,12 +45,16 @@ class Runtime:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def mean(self, value: torch.Tensor) -> float:
+    def means(self, values: list[torch.Tensor]) -> list[float]:
+        """Each scalar's mean over the processes: one all_reduce and one device sync for the list
+        (the loop calls it only when it writes a log line)."""
+        if not values:
+            return []
+        stacked = torch.stack([v.detach().float().reshape(()) for v in values])
         if self.distributed:
-            value = value.detach().clone()
-            dist.all_reduce(value)
-            value /= self.world_size
-        return value.item()
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        return stacked.tolist()
 
 
 def seed_everything(seed: int) -> None:

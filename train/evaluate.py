@@ -2,8 +2,9 @@
 
 Retrieval: a query is a hit at K when any of its ground-truth targets is among the K most similar
 candidates (cn_clip/eval/evaluation.py). Text->image: each caption is a query against all images.
-Image->text: each image is a query against all captions; an image with several captions (lines of
-`{key}.txt`, or samples sharing the image's sha256) is a hit when any of them is in the top K.
+Image->text: each image that has a caption is a query against all captions; an image with several
+captions (lines of `{key}.txt`, or samples sharing the image's sha256) is a hit when any of them is
+in the top K. (Images without captions are still text->image candidates.)
 Mean recall is the mean of the six numbers (R@1/5/10 both ways), in percent, as the paper reports.
 
 Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (Chinese-CLIP's
@@ -70,17 +71,20 @@ def embed_eval_set(model, tokenizer: Callable, patterns: Sequence[str], transfor
 
 def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image: torch.Tensor) -> dict:
     """Recall@1/5/10 both ways and their mean, in percent (Chinese-CLIP's definitions)."""
+    n_images, n_texts = image_feats.shape[0], text_feats.shape[0]
+    if n_texts == 0:
+        raise ValueError("a retrieval set needs captions ({key}.txt lines); this one has none")
     sims = text_feats @ image_feats.T  # [texts, images]
     out: dict[str, float] = {}
-    # text -> image: the rank of each caption's own image.
-    ranked_images = sims.argsort(dim=1, descending=True)
+    # text -> image: the rank of each caption's own image (only the top 10 are kept, not a full sort).
+    top_images = sims.topk(min(max(KS), n_images), dim=1).indices
     for k in KS:
-        hits = (ranked_images[:, :k] == text_image[:, None]).any(dim=1)
+        hits = (top_images[:, :k] == text_image[:, None]).any(dim=1)
         out[f"text_to_image_R@{k}"] = 100.0 * hits.float().mean().item()
-    # image -> text: any of the image's captions in its top K.
-    ranked_texts = sims.T.argsort(dim=1, descending=True)
-    owner = text_image[ranked_texts]  # the image each ranked caption belongs to
-    mine = owner == torch.arange(image_feats.shape[0])[:, None]
+    # image -> text: any of the image's captions in its top K; the queries are the captioned images.
+    captioned = torch.bincount(text_image, minlength=n_images) > 0
+    top_texts = sims.topk(min(max(KS), n_texts), dim=0).indices.T[captioned]  # [captioned images, K]
+    mine = text_image[top_texts] == torch.arange(n_images)[captioned][:, None]
     for k in KS:
         out[f"image_to_text_R@{k}"] = 100.0 * mine[:, :k].any(dim=1).float().mean().item()
     out["mean_recall"] = sum(out.values()) / len(out)
@@ -121,6 +125,10 @@ def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Calla
                              batch_size=batch_size, max_samples=eval_set.max_samples,
                              origin=f"eval.sets[{eval_set.name}]")
         if eval_set.kind == "retrieval":
+            if emb["texts"].shape[0] == 0:
+                raise ValueError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
+                                 f"{', '.join(eval_set.patterns)}: a retrieval set needs them "
+                                 "(kind: zeroshot evaluates labelled images)")
             return retrieval_metrics(emb["images"].cpu(), emb["texts"].cpu(), emb["text_image"])
         templates = read_lines(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
         return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], read_lines(eval_set.classnames),

@@ -1,8 +1,9 @@
 """The two-stage training loop: `train(config)` runs stage 1 (image tower locked) then stage 2.
 
-Stage 1 (LiT) locks the whole image tower, kept in eval mode so BatchNorm statistics stay frozen
-(open_clip's `freeze_bn_stats` swaps in FrozenBatchNorm2d modules, which would change the state
-dict between stages), and trains the text tower, both projections and the temperature. Stage 2
+Stage 1 (LiT) locks the whole image tower, its projection `visual.proj` included (as Chinese-CLIP's
+`--freeze-vision` does), kept in eval mode so BatchNorm statistics stay frozen (open_clip's
+`freeze_bn_stats` swaps in FrozenBatchNorm2d modules, which would change the state dict between
+stages), and trains the text tower, the text projection and the temperature. Stage 2
 unlocks everything with a fresh optimizer and schedule at stage 2's learning rate. Stage 1 ends
 after its steps, or earlier when the first retrieval set's mean recall has not improved for
 `stage1.patience` evaluations. Either stage can start from any checkpoint.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import DataPosition, ShardSet, read_captions, resolve_train_shards, train_loader
+from .data import DataError, DataPosition, ShardSet, read_captions, resolve_train_shards, train_loader
 from .distributed import Runtime, seed_everything
 from .evaluate import autocast, evaluate_set
 from .models import create_model, load_clip_weights, load_image_tower, rebuild_model
@@ -159,6 +161,11 @@ class Trainer:
             stop_after: Optional[int] = None) -> dict:
         stages = {"1": [1], "2": [2], "all": [1, 2]}[str(stage)]
         state = ckpt.load_checkpoint(resume) if resume else None
+        # Per-process state (RNG, data position, pending log window) needs the same process count.
+        per_rank = state is not None and state["world_size"] == self.rt.world_size
+        if state is not None and not per_rank and self.cfg.data.exact_resume:
+            raise DataError(f"{resume}: written by {state['world_size']} processes, now {self.rt.world_size}; "
+                            f"exact resume needs the same number (or data.exact_resume: false)")
         if state is not None:  # the ids the checkpoint was trained with, whatever the config says now
             self.tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
         self._setup_model(state)
@@ -176,17 +183,27 @@ class Trainer:
                 raise ValueError(f"{resume}: a stage-2 checkpoint cannot resume stage 1 (use --stage 2)")
             # else: a mid-stage-1 checkpoint starts stage 2 (--stage 2)
         self.log.start(state["log_lines"] if state is not None else 0)
+        if state is not None and not per_rank:
+            note = (f"checkpoint written by {state['world_size']} processes, now {self.rt.world_size}: "
+                    "RNG states and data streams start fresh")
+            self.log.event("resume", checkpoint=str(resume), note=note)
+            if self.rt.main:
+                logging.warning("%s: %s", resume, note)
         self.samples_seen = state["samples_seen"] if state else 0
         self.history = state["history"] if continuing else {"best": None, "bad": 0, "evals": 0}
         position, seed = None, self.cfg.seed
-        if state is not None and self.cfg.data.exact_resume:
+        if per_rank and self.cfg.data.exact_resume:
             position = DataPosition.from_state(state["data"][self.rt.rank])
-            if state["world_size"] != self.rt.world_size:
-                raise ValueError(f"{resume}: written by {state['world_size']} processes; exact resume needs the "
-                                 f"same number (or data.exact_resume: false)")
         elif state is not None:
             seed = self.cfg.seed + 1 + state["samples_seen"]  # fresh streams, not a replay
         self._start_loader(position, seed)
+        if per_rank:
+            # After the loader starts (creating its iterator draws from torch's RNG), so dropout and
+            # everything else random continue as if the run had never stopped, whatever stage comes next.
+            ckpt.set_rng_state(state["rng"][self.rt.rank])
+        # The steps since the last log line (an exact resume logs the same averages).
+        saved = state.get("log_window") if per_rank and continuing else None
+        self._resumed_window = saved[self.rt.rank] if saved else None
         summary = {"stages": {}, "output_dir": str(self.out)}
         steps_left = stop_after
         for number in stages:
@@ -218,7 +235,6 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             if state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
-            ckpt.set_rng_state(state["rng"][self.rt.rank])
         ddp = (DistributedDataParallel(model, device_ids=[self.rt.device] if self.rt.device.type == "cuda" else None)
                if self.rt.distributed else model)
         result = {"stage": stage, "total_steps": total, "start_step": step, "losses": [], "evals": [],
@@ -226,38 +242,34 @@ class Trainer:
                                                                       if p.requires_grad)}
         if step == 0 and eval_at_start and self.cfg.eval.sets and self.cfg.eval.at_start:
             result["evals"].append(self._evaluate(stage, 0))
-        window, t0, data_time = [], time.perf_counter(), 0.0
+        self._open_window(self._resumed_window if state is not None else None)
+        self._resumed_window = None
         early = False
         while step < total:
             if steps_left is not None and result["steps_run"] >= steps_left:
                 result["stopped"] = True
-                self._save(stage, step, False, optimizer, scheduler, scaler)
+                self._save(stage, step, False, optimizer, scheduler, scaler)  # the pending window included
+                result["losses"].extend(self._window_losses()[self.window_restored:])
                 break
             t_data = time.perf_counter()
             micro = [self._next_batch() for _ in range(self.accum)]
-            data_time += time.perf_counter() - t_data
+            self.data_time += time.perf_counter() - t_data
             loss = self._step(ddp, model, micro, optimizer, scaler, cfg.grad_clip)
             scheduler.step()
             step += 1
             result["steps_run"] += 1
             self.samples_seen += self.global_batch
-            window.append(loss)
-            result["losses"].append(loss)
+            self.window.append(loss)  # a detached tensor: no device sync until the log line
             if step % self.cfg.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - t0
-                self.log.train(stage=stage, step=step, loss=sum(window) / len(window), lr=scheduler.get_last_lr()[0],
-                               logit_scale=model.logit_scale.exp().item(), samples=self.samples_seen,
-                               epoch=(self.samples_seen / self.shard_set.samples if self.shard_set.samples else None),
-                               samples_per_s=len(window) * self.global_batch / elapsed,
-                               data_wait=data_time / elapsed, bad_samples=self.rt.gather(self.position.bad_samples),
-                               bad_shards=self.rt.gather(self.position.bad_shards))
-                window, t0, data_time = [], time.perf_counter(), 0.0
+                self._log_train(stage, step, scheduler, result)
             if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < total:
                 result["evals"].append(self._evaluate(stage, step))
                 early = stage == 1 and self._patience_exhausted(cfg.patience)
             if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < total and not early:
                 self._save(stage, step, False, optimizer, scheduler, scaler)
             if early:
+                if self.window:
+                    self._log_train(stage, step, scheduler, result)
                 self.log.event("stage_switch", stage=stage, step=step, reason="patience")
                 break
         shards = self.rt.gather(sorted(self.position.shards))
@@ -271,6 +283,31 @@ class Trainer:
         result["end_step"] = step
         return result
 
+    # -- the log window: the steps since the last train log line ------------------------------------
+
+    def _open_window(self, saved: Optional[dict] = None) -> None:
+        """Start a window, or continue the one a checkpoint saved (its losses, data time, elapsed)."""
+        saved = saved or {"losses": [], "data_time": 0.0, "elapsed": 0.0}
+        self.window = [torch.tensor(v, dtype=torch.float32, device=self.rt.device) for v in saved["losses"]]
+        self.window_restored = len(self.window)  # already in an earlier call's summary
+        self.data_time = saved["data_time"]
+        self.window_t0 = time.perf_counter() - saved["elapsed"]
+
+    def _window_losses(self) -> list[float]:
+        return self.rt.means(self.window)  # every process calls this at the same steps
+
+    def _log_train(self, stage: int, step: int, scheduler, result: dict) -> None:
+        losses = self._window_losses()
+        result["losses"].extend(losses[self.window_restored:])
+        elapsed = time.perf_counter() - self.window_t0
+        self.log.train(stage=stage, step=step, loss=sum(losses) / len(losses), lr=scheduler.get_last_lr()[0],
+                       logit_scale=self.model.logit_scale.exp().item(), samples=self.samples_seen,
+                       epoch=(self.samples_seen / self.shard_set.samples if self.shard_set.samples else None),
+                       samples_per_s=len(losses) * self.global_batch / elapsed,
+                       data_wait=self.data_time / elapsed, bad_samples=self.rt.gather(self.position.bad_samples),
+                       bad_shards=self.rt.gather(self.position.bad_shards))
+        self._open_window()
+
     def _next_batch(self) -> dict:
         batch = next(self.batches)
         self.position.advance(batch)
@@ -278,7 +315,8 @@ class Trainer:
             self.log.event("skipped", rank=self.rt.rank, errors=batch["errors"])
         return batch
 
-    def _step(self, ddp, model, micro: list[dict], optimizer, scaler, grad_clip: Optional[float]) -> float:
+    def _step(self, ddp, model, micro: list[dict], optimizer, scaler, grad_clip: Optional[float]) -> torch.Tensor:
+        """One optimizer step; returns this process's loss as a detached tensor (not synced)."""
         device, precision = self.rt.device, self.cfg.precision
         images = [b["image"].to(device, non_blocking=True) for b in micro]
         texts = [b["text"].to(device, non_blocking=True) for b in micro]
@@ -291,14 +329,20 @@ class Trainer:
         else:
             # open_clip's feature cache: embed every micro-batch without gradients, then recompute
             # one micro-batch at a time with gradients against the cached rest. The summed gradients
-            # equal those of one batch of the accumulated size.
+            # equal those of one batch of the accumulated size: each pass gives the features of its
+            # micro-batch their share, but the loss's direct dependence on the temperature must count
+            # once, so only the last pass (where DDP syncs and every parameter needs a gradient)
+            # keeps logit_scale in the graph. (open_clip_train counts it accum_freq times.)
+            last = len(micro) - 1
             with torch.no_grad(), autocast(device, precision):
                 cached = [ddp(i, t)[:2] for i, t in zip(images, texts)]
             for j in range(len(micro)):
-                sync = contextlib.nullcontext() if j == len(micro) - 1 or ddp is model else ddp.no_sync()
+                sync = contextlib.nullcontext() if j == last or ddp is model else ddp.no_sync()
                 with sync:
                     with autocast(device, precision):
                         img_j, txt_j, scale = ddp(images[j], texts[j])[:3]
+                        if j != last:
+                            scale = scale.detach()
                         img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1:]])
                         txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1:]])
                         loss = self.loss_fn(img, txt, scale)
@@ -310,7 +354,7 @@ class Trainer:
         scaler.update()
         with torch.no_grad():  # the paper's cap on the temperature: logit scale <= 100
             model.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
-        return self.rt.mean(loss.detach().float())
+        return loss.detach().float()
 
     def _evaluate(self, stage: int, step: int) -> dict:
         record = {"stage": stage, "step": step, "sets": {}}
@@ -341,13 +385,15 @@ class Trainer:
     def _save(self, stage: int, step: int, complete: bool, optimizer, scheduler, scaler) -> Optional[Path]:
         rng = self.rt.gather(ckpt.rng_state())
         data = self.rt.gather(self.position.state_dict())
+        window = self.rt.gather({"losses": [v.item() for v in self.window], "data_time": self.data_time,
+                                 "elapsed": time.perf_counter() - self.window_t0})
         if not self.rt.main:
             return None
         name = f"stage{stage}-final.pt" if complete else f"stage{stage}-step{step:08d}.pt"
         path = ckpt.save_checkpoint(self.ckpt_dir / name, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "stage": stage, "step": step, "stage_complete": complete, "rng": rng, "data": data,
+            "stage": stage, "step": step, "stage_complete": complete, "rng": rng, "data": data, "log_window": window,
             "world_size": self.rt.world_size, "samples_seen": self.samples_seen, "history": self.history,
             "log_lines": self.log.lines, "model_cfg": json.dumps(self.model_cfg), "vocab": self.tokenizer.vocab_text,
             "context_length": self.tokenizer.context_length, "config": self.cfg.model_dump_json(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -66,7 +67,11 @@ def write_text_tower_dir(directory: Path, hf_text_config: dict, vocab_size: int)
     spec["vocab_size"] = vocab_size
     config = AutoConfig.for_model(**spec)
     directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(directory)
+    # Every process of a run writes the same file, which the others may be reading: write a
+    # temporary file and rename it, so a reader never sees a half-written config.json.
+    tmp = directory / f".config.json.tmp{os.getpid()}"
+    config.to_json_file(tmp)
+    os.replace(tmp, directory / "config.json")
     return directory
 
 
@@ -119,6 +124,12 @@ def create_model(
         resolved["quick_gelu"] = quick_gelu
     name = register(resolved, workdir)
     built = open_clip.create_model(name, pretrained_text=text_init is not None, device=device)
+    if text_init is not None:
+        # transformers loads weights in the dtype they were saved in (dtype="auto"): a directory
+        # saved in fp16/bf16 would give a half-precision tower inside an fp32 model.
+        transformer = getattr(getattr(built, "text", None), "transformer", None)
+        if transformer is not None:
+            transformer.float()
     if spec is not None:
         resolved["hf_text_config"] = {**spec, "vocab_size": vocab_size}
     _use_sdpa(built)
@@ -131,8 +142,10 @@ def register(model_cfg: dict, workdir: Path) -> str:
     name = f"cnclip-{digest}"
     path = Path(workdir) / "model_configs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        path.write_text(json.dumps(model_cfg, indent=2), encoding="utf-8")
+    if not path.is_file():  # atomically: the other processes of a run may be reading it
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(model_cfg, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
     if name not in open_clip.list_models():
         open_clip.add_model_config(path)
     return name
@@ -200,13 +213,14 @@ def _is_torchscript(path: Path) -> bool:
 def load_image_tower(model: nn.Module, path: Union[str, Path]) -> None:
     """Copy an open_clip or OpenAI CLIP checkpoint's image tower (`visual.*`) into `model.visual`.
 
-    Both use OpenAI's parameter names for the ViT and ModifiedResNet towers; position embeddings
-    are resized by open_clip when the image size differs.
+    Both use OpenAI's parameter names for the ViT and ModifiedResNet towers. A ViT's position
+    embeddings are resized by open_clip when the image size differs; a ResNet tower's must match.
     """
     state = read_state_dict(path)
     visual = {k: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise ModelError(f"{path}: no image tower weights (no 'visual.*' keys)")
+    _check_resnet_size(visual, model, path)
     try:
         open_clip.model.resize_pos_embed(visual, model)
         result = model.visual.load_state_dict({k[len("visual."):]: v for k, v in visual.items()}, strict=False)
@@ -241,6 +255,7 @@ def load_clip_weights(model: nn.Module, path: Union[str, Path]) -> None:
         state = convert_chinese_clip(state)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    _check_resnet_size(state, model, path)
     try:
         open_clip.model.resize_pos_embed(state, model)
         result = model.load_state_dict(state, strict=False)
@@ -249,6 +264,21 @@ def load_clip_weights(model: nn.Module, path: Union[str, Path]) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(f"{path}: checkpoint does not match the model: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
+
+
+def _check_resnet_size(state: dict[str, torch.Tensor], model: nn.Module, path: Union[str, Path]) -> None:
+    """open_clip resizes only ViT position embeddings; a ModifiedResNet's attention pool has a grid of
+    (image size / 32)² + 1 of them, so a tower trained at another image size cannot load."""
+    key = "visual.attnpool.positional_embedding"
+    attnpool = getattr(getattr(model, "visual", None), "attnpool", None)
+    if key not in state or attnpool is None:
+        return
+    theirs, ours = state[key].shape[0], attnpool.positional_embedding.shape[0]
+    if theirs != ours:
+        side = lambda n: round((n - 1) ** 0.5) * 32  # noqa: E731
+        raise ModelError(f"{path}: the ResNet image tower was trained at {side(theirs)} px and the model uses "
+                         f"{side(ours)} px; only ViT position embeddings are resized (set the model's "
+                         f"vision_cfg.image_size to {side(theirs)})")
 
 
 def _first_problem(err: Exception) -> str:
