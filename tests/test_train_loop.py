@@ -320,3 +320,21 @@ def test_losses_are_reduced_only_for_log_lines(tmp_path, shape_shards, monkeypat
     assert calls == [2, 1, 2, 1]  # steps 2 and 3 (the stage end) of each stage
     assert [len(summary["stages"][n]["losses"]) for n in (1, 2)] == [3, 3]
     assert [r["step"] for r in read_log(cfg.output_dir, "train")] == [2, 3, 2, 3]
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_a_worker_whose_shards_are_all_unreadable_fails_instead_of_hanging(tmp_path, resampled):
+    from cnclip.train.data import ShardStream
+
+    shards = write_shards(tmp_path, shape_samples(8, seed=2), per_shard=8)
+    (tmp_path / "empty.tar").write_bytes(b"")  # e.g. a copy that crashed half-way
+    stream = ShardStream([str(tmp_path / "empty.tar")],
+                         batch_size=4, transform=lambda image: torch.zeros(3, 8, 8),
+                         tokenizer=lambda captions: torch.zeros(len(captions), 4), seed=0, workers=1,
+                         shuffle_buffer=0, resampled=resampled)
+    with pytest.raises(DataError, match="no sample|gave a sample"):
+        next(iter(stream))
+    readable = ShardStream(shards, batch_size=4, transform=lambda image: torch.zeros(3, 8, 8),
+                           tokenizer=lambda captions: torch.zeros(len(captions), 4), seed=0, workers=1,
+                           shuffle_buffer=0, resampled=resampled)
+    assert next(iter(readable))["image"].shape == (4, 3, 8, 8)

@@ -213,18 +213,31 @@ class ShardStream(IterableDataset):
         self.positions = dict(positions or {})
         self.first_slot_role = first_slot_role
 
-    def _shard_urls(self, slot: int) -> Iterator[dict]:
+    def _shard_urls(self, slot: int, progress: Callable[[], int]) -> Iterator[dict]:
+        """Shard URLs for one slot, forever; a DataError when a whole pass over its shards (or, in
+        resampled mode, as many draws as there are shards, ten times over) yields no sample, so
+        unreadable shards stop training with a message instead of hanging it."""
         slots = self.world_size * self.workers
         if self.resampled:
             rng = random.Random(_seed(self.seed, "resampled", slot))
+            patience = 10 * len(self.shards)
             while True:
-                yield {"url": rng.choice(self.shards)}
+                before = progress()
+                for _ in range(patience):
+                    yield {"url": rng.choice(self.shards)}
+                if progress() == before:
+                    raise DataError(f"data: {patience} shard draws gave worker slot {slot} no sample; "
+                                    f"are the shards readable? (first: {self.shards[0]})")
         epoch = 0
         while True:
             order = list(self.shards)
             random.Random(_seed(self.seed, "epoch", epoch)).shuffle(order)
-            for url in order[slot::slots]:
+            before = progress()
+            mine = order[slot::slots]
+            for url in mine:
                 yield {"url": url}
+            if progress() == before:
+                raise DataError(f"data: none of worker slot {slot}'s shards gave a sample: {', '.join(mine[:3])}")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -245,7 +258,15 @@ class ShardStream(IterableDataset):
                 counters.note(str(exn))
             return True
 
-        samples = tarfile_samples(self._shard_urls(slot), handler=on_error)
+        read = 0  # samples read from the tars (replayed ones too), for the no-progress check
+
+        def counted(stream: Iterator[dict]) -> Iterator[dict]:
+            nonlocal read
+            for sample in stream:
+                read += 1
+                yield sample
+
+        samples = counted(tarfile_samples(self._shard_urls(slot, lambda: read), handler=on_error))
         samples = _shuffled(samples, self.shuffle_buffer, random.Random(_seed(self.seed, "shuffle", slot)))
         images, captions, keys = [], [], []
         for sample in samples:
