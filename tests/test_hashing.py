@@ -54,3 +54,22 @@ def test_hex_forms_agree():
     assert to_hex(values) == expected
     assert pl.select(hex_digits(pl.lit(pl.Series(values, dtype=pl.UInt64)))).to_series().to_list() == expected
     assert (from_hex(expected) == values).all()
+
+
+def test_scaled_decoding_matches_pil_draft_mode_for_every_size():
+    from cnclip.corpus.hashing import DRAFT_SIDE, SAMPLE_SIDE, jpeg_size
+
+    rng = np.random.default_rng(1)
+    for side in (40, 64, 100, 128, 224, 256, 300, 640):
+        for progressive in (False, True):
+            height = int(side * rng.uniform(0.6, 1.4))
+            image = Image.fromarray(rng.integers(0, 256, (height, side, 3), dtype=np.uint8))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85, progressive=progressive)
+            data = buffer.getvalue()
+            assert jpeg_size(data) == (side, height)
+            reference = Image.open(io.BytesIO(data))
+            reference.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
+            expected = reference.convert("L").resize((SAMPLE_SIDE, SAMPLE_SIDE), Image.Resampling.LANCZOS)
+            assert np.array_equal(gray32(data), np.asarray(expected)), (side, progressive)
+    assert jpeg_size(b"\x89PNG\r\n") is None and jpeg_size(b"\xff\xd8\xff") is None
