@@ -37,6 +37,8 @@ class GuardSettings(_Strict):
         default=60.0, gt=0.0, description="longest a request waits for its host's turn (then network:host_busy)")
     user_agent: str = Field(default=DEFAULT_USER_AGENT, min_length=1)
     obey_robots_for_images: bool = False
+    max_crawl_delay: float = Field(
+        default=30.0, ge=0.0, description="a robots.txt Crawl-delay above this skips the host instead")
 
     @field_validator("allow_networks")
     @classmethod
@@ -54,8 +56,6 @@ class CrawlSettings(GuardSettings):
     timeout: float = Field(default=15.0, gt=0.0, description="seconds per request, whole response included")
     max_redirects: int = Field(default=5, ge=0)
     obey_robots: bool = True
-    max_crawl_delay: float = Field(
-        default=30.0, ge=0.0, description="a robots.txt Crawl-delay above this skips the host instead")
     workers: int = Field(default=4, ge=1, description="pages fetched at once, all hosts together")
     page_opt_out_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai"],

@@ -32,6 +32,7 @@ from .guard_reasons import (
     BAD_URL,
     BLOCKED_ADDRESS,
     CONNECT_FAILED,
+    CRAWL_DELAY_TOO_LONG,
     DNS_FAILED,
     HOST_BUSY,
     MARKER,
@@ -64,12 +65,13 @@ class ProxyConfig:
     per_host_max_wait: float = 60.0
     obey_robots_for_images: bool = False
     user_agent: str = DEFAULT_USER_AGENT
+    max_crawl_delay: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: GuardSettings, request_timeout: float) -> "ProxyConfig":
         return cls(tuple(settings.allow_networks), settings.max_response_bytes, float(request_timeout),
                    settings.per_host_concurrency, settings.per_host_delay, settings.per_host_max_wait,
-                   settings.obey_robots_for_images, settings.user_agent)
+                   settings.obey_robots_for_images, settings.user_agent, settings.max_crawl_delay)
 
     @property
     def client_timeout(self) -> float:
@@ -116,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
                                 decision.detail)
         refusal = proxy.robots_refusal(url)
         if refusal:
-            return self._refuse(ROBOTS_DISALLOWED, decision.host, refusal)
+            return self._refuse(refusal[0], decision.host, refusal[1])
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers["Connection"] = "close"
         # The recipe's user agent names the tool to image hosts too, as robots.txt was read with
@@ -251,14 +253,19 @@ class GuardProxy(ThreadingHTTPServer):
         with self._count_lock:
             return dict(self._counts)
 
-    def robots_refusal(self, url: str) -> Optional[str]:
-        """A one-line reason when robots.txt disallows the image URL (if configured), else None."""
+    def robots_refusal(self, url: str) -> Optional[tuple[str, str]]:
+        """(reason, detail) when robots.txt disallows the image URL or asks for a Crawl-delay over
+        max_crawl_delay (if robots is obeyed for images), else None. An uncapped delay would turn
+        every row of that host into host_busy, which --retry-failed would retry forever."""
         if self._robots is None:
             return None
         verdict = self._robots.verdict(url)
+        if verdict.crawl_delay and verdict.crawl_delay > self.config.max_crawl_delay:
+            return CRAWL_DELAY_TOO_LONG, (f"{url}: robots.txt Crawl-delay {verdict.crawl_delay:g} s is over "
+                                          f"max_crawl_delay ({self.config.max_crawl_delay:g} s)")
         if verdict.crawl_delay:
             self.limiter.set_host_delay(urlsplit(url).hostname or "", verdict.crawl_delay)
-        return None if verdict.allowed else verdict.detail
+        return None if verdict.allowed else (ROBOTS_DISALLOWED, verdict.detail)
 
     def __enter__(self) -> "GuardProxy":
         self._thread.start()

@@ -211,3 +211,14 @@ def test_image_requests_carry_the_recipes_user_agent():
             request = urllib.request.Request(site.base + "/a.jpg", headers={"User-Agent": "Mozilla/5.0 img2dataset"})
             assert opener(proxy).open(request, timeout=10).read() == IMAGE
         assert site.hits[0].headers["User-Agent"] == "cnclip/9 (+https://example.org/contact)"
+
+
+def test_an_image_host_asking_for_a_huge_crawl_delay_is_refused_not_queued():
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nCrawl-delay: 3600\n")
+    routes = {"/robots.txt": robots, "/a.jpg": (200, {}, IMAGE)}
+    with RouteServer(routes) as site, GuardProxy(config(obey_robots_for_images=True, max_crawl_delay=30)) as proxy:
+        refused = error_of(lambda: opener(proxy).open(site.base + "/a.jpg", timeout=10))
+        served = site.paths()
+    reason = reason_from_error_message(refused)
+    assert reason == "politeness:crawl_delay_too_long" and not is_transient(reason)
+    assert served == ["/robots.txt"]
