@@ -31,18 +31,22 @@ DECISION_SCHEMA = {
 }
 
 
-def _decisions(uids, reason: str, duplicate_of_uid=None, duplicate_of_eval=None, detail=None) -> pl.DataFrame:
+def _decisions(uids, reason: str, duplicate_of_uid=None, duplicate_of_eval=None, detail: str | None = None,
+               distances=None) -> pl.DataFrame:
+    """One decision row per dropped uid, built column-wise. `detail` is a constant, or a template
+    whose {} takes each row's pHash distance from `distances`."""
     count = len(uids)
-    return pl.DataFrame(
-        {
-            "uid": uids,
-            "reason": [reason] * count,
-            "duplicate_of_uid": duplicate_of_uid if duplicate_of_uid is not None else [None] * count,
-            "duplicate_of_eval": duplicate_of_eval if duplicate_of_eval is not None else [None] * count,
-            "detail": detail if detail is not None else [None] * count,
-        },
-        schema=DECISION_SCHEMA,
-    )
+
+    def column(values, dtype: pl.DataType) -> pl.Series:
+        return pl.Series(values, dtype=dtype) if values is not None else pl.repeat(None, count, dtype=dtype, eager=True)
+
+    frame = pl.DataFrame({"uid": column(uids, pl.Int64), "duplicate_of_uid": column(duplicate_of_uid, pl.Int64),
+                          "duplicate_of_eval": column(duplicate_of_eval, pl.String),
+                          "distance": column(distances, pl.Int64)})
+    detail_expr = pl.format(detail, "distance") if distances is not None and detail else pl.lit(detail, pl.String)
+    return frame.select(
+        "uid", pl.lit(reason).alias("reason"), "duplicate_of_uid", "duplicate_of_eval", detail_expr.alias("detail")
+    ).cast(DECISION_SCHEMA)
 
 
 def exact_duplicates(rows: pl.LazyFrame) -> pl.DataFrame:
@@ -55,7 +59,7 @@ def exact_duplicates(rows: pl.LazyFrame) -> pl.DataFrame:
         .sort("uid")
         .collect()
     )
-    return _decisions(found["uid"], "dedup:exact_duplicate", found["first"], detail=["same sha256"] * found.height)
+    return _decisions(found["uid"], "dedup:exact_duplicate", found["first"], detail="same sha256")
 
 
 def eval_overlaps(uids: np.ndarray, hashes: np.ndarray, eval_ids: list[str], eval_hashes: np.ndarray,
@@ -78,8 +82,8 @@ def eval_overlaps(uids: np.ndarray, hashes: np.ndarray, eval_ids: list[str], eva
     rows = np.flatnonzero(hit < none)
     distances = np.bitwise_count(hashes[rows] ^ eval_hashes[hit[rows]])
     return _decisions(
-        uids[rows], "dedup:eval_overlap", duplicate_of_eval=[eval_ids[i] for i in hit[rows]],
-        detail=[f"pHash distance {d}" for d in distances],
+        uids[rows], "dedup:eval_overlap", duplicate_of_eval=pl.Series(eval_ids, dtype=pl.String).gather(hit[rows]),
+        detail="pHash distance {}", distances=distances,
     )
 
 
@@ -98,7 +102,7 @@ def near_duplicates(uids: np.ndarray, hashes: np.ndarray, max_distance: int) -> 
     distances = np.bitwise_count(hashes[dropped] ^ hashes[keeper[dropped]])
     return _decisions(
         uids[dropped], "dedup:near_duplicate", uids[keeper[dropped]],
-        detail=[f"pHash distance {d} to the kept image" for d in distances],
+        detail="pHash distance {} to the kept image", distances=distances,
     )
 
 
@@ -115,14 +119,13 @@ def text_duplicates(rows: pl.DataFrame, max_distance: int) -> pl.DataFrame:
     )
     if pairs.height == 0:
         return _decisions([], "dedup:text_duplicate")
-    uids = rows["uid"].to_numpy()
-    position = {uid: i for i, uid in enumerate(uids)}
-    a = np.array([position[u] for u in pairs["uid"]])
-    b = np.array([position[u] for u in pairs["uid_other"]])
+    uids = rows["uid"].to_numpy()  # uid-sorted (find_duplicates sorts), so positions by binary search
+    a = np.searchsorted(uids, pairs["uid"].to_numpy())
+    b = np.searchsorted(uids, pairs["uid_other"].to_numpy())
     group = group_representatives(len(uids), a, b)  # smallest position = lowest uid (rows uid-sorted)
     dropped = np.flatnonzero(group != np.arange(len(uids)))
     return _decisions(uids[dropped], "dedup:text_duplicate", uids[group[dropped]],
-                      detail=["same caption, near-identical image"] * len(dropped))
+                      detail="same caption, near-identical image")
 
 
 def find_duplicates(rows: pl.LazyFrame, settings: DedupSettings, eval_hashes: pl.DataFrame | None = None

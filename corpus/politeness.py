@@ -65,10 +65,6 @@ class HostLimiter:
             state = self._hosts.setdefault(host.lower(), _HostState())
             state.min_delay = max(self.min_delay, seconds)
 
-    def delay_of(self, host: str) -> float:
-        with self._cond:
-            return self._delay(self._hosts.get(host.lower()))
-
     def _delay(self, state: Optional[_HostState]) -> float:
         return state.min_delay if state is not None and state.min_delay is not None else self.min_delay
 
