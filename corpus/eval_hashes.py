@@ -18,13 +18,15 @@ from typing import Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
+from cnclip.errors import CnclipError
+
 from .hashing import IMAGE_EXTENSIONS, from_hex, iter_tar_images, phash_bytes, to_hex
 from .recipe import ImageSettings
 
 _METADATA_KEY = b"cnclip.eval_hashes"
 
 
-class EvalSetError(ValueError):
+class EvalSetError(CnclipError, ValueError):
     """An evaluation set that cannot be read; the message names the path."""
 
 

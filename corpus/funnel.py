@@ -12,13 +12,15 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
+from cnclip.errors import CnclipError
+
 from .layout import BuildLayout, write_json_atomic
 from .progress import console
 
 STAGES = ["ingest", "text", "download", "dedup", "shard"]
 
 
-class AccountingError(RuntimeError):
+class AccountingError(CnclipError, RuntimeError):
     """Samples and rejects do not add up to the input: a bug, never silently published."""
 
 

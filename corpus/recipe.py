@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cnclip.errors import CnclipError
+
 from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, WarcSource
 
 # Columns the pipeline owns; a source may not carry extra columns under these names.
@@ -23,7 +25,7 @@ RESERVED_COLUMNS = frozenset(
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(CnclipError, ValueError):
     """A recipe that cannot run; the message names the file and the key."""
 
 

@@ -13,9 +13,10 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnclip.corpus.recipe import read_yaml, validate_mapping
+from cnclip.errors import CnclipError
 
 
-class ConfigError(ValueError):
+class ConfigError(CnclipError, ValueError):
     """A training config that cannot run; the message names the file and the key."""
 
 

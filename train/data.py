@@ -29,12 +29,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import tarfile_samples
 
+from cnclip.errors import CnclipError
+
 from .config import DataSettings
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-class DataError(ValueError):
+class DataError(CnclipError, ValueError):
     """Shards that cannot be found or used."""
 
 

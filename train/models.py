@@ -26,11 +26,13 @@ import open_clip
 import torch
 from torch import nn
 
+from cnclip.errors import CnclipError
+
 ZOO_DIR = Path(__file__).parent / "model_configs"
 _EXTRA_KEYS = ("_comment", "hf_text_config")
 
 
-class ModelError(ValueError):
+class ModelError(CnclipError, ValueError):
     """A model name, config file or initial-weights file that cannot be used."""
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
+from cnclip.errors import CnclipError
+
 from ..recipe import MetadataSource
 
 _FORMATS_BY_SUFFIX = {
@@ -20,7 +22,7 @@ _FORMATS_BY_SUFFIX = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(CnclipError, ValueError):
     """One input file that cannot be read as the recipe says; the message names it."""
 
 
