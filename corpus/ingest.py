@@ -2,7 +2,9 @@
 
 A row's identity is (source, row): `row` numbers the rows a source selects (its files in sorted
 order, after `where`), and `uid` packs both into one int64 that travels through every stage, so
-the final accounting is a join.
+the final accounting is a join. A row ingest cannot read (a bad byte, JSON line or quote in a
+text file; a caption that is not text) still gets its uid and row: it carries `reason` and
+`detail` (the line number) and the text stage passes it to rejected/ as it is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import polars as pl
 from .layout import BuildLayout
 from .progress import stage_progress, warn
 from .recipe import Recipe
-from .sources import SourceError, prepare_source, read_source_file
+from .sources import SourceError, prepare_source, read_source_file, read_source_lines, reads_lines
 from .state import remove_temporaries, write_parquet_atomic
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
@@ -20,6 +22,28 @@ ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
 
 def make_uid(source_index: int, row: pl.Expr) -> pl.Expr:
     return (pl.lit(source_index, pl.Int64) * (1 << ROW_BITS) + row.cast(pl.Int64)).alias("uid")
+
+
+def _numbered(rows: pl.LazyFrame, source_index: int, name: str, offset: int) -> pl.LazyFrame:
+    return rows.with_row_index("row", offset=offset).select(
+        make_uid(source_index, pl.col("row")),
+        pl.lit(name).alias("source"),
+        pl.col("row").cast(pl.Int64),
+        pl.all().exclude("row"),
+    )
+
+
+def _write_part(source, source_index: int, path: str, part, offset: int) -> None:
+    """One file's numbered rows -> its part: by polars in one go, or, for a text file polars
+    cannot read whole, line by line (its bad rows kept as rows with a reason)."""
+    try:
+        write_parquet_atomic(_numbered(read_source_file(source, path), source_index, source.name, offset), part)
+    except SourceError:
+        raise
+    except Exception:  # polars raises several kinds, some only when the sink runs
+        if not reads_lines(source, path):
+            raise
+        write_parquet_atomic(_numbered(read_source_lines(source, path), source_index, source.name, offset), part)
 
 
 def ingest(recipe: Recipe) -> dict:
@@ -44,13 +68,7 @@ def ingest(recipe: Recipe) -> dict:
                 # A part that exists is whole (parts are renamed into place): resume after it.
                 if not part.exists():
                     try:
-                        numbered = read_source_file(source, path).with_row_index("row", offset=offset).select(
-                            make_uid(source_index, pl.col("row")),
-                            pl.lit(source.name).alias("source"),
-                            pl.col("row").cast(pl.Int64),
-                            pl.all().exclude("row"),
-                        )
-                        write_parquet_atomic(numbered, part)
+                        _write_part(source, source_index, path, part, offset)
                     except Exception as err:
                         # One bad file is reported and skipped: its rows never entered the build.
                         # (polars read errors surface only when the sink runs, hence the broad catch.)

@@ -1,8 +1,9 @@
 """Chinese caption normalization over whole columns: no Python call per caption.
 
 Order matters: control characters go first (so the batch separators below cannot occur in the
-data), then HTML entities, NFKC (full-width -> half-width), whitespace, and last OpenCC, which
-sees clean text.
+data), then HTML entities, NFKC (full-width -> half-width), invisible format characters,
+whitespace, and last OpenCC, which sees clean text. U+FFFD (a byte that was not text somewhere
+upstream) is kept here and rejected by the text filters (`text:replacement_char`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import polars as pl
 
 # C0/C1 controls (tab and newline included) become spaces; whitespace is collapsed afterwards.
 _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
-# Zero-width and bidi formatting characters carry no text; they are removed, not spaced.
-_INVISIBLE = r"[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]"
+# Invisible format characters carry no text; they are removed, not spaced: every character of
+# Unicode category Cf (zero-width space/joiners, bidi marks, embeddings and isolates, soft hyphen,
+# BOM, U+180E, interlinear annotation marks U+FFF9-FFFB, tag characters U+E0000-E007F, ...) plus
+# U+034F COMBINING GRAPHEME JOINER (category Mn, but as invisible). One regex over the column.
+_INVISIBLE = r"[\p{Cf}\u034f]"
 # html.unescape never produces U+0001 (it maps &#1; to ''), so it can separate captions in a batch.
 _UNESCAPE_SEPARATOR = "\x01"
 _OPENCC_BATCH = 50_000

@@ -30,9 +30,14 @@ _BARE_URL = r"(?i)^(?:https?://|ftp://|www\.)\S*$"
 _SUPPORTED_URL = r"(?i)^(?:https?|file)://\S"
 _COMMON = ["uid", "url", "caption", "reason"]
 
+# Reasons ingest itself gives (a row it could not read, a caption that is not text); such rows
+# arrive with `reason` and `detail` set and keep them.
+INGEST_REASONS = ["ingest:bad_row", "ingest:caption_not_text"]
 PER_ROW_REASONS = [
+    *INGEST_REASONS,
     "ingest:missing_url",
     "ingest:unsupported_url",
+    "text:replacement_char",
     "text:filename_or_url",
     "text:blacklisted",
     "text:too_short",
@@ -70,6 +75,9 @@ def per_row_reason(settings: TextSettings, blacklist: list[str]) -> pl.Expr:
     rules: list[tuple[pl.Expr, str]] = [
         (url.is_null() | (url == ""), "ingest:missing_url"),
         (~url.str.contains(_SUPPORTED_URL), "ingest:unsupported_url"),
+        # U+FFFD survives normalization only where bytes were lost before the caption reached us
+        # (a mis-decoded page, a lossy export): the text is damaged, not merely unusual.
+        (caption.str.contains("\ufffd", literal=True), "text:replacement_char"),
     ]
     if settings.reject_filenames:
         name_like = caption.str.contains(_FILE_NAME) | caption.str.contains(_CAMERA_NAME)
@@ -97,10 +105,18 @@ class _NormalizeTask:
 
 
 def normalize_part(task: _NormalizeTask) -> int:
-    """One ingest part -> the same rows with `caption` and the per-row `reason`."""
+    """One ingest part -> the same rows with `caption`, the per-row `reason` and `detail`.
+
+    Rows ingest already rejected (a part of a file with bad rows carries `reason` and `detail`)
+    keep ingest's verdict; every other row gets the filters' (detail null)."""
     frame = pl.read_parquet(task.source_part)
     caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
-    frame = frame.with_columns(caption).with_columns(per_row_reason(task.settings, list(task.blacklist)))
+    verdict = per_row_reason(task.settings, list(task.blacklist))
+    if "reason" in frame.columns:
+        verdict = pl.coalesce(pl.col("reason"), verdict).alias("reason")
+    if "detail" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("detail"))
+    frame = frame.with_columns(caption).with_columns(verdict)
     write_parquet_atomic(frame, task.out_part)
     return frame.height
 
@@ -156,7 +172,7 @@ def split_part(task: _SplitTask) -> tuple[int, int]:
             .then(pl.format("same url and caption as row {} of this source", pl.col("first_uid") % (1 << ROW_BITS)))
             .when(pl.col("reason") == "text:repeated_caption")
             .then(pl.format("caption occurs {} times (cap {})", "caption_count", pl.lit(task.max_caption_repeats)))
-            .otherwise(pl.lit(None, pl.String))
+            .otherwise(pl.col("detail"))
             .alias("detail")
         )
         .rename({"first_uid": "duplicate_of_uid"})

@@ -73,3 +73,138 @@ def test_bad_where_names_the_file(tmp_path, make_recipe):
     pl.DataFrame(ROWS).write_parquet(tmp_path / "a.parquet")
     with pytest.raises(SourceError, match=r"a.parquet: where 'NOPE = 1'"):
         ingest(make_recipe([source(tmp_path / "a.parquet", where="NOPE = 1")]))
+
+
+# --- one bad row costs one row -------------------------------------------------------------------
+
+CSV_LINES = [b"URL,TEXT", b"http://127.0.0.1/0.jpg,\xe7\xac\xac\xe4\xb8\x80\xe5\xbc\xa0", b"http://127.0.0.1/1.jpg,caf\xff bad byte",
+             b"http://127.0.0.1/2.jpg,\"multi", b"line caption\"", b"http://127.0.0.1/3.jpg,\"broken quote",
+             b"http://127.0.0.1/4.jpg,last"]
+
+
+def bad_rows(rows):
+    return rows.filter(pl.col("reason").is_not_null()).select("row", "reason", "detail").rows()
+
+
+@pytest.mark.parametrize("name, separator", [("list.csv", b","), ("list.tsv", b"\t"), ("list.csv.gz", b",")])
+def test_bad_byte_and_broken_quote_cost_one_row_each(tmp_path, make_recipe, name, separator):
+    import gzip
+
+    data = b"\n".join(line.replace(b",", separator) for line in CSV_LINES) + b"\n"
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    recipe = make_recipe([source(tmp_path / name)])
+    report = ingest(recipe)
+    rows = read_parts(recipe)
+    assert report["rows_by_source"] == {"meta": 5} and report["file_errors"] == []
+    assert rows["row"].to_list() == list(range(5)) and rows["uid"].to_list() == list(range(5))
+    assert rows["url"].to_list() == ["http://127.0.0.1/0.jpg", None, "http://127.0.0.1/2.jpg", None,
+                                     "http://127.0.0.1/4.jpg"]
+    # A quoted field spanning lines is one record; the quote that never closes is one bad row.
+    assert rows["caption_raw"].to_list() == ["第一张", None, "multi\nline caption", None, "last"]
+    assert bad_rows(rows) == [(1, "ingest:bad_row", "line 3: invalid UTF-8"),
+                              (3, "ingest:bad_row", "line 6: unbalanced quote")]
+
+
+JSONL = [b'{"URL": "http://127.0.0.1/0.jpg", "TEXT": "first"}',
+         b'{"URL": "http://127.0.0.1/1.jpg", "TEXT": "trunc',
+         b'{"URL": "http://127.0.0.1/2.jpg", "TEXT": {"zh": "object"}}',
+         b'',
+         b'{"URL": "http://127.0.0.1/3.jpg", "TEXT": ["a", "list"]}',
+         b'{"URL": "http://127.0.0.1/4.jpg", "TEXT": 1984}',
+         b'{"URL": "http://127.0.0.1/5.jpg", "TEXT": "caf\xff"}',
+         b'["not", "an", "object"]',
+         b'{"URL": "http://127.0.0.1/7.jpg", "TEXT": "1984"}',
+         b'{"URL": "http://127.0.0.1/8.jpg"}']
+
+
+def test_jsonl_bad_lines_and_non_text_captions_are_rows(tmp_path, make_recipe):
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(JSONL) + b"\n")
+    recipe = make_recipe([source(tmp_path / "d.jsonl")])
+    assert ingest(recipe)["rows_by_source"] == {"meta": 9}  # the blank line is no row
+    rows = read_parts(recipe)
+    # Captions are never stringified: the string "1984" stays, the number 1984 is rejected.
+    assert rows.filter(pl.col("reason").is_null()).select("url", "caption_raw").rows() == [
+        ("http://127.0.0.1/0.jpg", "first"), ("http://127.0.0.1/7.jpg", "1984"), ("http://127.0.0.1/8.jpg", None)]
+    found = bad_rows(rows)
+    assert [(row, reason) for row, reason, _ in found] == [
+        (1, "ingest:bad_row"), (2, "ingest:caption_not_text"), (3, "ingest:caption_not_text"),
+        (4, "ingest:caption_not_text"), (5, "ingest:bad_row"), (6, "ingest:bad_row")]
+    details = [detail for _, _, detail in found]
+    assert details[0].startswith("line 2: not valid JSON")
+    assert details[1:5] == ["line 3: 'TEXT' is an object, not a string", "line 5: 'TEXT' is a list, not a string",
+                            "line 6: 'TEXT' is a number, not a string", "line 7: invalid UTF-8"]
+    assert details[5] == "line 8: not a JSON object"
+
+
+def test_jsonl_mixed_captions_that_polars_would_stringify(tmp_path, make_recipe):
+    # Every line is valid JSON: polars alone reads the object and the number as the strings
+    # '{"zh": "x"}' and '7'.
+    lines = [b'{"URL": "http://127.0.0.1/0.jpg", "TEXT": "text"}', b'{"URL": "http://127.0.0.1/1.jpg", "TEXT": 7}',
+             b'{"URL": "http://127.0.0.1/2.jpg", "TEXT": {"zh": "x"}}']
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines))
+    recipe = make_recipe([source(tmp_path / "d.jsonl")])
+    ingest(recipe)
+    rows = read_parts(recipe)
+    assert rows["caption_raw"].to_list() == ["text", None, None]
+    assert rows["reason"].to_list() == [None, "ingest:caption_not_text", "ingest:caption_not_text"]
+
+
+def test_parquet_caption_column_that_is_not_text(tmp_path, make_recipe):
+    pl.DataFrame({"URL": ["http://127.0.0.1/0.jpg", "http://127.0.0.1/1.jpg"], "TEXT": [1984, None]}).write_parquet(
+        tmp_path / "n.parquet")
+    recipe = make_recipe([source(tmp_path / "n.parquet")])
+    ingest(recipe)
+    rows = read_parts(recipe)
+    assert rows.select("caption_raw", "reason", "detail").rows() == [
+        (None, "ingest:caption_not_text", "column 'TEXT' is Int64, not text"), (None, None, None)]
+
+
+def test_where_applies_to_readable_rows_and_bad_rows_still_count(tmp_path, make_recipe):
+    lines = [b"URL,TEXT,LANGUAGE", b"http://127.0.0.1/0.jpg,zh caption,zh", b"http://127.0.0.1/1.jpg,en caption,en",
+             b"http://127.0.0.1/2.jpg,\xff,zh", b"http://127.0.0.1/3.jpg,another,zh"]
+    (tmp_path / "l.csv").write_bytes(b"\n".join(lines))
+    recipe = make_recipe([source(tmp_path / "l.csv", where="LANGUAGE = 'zh'", keep_columns=["LANGUAGE"])])
+    ingest(recipe)
+    rows = read_parts(recipe)
+    assert rows.select("row", "url", "LANGUAGE", "reason").rows() == [
+        (0, "http://127.0.0.1/0.jpg", "zh", None), (1, None, None, "ingest:bad_row"),
+        (2, "http://127.0.0.1/3.jpg", "zh", None)]
+
+
+def test_a_sources_only_file_with_a_bad_byte_does_not_stop_the_build(tmp_path, make_recipe):
+    from cnclip.corpus import run_text
+
+    (tmp_path / "bad.csv").write_bytes(b"URL,TEXT\nhttp://127.0.0.1/0.jpg,\xe4\xb8\x80\xe5\x8f\xaa\xe5\x8f\xaf"
+                                       b"\xe7\x88\xb1\xe7\x9a\x84\xe5\xb0\x8f\xe7\x8c\xab\nhttp://127.0.0.1/1.jpg,\xc3\n")
+    pl.DataFrame(ROWS).write_parquet(tmp_path / "good.parquet")
+    recipe = make_recipe([source(tmp_path / "bad.csv"), {**source(tmp_path / "good.parquet"), "name": "other"}])
+    report = run_text(recipe)
+    assert report["accepted"] + report["rejected"] == 5
+    rejected = pl.read_parquet(recipe.output_dir / "work" / "text" / "rejected" / "000-00000.parquet")
+    assert rejected.select("uid", "row", "source", "stage", "reason", "detail").rows() == [
+        (1, 1, "meta", "ingest", "ingest:bad_row", "line 3: invalid UTF-8")]
+    accepted = pl.read_parquet(recipe.output_dir / "work" / "text" / "accepted" / "000-00000.parquet")
+    assert accepted["caption"].to_list() == ["一只可爱的小猫"]
+
+
+@pytest.mark.parametrize("body", [b"http://127.0.0.1/0.jpg,x\n", b"http://127.0.0.1/0.jpg,\xff\n"])
+def test_text_file_whose_header_is_unreadable_is_a_file_error(tmp_path, make_recipe, body):
+    # Without readable column names no row can be told apart: the file is reported and skipped.
+    (tmp_path / "a.csv").write_bytes(b"UR\xffL,TEXT\n" + body)
+    pl.DataFrame(ROWS).write_parquet(tmp_path / "b.parquet")
+    report = ingest(make_recipe([source(tmp_path / "*")]))
+    assert report["rows_by_source"] == {"meta": 3}
+    assert len(report["file_errors"]) == 1
+    assert report["file_errors"][0].startswith(f"{tmp_path / 'a.csv'}: ")
+    assert "no column 'URL' (source key url_column)" in report["file_errors"][0]
+
+
+def test_line_reader_refuses_an_unreadable_header(tmp_path):
+    from cnclip.corpus.sources.rows import HeaderError, read_delimited_lines
+
+    (tmp_path / "a.csv").write_bytes(b"URL,\"TEXT\nhttp://127.0.0.1/0.jpg,x\n")
+    with pytest.raises(HeaderError, match="header line is not readable"):
+        read_delimited_lines(str(tmp_path / "a.csv"), ",")
+    (tmp_path / "b.csv").write_bytes(b"")
+    with pytest.raises(HeaderError, match="empty file"):
+        read_delimited_lines(str(tmp_path / "b.csv"), ",")

@@ -13,9 +13,10 @@ import polars as pl
 
 from ..crawl_settings import CrawlSettings, HtmlSource, WarcSource
 from ..recipe import MetadataSource, SampleWebSource, Source
-from .metadata import SourceError, expand_paths, read_metadata_file
+from .metadata import NeedsLineReader, SourceError, expand_paths, read_metadata_file, read_metadata_lines, reads_lines
 
-__all__ = ["SourceError", "prepare_source", "read_source_file", "source_inputs"]
+__all__ = ["NeedsLineReader", "SourceError", "prepare_source", "read_source_file", "read_source_lines", "reads_lines",
+           "source_inputs"]
 
 _PAIR_COLUMNS = ["url", "caption_raw", "page_url", "alt_source"]
 
@@ -77,6 +78,13 @@ def read_source_file(source: Source, path: str) -> pl.LazyFrame:
         return pl.scan_parquet(path).select(_PAIR_COLUMNS)
     assert isinstance(source, MetadataSource)
     return read_metadata_file(source, path)
+
+
+def read_source_lines(source: Source, path: str) -> pl.LazyFrame:
+    """A text metadata file that failed the fast path, read one record at a time: readable rows
+    plus bad rows (`reason`, `detail` naming the line), in file order."""
+    assert isinstance(source, MetadataSource)
+    return read_metadata_lines(source, path)
 
 
 def _write_report(path: Path, report: dict) -> None:
