@@ -53,3 +53,19 @@ def test_opencc_can_be_switched_off_or_changed():
 
 def test_phrases_are_normalized_like_captions():
     assert normalize_phrases(["點擊查看大圖", "  ", "点击查看大图"]) == ["点击查看大图"]
+
+
+def test_every_invisible_format_character_is_removed():
+    # An attacker hides text direction tricks and tag characters in captions; none may survive.
+    import sys
+    import unicodedata
+
+    cf = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    hidden = "".join(cf) + "\u034f"
+    out = norm("一只" + hidden + "小猫", "前\u2066后\u2069\u00ad字\U000E0041\U000E007F\u180e\ufff9注\ufffb", config=None)
+    assert out == ["一只小猫", "前后字注"]
+
+
+def test_replacement_character_is_kept_for_the_filters():
+    # U+FFFD is damage, not formatting: normalization keeps it so the text stage can reject it.
+    assert norm("损坏的\ufffd标题") == ["损坏的\ufffd标题"]

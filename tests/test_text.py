@@ -28,6 +28,8 @@ def reasons(captions, urls=None, **settings):
         ("DSC00123.JPG", "text:filename_or_url"),
         ("微信图片_20230101120000.jpg", "text:filename_or_url"),
         ("微信图片_20230101120000", "text:filename_or_url"),
+        ("一只可爱的\ufffd小猫", "text:replacement_char"),
+        ("\ufffd\ufffd", "text:replacement_char"),  # before too_short: the damage is the reason
         ("IMG_20230512_0931", "text:filename_or_url"),
         ("https://example.com/a/b.png", "text:filename_or_url"),
         ("www.example.com", "text:filename_or_url"),
