@@ -6,15 +6,40 @@ without an import cycle; `_Strict` mirrors recipe.py's base.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import re
+from typing import Annotated, Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .netguard import parse_networks
 from .politeness import DEFAULT_USER_AGENT
 
 MiB = 1024 * 1024
+
+# A source name becomes file names under work/ (crawl pairs, the sample web): a word, no path.
+_SOURCE_NAME = re.compile(r"[^\W_][\w.\-]{0,63}")
+
+
+def _source_name(value: str) -> str:
+    if not _SOURCE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{value[:40]!r} is not a safe source name: 1-64 letters, digits, '_', '-' or '.', "
+                         "starting with a letter or digit, no '..' or path separators")
+    return value
+
+
+def _header_text(value: str) -> str:
+    """A User-Agent goes into every request's headers: a CR/LF would split them (header
+    injection) and non-ASCII is not sent as the user wrote it."""
+    for char in value:
+        if not " " <= char <= "~":
+            what = "a control character" if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 else "a non-ASCII character"
+            raise ValueError(f"has {what} (U+{ord(char):04X}); only printable ASCII is sent in HTTP headers")
+    return value
+
+
+SourceName = Annotated[str, AfterValidator(_source_name)]
+UserAgentText = Annotated[str, AfterValidator(_header_text)]
 
 
 class _Strict(BaseModel):
@@ -31,11 +56,11 @@ class GuardSettings(_Strict):
     allow_networks: list[str] = Field(
         default_factory=list, description="CIDRs exempt from the guard, e.g. [127.0.0.0/8] for a local test site")
     max_response_bytes: int = Field(default=20 * MiB, ge=1)
-    per_host_concurrency: int = Field(default=4, ge=1)
+    per_host_concurrency: int = Field(default=4, ge=1, le=1024)
     per_host_delay: float = Field(default=0.1, ge=0.0, description="seconds between request starts to one host")
     per_host_max_wait: float = Field(
         default=60.0, gt=0.0, description="longest a request waits for its host's turn (then network:host_busy)")
-    user_agent: str = Field(default=DEFAULT_USER_AGENT, min_length=1)
+    user_agent: UserAgentText = Field(default=DEFAULT_USER_AGENT, min_length=1)
     obey_robots_for_images: bool = False
     max_crawl_delay: float = Field(
         default=30.0, ge=0.0, description="a robots.txt Crawl-delay above this skips the host instead")
@@ -51,12 +76,12 @@ class CrawlSettings(GuardSettings):
     """The recipe's `crawl:` section: how `html` sources fetch pages."""
 
     max_response_bytes: int = Field(default=5 * MiB, ge=1)
-    per_host_concurrency: int = Field(default=2, ge=1)
+    per_host_concurrency: int = Field(default=2, ge=1, le=1024)
     per_host_delay: float = Field(default=1.0, ge=0.0)
     timeout: float = Field(default=15.0, gt=0.0, description="seconds per request, whole response included")
     max_redirects: int = Field(default=5, ge=0)
     obey_robots: bool = True
-    workers: int = Field(default=4, ge=1, description="pages fetched at once, all hosts together")
+    workers: int = Field(default=4, ge=1, le=1024, description="pages fetched at once, all hosts together")
     page_opt_out_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai"],
         description="X-Robots-Tag / meta robots values that drop a page's images")
@@ -73,7 +98,7 @@ def is_web_url(url: str) -> bool:
 class HtmlSource(_Strict):
     """Pages crawled from seed URLs, following same-host links; yields (img url, alt) pairs."""
 
-    name: str
+    name: SourceName
     kind: Literal["html"]
     seeds: list[str] = Field(default_factory=list)
     seeds_file: Optional[str] = Field(default=None, description="a UTF-8 file of seed URLs, one a line, # comments")
@@ -99,7 +124,7 @@ class HtmlSource(_Strict):
 class WarcSource(_Strict):
     """Local WARC / WAT files (plain or .gz, Common Crawl's layout included)."""
 
-    name: str
+    name: SourceName
     kind: Literal["warc"]
     path: str = Field(description="a file or a glob, e.g. crawl/*.warc.gz")
     title_fallback: bool = False

@@ -6,15 +6,20 @@ the file, the key and what is wrong, one per line, and nothing runs.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnclip.errors import CnclipError
 
-from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, WarcSource
+from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
+from .recipe_paths import recipe_path_problems
+from .recipe_yaml import read_yaml
+
+__all__ = ["Recipe", "RecipeError", "format_validation_error", "load_recipe", "parse_recipe", "read_yaml",
+           "validate_mapping"]
 
 # Columns the pipeline owns; a source may not carry extra columns under these names.
 RESERVED_COLUMNS = frozenset(
@@ -23,6 +28,10 @@ RESERVED_COLUMNS = frozenset(
         "key", "shard", "width", "height", "original_width", "original_height", "sha256",
     }
 )
+
+
+# Worker processes per stage: more than any one machine has cores is a typo, not a plan.
+MAX_PROCESSES = 1024
 
 
 class RecipeError(CnclipError, ValueError):
@@ -36,7 +45,7 @@ class _Strict(BaseModel):
 class MetadataSource(_Strict):
     """Rows of (url, caption) from Parquet / CSV / TSV / JSONL files (LAION, Wukong, your own)."""
 
-    name: str
+    name: SourceName
     kind: Literal["metadata"]
     path: str = Field(description="local path, glob, or fsspec URL")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
@@ -57,11 +66,12 @@ class MetadataSource(_Strict):
 class SampleWebSource(_Strict):
     """The built-in sample web: a seeded generated site served on 127.0.0.1 during the build."""
 
-    name: str
+    name: SourceName
     kind: Literal["sample_web"]
     images: int = Field(default=300, ge=10, le=100_000)
     seed: int = 0
-    port: int = Field(default=18765, ge=0, le=65535)
+    # Not 0 ("any free port"): the port is part of every sample URL, written at ingest.
+    port: int = Field(default=18765, ge=1, le=65535)
 
 
 Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource], Field(discriminator="kind")]
@@ -77,7 +87,7 @@ class TextSettings(_Strict):
     opencc_config: Optional[str] = "t2s"
     reject_filenames: bool = True
     dedup_pairs: bool = True
-    processes: int = Field(default=2, ge=1)
+    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
     @model_validator(mode="after")
     def _lengths(self) -> "TextSettings":
@@ -87,7 +97,7 @@ class TextSettings(_Strict):
 
 
 class ImageSettings(_Strict):
-    size: int = Field(default=224, ge=8)
+    size: int = Field(default=224, ge=8, le=8192)
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "center_crop"
     min_side: int = Field(default=64, ge=0)
     max_aspect_ratio: float = Field(default=3.0, ge=1.0)
@@ -107,12 +117,12 @@ class ImageSettings(_Strict):
 class DownloadSettings(GuardSettings):
     """img2dataset's settings, plus the network guard and per-host politeness it runs behind."""
 
-    processes: int = Field(default=2, ge=1)
-    threads: int = Field(default=16, ge=1)
+    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
+    threads: int = Field(default=16, ge=1, le=1024)
     timeout: int = Field(default=10, ge=1)
     retries: int = Field(default=1, ge=0)
-    samples_per_part: int = Field(default=10_000, ge=1)
-    user_agent_token: Optional[str] = "cnclip"
+    samples_per_part: int = Field(default=10_000, ge=1, le=1_000_000)
+    user_agent_token: Optional[UserAgentText] = "cnclip"
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
@@ -125,12 +135,12 @@ class DedupSettings(_Strict):
     text: bool = False
     text_max_distance: int = Field(default=12, ge=0, le=32)
     eval_images: list[str] = Field(default_factory=list)
-    processes: int = Field(default=2, ge=1)
+    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
 
 class ShardSettings(_Strict):
-    samples_per_shard: int = Field(default=10_000, ge=1)
-    processes: int = Field(default=2, ge=1)
+    samples_per_shard: int = Field(default=10_000, ge=1, le=1_000_000)
+    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
 
 class Recipe(_Strict):
@@ -174,14 +184,24 @@ def _format_location(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short_repr(value: object) -> str:
+    """At most 60 characters, at a cost bounded whatever the input's size (reprlib stops early;
+    a plain repr of a large list would build all of it first)."""
+    return _REPR.repr(value)[:60]
+
+
 def format_validation_error(origin: str, error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         where = _format_location(err["loc"])
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
-            shown = repr(err["input"])
-            message += f" (got {shown[:60]})"
+            message += f" (got {_short_repr(err['input'])})"
         lines.append(f"{origin}: {where}: {message}")
     return "\n".join(lines)
 
@@ -196,23 +216,15 @@ def validate_mapping(model: type[BaseModel], data: object, origin: str, error: t
         raise error(format_validation_error(origin, err)) from None
 
 
-def read_yaml(path: str | Path, error: type[Exception], what: str) -> object:
-    """A YAML file's data; unreadable files and bad YAML become one `error` naming the file (and line)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise error(f"{path}: cannot read {what} ({err.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise error(f"{path}: {where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-
-
-def parse_recipe(data: dict, origin: str = "<recipe>") -> Recipe:
-    return validate_mapping(Recipe, data, origin, RecipeError)
+def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True) -> Recipe:
+    """Validate recipe data; with `check_paths`, every local file or folder it names must exist
+    too (relative to the working directory), so a typo stops the build before any stage runs."""
+    recipe = validate_mapping(Recipe, data, origin, RecipeError)
+    if check_paths:
+        problems = recipe_path_problems(recipe)
+        if problems:
+            raise RecipeError("\n".join(f"{origin}: {problem}" for problem in problems))
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -43,7 +43,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
 
 
 def test_recipe_maps_onto_img2dataset(make_recipe, tmp_path):
-    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": "x.parquet"}],
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": "x-*.parquet"}],
                          image={"size": 96, "max_pixels": 1000, "max_aspect_ratio": 2.5, "min_side": 20},
                          download={"timeout": 7, "retries": 2, "processes": 3, "threads": 5})
     args = img2dataset_arguments(recipe)

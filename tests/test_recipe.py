@@ -80,3 +80,155 @@ def test_reserved_keep_columns_and_yaml_errors(tmp_path):
         load_recipe(broken)
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+# --- a bad recipe runs nothing -------------------------------------------------------------------
+
+
+def one_line_error(path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_duplicate_keys_are_errors(tmp_path):
+    path = write(tmp_path, BASE + "text: {min_chars: 3}\nimage: {size: 64}\ntext: {min_chars: 9}\n")
+    assert one_line_error(path) == f"{path}: line 9: invalid YAML (duplicate key 'text' (first on line 7))"
+    nested = write(tmp_path, BASE + "text:\n  min_chars: 3\n  min_chars: 4\n")
+    assert "line 9: invalid YAML (duplicate key 'min_chars' (first on line 8))" in one_line_error(nested)
+    # A merge key may still be overridden: that is what it is for.
+    merged = write(tmp_path, BASE.replace("path: x.parquet", "path: '*.parquet'")
+                   + "defaults: &d {min_chars: 3, max_chars: 9}\n")
+    with pytest.raises(RecipeError, match="defaults: unknown key"):
+        load_recipe(merged)
+
+
+def test_non_utf8_recipe_is_one_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    data = BASE.encode() + "text: {blacklist: 黑名单.txt}\n".encode("gb18030")  # saved by a GBK editor
+    path.write_bytes(data)
+    offset = len(BASE.encode()) + len("text: {blacklist: ")
+    assert one_line_error(path) == (
+        f"{path}: line {BASE.count(chr(10)) + 1}: recipe is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})")
+
+
+BOMB = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+) + "\n"
+
+
+def test_alias_bomb_is_refused_cheaply(tmp_path):
+    import tracemalloc
+
+    from cnclip.train.config import ConfigError, load_config
+
+    assert len(BOMB) < 400  # 9^9 = 387 million strings once expanded
+    recipe = write(tmp_path, BASE + BOMB)
+    config = tmp_path / "c.yaml"
+    config.write_text(BOMB, encoding="utf-8")
+    tracemalloc.start()
+    try:
+        message = one_line_error(recipe)
+        with pytest.raises(ConfigError, match="expands to more than 100000 YAML nodes"):
+            load_config(config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message == f"{recipe}: recipe expands to more than 100000 YAML nodes through its aliases (an alias bomb?)"
+    assert peak < 100 * 2**20
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    path = write(tmp_path, BASE + "text: &t {blacklist: *t}\n")
+    assert "an alias refers to its own anchor" in one_line_error(path)
+
+
+def test_error_messages_show_a_short_input(tmp_path):
+    # Below the alias limit, a big value must still not be printed whole.
+    path = write(tmp_path, BASE + "text: {min_chars: [" + ", ".join(["1234567"] * 5_000) + "]}\n")
+    message = one_line_error(path)
+    assert message.startswith(f"{path}: text.min_chars: Input should be a valid integer (got [")
+    assert len(message) < len(str(path)) + 120
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "a\\b", ".hidden", "a..b", "名字 有空格", "x" * 65, "-x"])
+def test_source_names_are_safe(tmp_path, name):
+    path = write(tmp_path, BASE.replace("name: a,", f"name: {name!r},"))
+    assert "sources[0].name: Value error, " in one_line_error(path) and "is not a safe source name" in one_line_error(path)
+
+
+def test_safe_source_names_load(tmp_path):
+    path = write(tmp_path, BASE.replace("{name: a, kind: metadata, path: x.parquet}",
+                                        "{name: 悟空-v1.2_zh, kind: metadata, path: 'x-*.parquet'}"))
+    assert load_recipe(path).sources[0].name == "悟空-v1.2_zh"
+
+
+GLOB_BASE = BASE.replace("path: x.parquet", "path: 'x-*.parquet'")
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("shard: {samples_per_shard: 0}", "shard.samples_per_shard: Input should be greater than or equal to 1"),
+        ("shard: {samples_per_shard: 1000000000}", "shard.samples_per_shard: Input should be less than or equal to"),
+        ("image: {size: 100000}", "image.size: Input should be less than or equal to 8192"),
+        ("download: {processes: 100000}", "download.processes: Input should be less than or equal to 1024"),
+        ("download: {threads: 5000}", "download.threads: Input should be less than or equal to 1024"),
+        ("download: {samples_per_part: 0}", "download.samples_per_part: Input should be greater than or equal to 1"),
+        ("text: {processes: 99999}", "text.processes: Input should be less than or equal to 1024"),
+        ("crawl: {workers: 0}", "crawl.workers: Input should be greater than or equal to 1"),
+        ('download: {user_agent: "cnclip\\r\\nX-Injected: 1"}',
+         "download.user_agent: Value error, has a control character (U+000D)"),
+        ('download: {user_agent_token: "cnclip\\u0000"}',
+         "download.user_agent_token: Value error, has a control character (U+0000)"),
+        ('crawl: {user_agent: "bot\\u0085"}', "crawl.user_agent: Value error, has a control character (U+0085)"),
+        ('crawl: {user_agent: "爬虫"}', "crawl.user_agent: Value error, has a non-ASCII character (U+722C)"),
+    ],
+)
+def test_bounds_and_user_agents(tmp_path, extra, expected):
+    message = one_line_error(write(tmp_path, GLOB_BASE + extra + "\n"))
+    assert expected in message
+
+
+@pytest.mark.parametrize("port, ok", [(0, False), (1, True), (65535, True), (65536, False)])
+def test_sample_web_port(tmp_path, port, ok):
+    path = write(tmp_path, GLOB_BASE + f"  - {{name: web, kind: sample_web, port: {port}}}\n")
+    if ok:
+        assert load_recipe(path).sources[1].port == port
+    else:
+        assert "sources[1].port: Input should be" in one_line_error(path)
+
+
+def test_every_named_path_is_checked_at_load(tmp_path):
+    (tmp_path / "lists").mkdir()
+    text = f"""
+name: t
+output_dir: out
+manifest_dir: man
+sources:
+  - {{name: a, kind: metadata, path: {tmp_path}/nope.parquet}}
+  - {{name: b, kind: metadata, path: "{tmp_path}/lists/*.parquet"}}
+  - {{name: c, kind: metadata, path: "s3://bucket/laion/part-0.parquet"}}
+  - {{name: d, kind: warc, path: {tmp_path}/lists}}
+  - {{name: e, kind: html, seeds_file: {tmp_path}/seeds.txt}}
+text: {{blacklist: {tmp_path}/block.txt}}
+dedup: {{eval_images: [{tmp_path}/lists, {tmp_path}/coco-cn.parquet, "{tmp_path}/eval-*.tar"]}}
+"""
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: sources[0].path: no such file '{tmp_path}/nope.parquet'",
+        f"{path}: sources[3].path: '{tmp_path}/lists' is a folder, not a file",
+        f"{path}: sources[4].seeds_file: no such file '{tmp_path}/seeds.txt'",
+        f"{path}: text.blacklist: no such file '{tmp_path}/block.txt'",
+        f"{path}: dedup.eval_images[1]: no such file or folder '{tmp_path}/coco-cn.parquet'",
+        f"{path}: dedup.eval_images[2]: the glob '{tmp_path}/eval-*.tar' matches nothing",
+    ]
+    for name in ("nope.parquet", "seeds.txt", "block.txt", "coco-cn.parquet", "eval-0.tar"):
+        (tmp_path / name).write_text("x\n", encoding="utf-8")
+    fixed = write(tmp_path, text.replace(f"path: {tmp_path}/lists}}", f"path: {tmp_path}/nope.parquet}}"))
+    assert load_recipe(fixed).text.blacklist == f"{tmp_path}/block.txt"
