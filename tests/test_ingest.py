@@ -79,7 +79,7 @@ def test_bad_where_names_the_file(tmp_path, make_recipe):
 
 CSV_LINES = [b"URL,TEXT", b"http://127.0.0.1/0.jpg,\xe7\xac\xac\xe4\xb8\x80\xe5\xbc\xa0", b"http://127.0.0.1/1.jpg,caf\xff bad byte",
              b"http://127.0.0.1/2.jpg,\"multi", b"line caption\"", b"http://127.0.0.1/3.jpg,\"broken quote",
-             b"http://127.0.0.1/4.jpg,last"]
+             b"http://127.0.0.1/4.jpg,last", b'http://127.0.0.1/5.jpg,"closed"early']
 
 
 def bad_rows(rows):
@@ -95,14 +95,17 @@ def test_bad_byte_and_broken_quote_cost_one_row_each(tmp_path, make_recipe, name
     recipe = make_recipe([source(tmp_path / name)])
     report = ingest(recipe)
     rows = read_parts(recipe)
-    assert report["rows_by_source"] == {"meta": 5} and report["file_errors"] == []
-    assert rows["row"].to_list() == list(range(5)) and rows["uid"].to_list() == list(range(5))
+    assert report["rows_by_source"] == {"meta": 6} and report["file_errors"] == []
+    assert rows["row"].to_list() == list(range(6)) and rows["uid"].to_list() == list(range(6))
     assert rows["url"].to_list() == ["http://127.0.0.1/0.jpg", None, "http://127.0.0.1/2.jpg", None,
-                                     "http://127.0.0.1/4.jpg"]
-    # A quoted field spanning lines is one record; the quote that never closes is one bad row.
-    assert rows["caption_raw"].to_list() == ["第一张", None, "multi\nline caption", None, "last"]
+                                     "http://127.0.0.1/4.jpg", None]
+    # A quoted field spanning lines is one record; the quote that never closes is one bad row and
+    # does not swallow the lines after it.
+    assert rows["caption_raw"].to_list() == ["第一张", None, "multi\nline caption", None, "last", None]
     assert bad_rows(rows) == [(1, "ingest:bad_row", "line 3: invalid UTF-8"),
-                              (3, "ingest:bad_row", "line 6: unbalanced quote")]
+                              (3, "ingest:bad_row", "line 6: unbalanced quote"),
+                              (5, "ingest:bad_row", f"line 8: malformed quoted field ('{separator.decode()}' "
+                                                    "expected after '\"')")]
 
 
 JSONL = [b'{"URL": "http://127.0.0.1/0.jpg", "TEXT": "first"}',
@@ -208,3 +211,30 @@ def test_line_reader_refuses_an_unreadable_header(tmp_path):
     (tmp_path / "b.csv").write_bytes(b"")
     with pytest.raises(HeaderError, match="empty file"):
         read_delimited_lines(str(tmp_path / "b.csv"), ",")
+
+
+@pytest.mark.slow
+def test_build_with_a_bad_byte_publishes_the_good_rows_and_accounts_for_the_bad(tmp_path, web_root, web,
+                                                                                  make_recipe):
+    import random
+
+    from cnclip.corpus import build
+    from cnclip.corpus.sample_web import draw_shape
+
+    draw_shape((200, 30, 30), "圆形", random.Random(0)).save(web_root / "0.png")
+    draw_shape((30, 30, 200), "方形", random.Random(1)).save(web_root / "1.png")
+    lines = ["url,caption", f"{web.base_url}/0.png,一张红色圆形的图片", f"{web.base_url}/x.png,损坏的标题",
+             f"{web.base_url}/1.png,一张蓝色方形的图片"]
+    data = "\n".join(lines).encode().replace("损坏".encode(), b"\xe6\x8d")  # a truncated character
+    (tmp_path / "only.csv").write_bytes(data + b"\n")
+    recipe = make_recipe([{"name": "only", "kind": "metadata", "path": str(tmp_path / "only.csv")}])
+    funnel = build(recipe, show_funnel=False)
+    samples = pl.read_parquet(recipe.manifest_dir / "samples" / "*.parquet")
+    rejected = pl.concat([pl.read_parquet(p) for p in sorted((recipe.manifest_dir / "rejected").glob("*.parquet"))],
+                         how="diagonal_relaxed")
+    assert samples.select("row", "caption").rows() == [(0, "一张红色圆形的图片"), (2, "一张蓝色方形的图片")]
+    assert rejected.select("uid", "row", "stage", "reason", "detail").rows() == [
+        (1, 1, "ingest", "ingest:bad_row", "line 3: invalid UTF-8")]
+    assert (funnel["input_rows"], funnel["samples"], funnel["rejected"]) == (3, 2, 1)
+    assert funnel["stages"][0] == {"stage": "ingest", "in": 3, "out": 2, "rejected": {"ingest:bad_row": 1}}
+    assert funnel["file_errors"] == []

@@ -66,13 +66,19 @@ def _decode(raw: bytes, first: bool) -> str | None:
         return None
 
 
-def _parse_record(text: str, separator: str) -> list[str] | None:
-    """One CSV record's fields, or None when its quotes do not close (or close mid-field)."""
+_OPEN_QUOTE = "unexpected end of data"  # the csv module's words for a quote still open at the end
+
+
+def _parse_record(text: str, separator: str) -> tuple[list[str] | None, str]:
+    """One CSV record's fields (None when unreadable) and, if unreadable, the csv module's reason:
+    a quote still open (the record may go on on the next line) or a quote closed mid-field."""
     try:
         rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=separator, quotechar='"', strict=True))
-    except csv.Error:
-        return None
-    return rows[0] if len(rows) == 1 else ([] if not rows else None)
+    except csv.Error as err:
+        return None, str(err)
+    if len(rows) > 1:
+        return None, "more than one record"
+    return (rows[0] if rows else []), ""
 
 
 def read_delimited_lines(path: str, separator: str) -> tuple[pl.DataFrame, LineRows]:
@@ -84,7 +90,7 @@ def read_delimited_lines(path: str, separator: str) -> tuple[pl.DataFrame, LineR
     except StopIteration:
         raise HeaderError("empty file") from None
     header_text = _decode(first, first=True)
-    header = _parse_record(header_text, separator) if header_text is not None else None
+    header = _parse_record(header_text, separator)[0] if header_text is not None else None
     if not header:
         raise HeaderError("the header line is not readable text")
     result = LineRows()
@@ -96,12 +102,13 @@ def read_delimited_lines(path: str, separator: str) -> tuple[pl.DataFrame, LineR
         for index, column in enumerate(values):
             column.append(fields[index] if index < len(fields) else None)
 
-    def take(line: int, text: str) -> bool:
-        fields = _parse_record(text, separator)
+    def take(line: int, text: str) -> str | None:
+        """Keep the record if it parses; else the reason it does not."""
+        fields, problem = _parse_record(text, separator)
         if fields is None:
-            return False
+            return problem
         keep(line, fields)
-        return True
+        return None
 
     def settle(final: bool) -> None:
         """The pending lines hold no whole record: the first is a broken quote, the rest are fed
@@ -124,13 +131,17 @@ def read_delimited_lines(path: str, separator: str) -> tuple[pl.DataFrame, LineR
             return
         if pending:
             pending.append((number, raw))
-            if take(pending[0][0], "\n".join(r.decode("utf-8") for _, r in pending)):
+            problem = take(pending[0][0], "\n".join(r.decode("utf-8") for _, r in pending))
+            if problem is None:
                 pending = []
-            elif len(pending) >= MAX_RECORD_LINES:
+            elif problem != _OPEN_QUOTE or len(pending) >= MAX_RECORD_LINES:
                 settle(final=False)
             return
-        if not take(number, text):
-            pending = [(number, raw)]
+        problem = take(number, text)
+        if problem == _OPEN_QUOTE:
+            pending = [(number, raw)]  # a quoted field may go on on the next lines
+        elif problem is not None:
+            result.reject(number, BAD_ROW, f"malformed quoted field ({problem})")
 
     for number, raw in lines:
         feed(number, raw)
