@@ -227,5 +227,7 @@ def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True)
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    return parse_recipe(read_yaml(path, RecipeError, "recipe"), str(path))
+def load_recipe(path: str | Path, check_paths: bool = True) -> Recipe:
+    """A recipe file, validated; `check_paths=False` for readers of a finished build's outputs
+    (training from `data.corpus`), which need not have the build's inputs at hand."""
+    return parse_recipe(read_yaml(path, RecipeError, "recipe"), str(path), check_paths=check_paths)

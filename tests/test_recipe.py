@@ -232,3 +232,10 @@ dedup: {{eval_images: [{tmp_path}/lists, {tmp_path}/coco-cn.parquet, "{tmp_path}
         (tmp_path / name).write_text("x\n", encoding="utf-8")
     fixed = write(tmp_path, text.replace(f"path: {tmp_path}/lists}}", f"path: {tmp_path}/nope.parquet}}"))
     assert load_recipe(fixed).text.blacklist == f"{tmp_path}/block.txt"
+
+
+def test_readers_of_a_finished_build_need_not_have_its_inputs(tmp_path):
+    # Training from `data.corpus` reads only the output folders; the metadata may be gone.
+    path = write(tmp_path, BASE.replace("path: x.parquet", f"path: {tmp_path}/deleted.parquet"))
+    assert "sources[0].path: no such file" in one_line_error(path)
+    assert load_recipe(path, check_paths=False).sources[0].path == f"{tmp_path}/deleted.parquet"

@@ -73,7 +73,7 @@ def resolve_train_shards(data: DataSettings) -> ShardSet:
         from cnclip.corpus.recipe import RecipeError, load_recipe
 
         try:
-            recipe = load_recipe(data.corpus)
+            recipe = load_recipe(data.corpus, check_paths=False)  # only its output folders matter here
         except RecipeError as err:
             raise DataError(f"data.corpus: {err}") from None
         shards = expand_patterns([str(Path(recipe.output_dir) / "shards" / "*.tar")], "data.corpus")
