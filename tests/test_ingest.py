@@ -238,3 +238,18 @@ def test_build_with_a_bad_byte_publishes_the_good_rows_and_accounts_for_the_bad(
     assert (funnel["input_rows"], funnel["samples"], funnel["rejected"]) == (3, 2, 1)
     assert funnel["stages"][0] == {"stage": "ingest", "in": 3, "out": 2, "rejected": {"ingest:bad_row": 1}}
     assert funnel["file_errors"] == []
+
+
+def test_file_of_only_bad_lines_is_all_rejected_rows(tmp_path, make_recipe):
+    (tmp_path / "a.jsonl").write_bytes(b'{"URL": 1,\n\xff\n')
+    (tmp_path / "b.csv").write_bytes(b'URL,TEXT\n\xff,x\n')
+    (tmp_path / "c.csv").write_bytes(b'LINK,TEXT\n\xff,x\n')  # no URL column: a file error, as before
+    recipe = make_recipe([source(tmp_path / "*")])
+    report = ingest(recipe)
+    assert report["rows_by_source"] == {"meta": 3}
+    assert len(report["file_errors"]) == 1 and "c.csv: no column 'URL'" in report["file_errors"][0]
+    found = bad_rows(read_parts(recipe))
+    assert [(row, reason) for row, reason, _ in found] == [(0, "ingest:bad_row"), (1, "ingest:bad_row"),
+                                                           (2, "ingest:bad_row")]
+    assert found[0][2].startswith("line 1: not valid JSON (")
+    assert [detail for _, _, detail in found[1:]] == ["line 2: invalid UTF-8", "line 2: invalid UTF-8"]

@@ -114,7 +114,7 @@ def read_metadata_lines(source: MetadataSource, path: str) -> pl.LazyFrame:
             good, bad = read_delimited_lines(path, "\t" if fmt == "tsv" else ",")
     except HeaderError as err:
         raise SourceError(f"{path}: unreadable ({err})") from None
-    if good.height == 0:  # every line bad: the columns come from the recipe, all null
+    if fmt == "jsonl" and good.height == 0:  # every line bad, no header: the recipe's columns, null
         wanted = [source.url_column, source.caption_column, *source.keep_columns]
         good = good.with_columns([pl.lit(None, pl.String).alias(c) for c in dict.fromkeys(wanted)])
     _check_columns(source, path, good.columns)
