@@ -239,3 +239,21 @@ def test_readers_of_a_finished_build_need_not_have_its_inputs(tmp_path):
     path = write(tmp_path, BASE.replace("path: x.parquet", f"path: {tmp_path}/deleted.parquet"))
     assert "sources[0].path: no such file" in one_line_error(path)
     assert load_recipe(path, check_paths=False).sources[0].path == f"{tmp_path}/deleted.parquet"
+
+
+def test_cli_refuses_a_bomb_and_a_missing_blacklist_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    bomb = write(tmp_path, BASE + BOMB)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(GLOB_BASE + "text: {blacklist: blocklist.txt}\n", encoding="utf-8")
+    for recipe, expected in [
+        (bomb, f"error: {bomb}: recipe expands to more than 100000 YAML nodes through its aliases (an alias bomb?)"),
+        (typo, f"error: {typo}: text.blacklist: no such file 'blocklist.txt'"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "cnclip.cli", "corpus", "build", str(recipe)],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2
+        assert [line for line in result.stderr.splitlines() if line.strip()] == [expected]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "man").exists()
