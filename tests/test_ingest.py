@@ -150,6 +150,8 @@ def test_jsonl_mixed_captions_that_polars_would_stringify(tmp_path, make_recipe)
     rows = read_parts(recipe)
     assert rows["caption_raw"].to_list() == ["text", None, None]
     assert rows["reason"].to_list() == [None, "ingest:caption_not_text", "ingest:caption_not_text"]
+    # Only the caption was bad: the row keeps its URL, as a Parquet row with a numeric caption does.
+    assert rows["url"].to_list() == [f"http://127.0.0.1/{i}.jpg" for i in range(3)]
 
 
 def test_parquet_caption_column_that_is_not_text(tmp_path, make_recipe):

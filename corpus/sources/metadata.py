@@ -109,7 +109,7 @@ def read_metadata_lines(source: MetadataSource, path: str) -> pl.LazyFrame:
     fmt = file_format(path, source.format)
     try:
         if fmt == "jsonl":
-            good, bad = read_json_lines(path, source.caption_column)
+            good, bad = read_json_lines(path, source.caption_column, source.url_column)
         else:
             good, bad = read_delimited_lines(path, "\t" if fmt == "tsv" else ",")
     except HeaderError as err:

@@ -37,16 +37,18 @@ class LineRows:
     bad_lines: list[int] = field(default_factory=list)
     bad_reasons: list[str] = field(default_factory=list)
     bad_details: list[str] = field(default_factory=list)
+    bad_urls: list[str | None] = field(default_factory=list)  # known when only the caption is bad
 
-    def reject(self, line: int, reason: str, detail: str) -> None:
+    def reject(self, line: int, reason: str, detail: str, url: str | None = None) -> None:
         self.bad_lines.append(line)
         self.bad_reasons.append(reason)
         self.bad_details.append(f"line {line}: {detail}"[:_DETAIL_CHARS])
+        self.bad_urls.append(url)
 
     def bad_frame(self) -> pl.DataFrame:
         return pl.DataFrame(
-            {"_line": self.bad_lines, "reason": self.bad_reasons, "detail": self.bad_details},
-            schema={"_line": pl.Int64, "reason": pl.String, "detail": pl.String},
+            {"_line": self.bad_lines, "url": self.bad_urls, "reason": self.bad_reasons, "detail": self.bad_details},
+            schema={"_line": pl.Int64, "url": pl.String, "reason": pl.String, "detail": pl.String},
         )
 
 
@@ -175,7 +177,7 @@ def _json_kind(value: object) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
-def read_json_lines(path: str, caption_column: str) -> tuple[pl.DataFrame, LineRows]:
+def read_json_lines(path: str, caption_column: str, url_column: str) -> tuple[pl.DataFrame, LineRows]:
     """JSONL -> the readable objects (typed by polars, as the fast path types them) with their
     `_line`, and the bad lines: invalid UTF-8, not JSON, not an object, or a caption that is
     not a string (an object, list, number or boolean is rejected, never stringified)."""
@@ -198,7 +200,9 @@ def read_json_lines(path: str, caption_column: str) -> tuple[pl.DataFrame, LineR
             continue
         caption = value.get(caption_column)
         if caption is not None and not isinstance(caption, str):
-            result.reject(number, CAPTION_NOT_TEXT, f"{caption_column!r} is {_json_kind(caption)}, not a string")
+            url = value.get(url_column)
+            result.reject(number, CAPTION_NOT_TEXT, f"{caption_column!r} is {_json_kind(caption)}, not a string",
+                          url.strip() if isinstance(url, str) else None)
             continue
         result.good_lines.append(number)
         good.append(text.encode("utf-8"))
