@@ -270,3 +270,16 @@ def test_cli_refuses_a_bomb_and_a_missing_blacklist_before_any_work(tmp_path):
         assert result.returncode == 2
         assert [line for line in result.stderr.splitlines() if line.strip()] == [expected]
         assert not (tmp_path / "out").exists() and not (tmp_path / "man").exists()
+
+
+def test_training_configs_get_the_same_strict_yaml(tmp_path):
+    from cnclip.train.config import ConfigError, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("stage1: {lr: 1.0e-4}\nprecision: bf16\nstage1: {lr: 5.0e-4}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}: line 3: invalid YAML (duplicate key 'stage1' (first on line 1))"
+    config.write_bytes(b"precision: \xff\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 1: config is not UTF-8 text \(byte 0xff at offset 11\)"):
+        load_config(config)
