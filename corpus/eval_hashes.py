@@ -73,12 +73,18 @@ def hash_eval_images(path: str, image: ImageSettings) -> pl.DataFrame:
 
 def write_eval_hashes(path: str, out: Path, image: ImageSettings) -> int:
     """Hash an evaluation set into a shareable Parquet list (id, phash as imagehash hex)."""
-    frame = hash_eval_images(path, image)
+    try:
+        frame = hash_eval_images(path, image)
+    except OSError as err:  # an unreadable image or tar in the set
+        raise EvalSetError(f"{err.filename or path}: cannot read ({err.strerror or err})") from None
     table = frame.with_columns(pl.Series("phash", to_hex(frame["phash"].to_numpy()))).to_arrow()
     settings = {"size": image.size, "resize_mode": image.resize_mode, "source": str(path)}
     table = table.replace_schema_metadata({_METADATA_KEY: json.dumps(settings).encode()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    except OSError as err:
+        raise EvalSetError(f"{out}: cannot write the pHash list ({getattr(err, 'strerror', None) or err})") from None
     return frame.height
 
 
