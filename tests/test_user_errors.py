@@ -1,18 +1,16 @@
 """A careless user's bad inputs: one line and exit code 2. An internal bug: its traceback, never swallowed."""
 
 import errno
-import json
 import socket
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.corpus.sample_web import SampleWebError, SampleWebServer
 from cnclip.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from test_train_support import shape_samples, tiny_config, write_shards
+from test_train_support import shape_samples, write_config, write_shards
 
 runner = CliRunner()
 
@@ -26,15 +24,6 @@ def one_line_error(result) -> str:
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
-
-
-def write_config(folder, shards, **overrides) -> str:
-    """A YAML training config, as a user would write it, from the tests' tiny config."""
-    cfg = tiny_config(folder, shards, **overrides)
-    path = folder / "train.yaml"
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), allow_unicode=True), encoding="utf-8")
-    return str(path)
 
 
 class OpensAFile:
