@@ -168,3 +168,11 @@ def test_internal_bugs_keep_their_traceback(tmp_path, monkeypatch, small_shards)
     monkeypatch.setattr(loop, "train", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug in the loop")))
     result = runner.invoke(app, ["train", write_config(tmp_path / "t", small_shards)])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+def test_train_into_an_unwritable_output_dir_is_one_line(small_shards, tmp_path):
+    (tmp_path / "a-file").write_text("mine\n")
+    config = write_config(tmp_path, small_shards, output_dir=str(tmp_path / "a-file" / "run"))
+    line = one_line_error(runner.invoke(app, ["train", config]))
+    assert line == f"error: output_dir: cannot write {tmp_path / 'a-file' / 'run'} (Not a directory)"
+    assert (tmp_path / "a-file").read_text() == "mine\n"

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cnclip.corpus.progress import error
-from cnclip.errors import CnclipError
+from cnclip.errors import CnclipError, disk_errors
 
 from .config import ConfigError, load_config
 
@@ -119,6 +119,12 @@ def evaluate(
     from .evaluate import evaluate_set
     from .loop import load_model_from_checkpoint, transforms
 
+    if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
+        error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")
+        raise typer.Exit(2)
+    if device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda: no CUDA device is available here (use --device cpu)")
+        raise typer.Exit(2)
     try:
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         dev = torch.device("cuda" if use_cuda else "cpu")
@@ -142,9 +148,14 @@ def evaluate(
     Console().print(table)
     typer.echo(json.dumps(record, ensure_ascii=False))
     if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            with disk_errors():
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except CnclipError as err:
+            error(f"--log: {err}")
+            raise typer.Exit(2) from None
 
 
 @app.command("export")

@@ -28,6 +28,7 @@ from open_clip.model import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.nn.parallel import DistributedDataParallel
 
+from cnclip.errors import disk_errors
 from cnclip.mainguard import default_start_method, require_main_guard
 
 from . import checkpoint as ckpt
@@ -439,7 +440,8 @@ def train(cfg: TrainConfig, stage: str = "all", resume: Optional[Union[str, Path
         rundir.apply_plan(cfg, plan)
     if runtime.distributed:
         dist.barrier()
-    return Trainer(cfg, runtime).run(stage, plan.resume, stop_after)
+    with disk_errors():  # an unwritable output_dir or a full disk is one line, not a traceback
+        return Trainer(cfg, runtime).run(stage, plan.resume, stop_after)
 
 
 def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],
