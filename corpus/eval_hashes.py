@@ -90,7 +90,11 @@ def write_eval_hashes(path: str, out: Path, image: ImageSettings) -> int:
 
 def read_eval_hashes(path: str, image: ImageSettings) -> pl.DataFrame:
     """A pHash list written by write_eval_hashes; refuses one made with other image settings."""
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid (not Parquet) is a ValueError
+        raise EvalSetError(f"{path}: cannot read the pHash list ({str(err).splitlines()[0] if str(err) else err!r})"
+                           ) from None
     settings = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
     made_with = (settings.get("size"), settings.get("resize_mode"))
     if settings and made_with != (image.size, image.resize_mode):
@@ -108,6 +112,9 @@ def load_eval_hashes(paths: list[str], image: ImageSettings) -> pl.DataFrame:
     """Every evaluation set of a recipe, ids prefixed with their set's path."""
     frames = []
     for path in paths:
-        frame = read_eval_hashes(path, image) if path.endswith(".parquet") else hash_eval_images(path, image)
+        try:
+            frame = read_eval_hashes(path, image) if path.endswith(".parquet") else hash_eval_images(path, image)
+        except OSError as err:  # an unreadable image or tar in the set
+            raise EvalSetError(f"{err.filename or path}: cannot read ({err.strerror or err})") from None
         frames.append(frame.with_columns((pl.lit(f"{path}:") + pl.col("id")).alias("id")))
     return pl.concat(frames) if frames else pl.DataFrame(schema={"id": pl.String, "phash": pl.UInt64})

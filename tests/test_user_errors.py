@@ -176,3 +176,12 @@ def test_train_into_an_unwritable_output_dir_is_one_line(small_shards, tmp_path)
     line = one_line_error(runner.invoke(app, ["train", config]))
     assert line == f"error: output_dir: cannot write {tmp_path / 'a-file' / 'run'} (Not a directory)"
     assert (tmp_path / "a-file").read_text() == "mine\n"
+
+
+def test_a_phash_list_that_is_not_parquet_is_one_line(tmp_path):
+    from cnclip.corpus.eval_hashes import EvalSetError, load_eval_hashes
+    from cnclip.corpus.recipe import ImageSettings
+
+    (tmp_path / "list.parquet").write_text("id,phash\n")
+    with pytest.raises(EvalSetError, match=f"^{tmp_path / 'list.parquet'}: cannot read the pHash list "):
+        load_eval_hashes([str(tmp_path / "list.parquet")], ImageSettings())
