@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cnclip.mainguard import guarded_ranges
+from test_train_support import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = """\
@@ -106,3 +107,23 @@ def test_readme_snippets_are_in_main_guard_form():
         loose = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
                  and not (isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")]
         assert not loose, f"outside the guard: {ast.unparse(loose[0])}"
+
+
+def test_an_unguarded_training_script_with_spawned_dataloader_workers_is_refused(tmp_path):
+    """Where DataLoader workers are spawned (macOS's and Windows' default), the training API refuses
+    before reading a shard or writing the run folder."""
+    config = write_config(tmp_path, str(tmp_path / "none-yet.tar"), data={"train": "x.tar", "workers": 2})
+    body = textwrap.dedent(f"""\
+        import multiprocessing, sys
+        with open(sys.argv[1], "a") as marker:
+            marker.write("ran\\n")
+        multiprocessing.set_start_method("spawn")
+        from cnclip.train import load_config, train
+        train(load_config({config!r}))
+        """)
+    result, runs = run_script(tmp_path, body)
+    assert result.returncode == 1 and runs == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        ":6: cnclip.train.train with data.workers starts worker processes, which re-run this script; put the "
+        "call under `if __name__ == \"__main__\":` (see the README's Python API)")
+    assert not (tmp_path / "run").exists()
