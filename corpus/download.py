@@ -72,9 +72,9 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
 
 def _img2dataset(recipe: Recipe, **overrides) -> dict:
     """Run img2dataset behind the guard proxy (spawned workers inherit the environment)."""
+    require_main_guard("the download stage (img2dataset)")  # its pool spawns workers
     from img2dataset import download
 
-    require_main_guard("the download stage (img2dataset)")  # its pool spawns workers
     from .guard_proxy import GuardProxy, ProxyConfig, proxy_environment
 
     # OpenCV checks its pixel limit on the header; albumentations (imported by img2dataset)
