@@ -185,3 +185,28 @@ def test_a_phash_list_that_is_not_parquet_is_one_line(tmp_path):
     (tmp_path / "list.parquet").write_text("id,phash\n")
     with pytest.raises(EvalSetError, match=f"^{tmp_path / 'list.parquet'}: cannot read the pHash list "):
         load_eval_hashes([str(tmp_path / "list.parquet")], ImageSettings())
+
+
+def test_class_name_and_vocab_files_that_cannot_be_used_are_one_line(tmp_path):
+    from cnclip.train.data import DataError
+    from cnclip.train.evaluate import read_lines
+    from cnclip.train.tokenizer import ChineseTokenizer, TokenizerError
+
+    with pytest.raises(DataError, match=f"^{tmp_path / 'classes.txt'}: cannot read \\(No such file or directory\\)$"):
+        read_lines(tmp_path / "classes.txt")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n猫\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'vocab.txt'}: vocab lacks the special tokens "
+                                             r"\[CLS\], \[SEP\], \[MASK\]$"):
+        ChineseTokenizer.from_file(tmp_path / "vocab.txt")
+
+
+def test_export_onto_a_file_is_one_line(tmp_path, small_shards):
+    from cnclip.train.loop import train
+    from test_train_support import tiny_config
+
+    train(tiny_config(tmp_path, small_shards, batch_size=8, stage1={"steps": 1}, stage2={"steps": 1}), stage="1")
+    (tmp_path / "taken").write_text("mine\n")
+    line = one_line_error(runner.invoke(app, ["export", str(tmp_path / "run/checkpoints/stage1-final.pt"),
+                                              str(tmp_path / "taken")]))
+    assert line == f"error: {tmp_path / 'taken'}: cannot write the export (File exists)"
+    assert (tmp_path / "taken").read_text() == "mine\n"
