@@ -29,8 +29,16 @@ from cnclip.errors import CnclipError
 RERUNS_MAIN = ("spawn", "forkserver")  # start methods whose workers re-run the main script
 
 
-class UnguardedMainError(CnclipError, RuntimeError):
-    """Worker processes requested from a script's top level outside `if __name__ == "__main__":`."""
+class UnguardedMainError(CnclipError, SystemExit):
+    """Worker processes requested from a script's top level outside `if __name__ == "__main__":`.
+
+    Also a SystemExit: left uncaught in the script, Python prints only `code`, the one-line message
+    (no traceback), and exits 1. It is still an Exception (and a CnclipError) for code that catches.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = f"error: {message}"  # SystemExit.__init__ is not reached through this MRO
 
 
 def _is_main_test(node: ast.expr, op: type) -> bool:

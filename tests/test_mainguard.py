@@ -56,12 +56,10 @@ def test_an_unguarded_script_fails_at_once_in_one_line(tmp_path, call):
     result, runs = run_script(tmp_path, HEADER + call)
     assert result.returncode == 1
     assert runs == 1  # no worker was started, so nothing ran the script again
-    last = result.stderr.strip().splitlines()[-1]
     line = max(i for i, text in enumerate((HEADER + call).splitlines(), 1) if text.strip() == "main()")
-    assert last == (f"cnclip.mainguard.UnguardedMainError: {tmp_path / 'script.py'}:{line}: roots starts worker "
-                    "processes, which re-run this script; put the call under `if __name__ == \"__main__\":` "
-                    "(see the README's Python API)")
-    assert result.stderr.count("Traceback") == 1  # the script's own error, no worker's
+    assert result.stderr == (f"error: {tmp_path / 'script.py'}:{line}: roots starts worker processes, which re-run "
+                             "this script; put the call under `if __name__ == \"__main__\":` (see the README's "
+                             "Python API)\n")  # one line, no traceback, nothing from a worker
 
 
 def test_an_unguarded_build_is_refused_before_any_work(tmp_path):
@@ -78,9 +76,9 @@ def test_an_unguarded_build_is_refused_before_any_work(tmp_path):
         """)
     result, runs = run_script(tmp_path, body)
     assert result.returncode == 1 and runs == 1
-    assert result.stderr.strip().splitlines()[-1].endswith(
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and result.stderr.endswith(
         ":5: cnclip.corpus.build starts worker processes, which re-run this script; put the call under "
-        "`if __name__ == \"__main__\":` (see the README's Python API)")
+        "`if __name__ == \"__main__\":` (see the README's Python API)\n")
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
 
 
@@ -123,7 +121,22 @@ def test_an_unguarded_training_script_with_spawned_dataloader_workers_is_refused
         """)
     result, runs = run_script(tmp_path, body)
     assert result.returncode == 1 and runs == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and result.stderr.endswith(
         ":6: cnclip.train.train with data.workers starts worker processes, which re-run this script; put the "
-        "call under `if __name__ == \"__main__\":` (see the README's Python API)")
+        "call under `if __name__ == \"__main__\":` (see the README's Python API)\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_error_is_catchable_and_names_the_call_site(tmp_path):
+    """Code that wants to handle it can: it is a CnclipError (and an Exception), raised in the parent."""
+    body = HEADER + textwrap.dedent("""\
+        from cnclip.errors import CnclipError
+        try:
+            main()
+        except CnclipError as err:
+            print("caught:", err)
+        """)
+    result, runs = run_script(tmp_path, body)
+    assert result.returncode == 0 and runs == 1 and result.stderr == ""
+    line = max(i for i, text in enumerate(body.splitlines(), 1) if text.strip() == "main()")
+    assert result.stdout.startswith(f"caught: {tmp_path / 'script.py'}:{line}: roots starts worker processes")
