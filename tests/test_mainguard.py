@@ -49,7 +49,7 @@ def test_a_guarded_script_runs_its_workers(tmp_path):
     assert runs == 3  # the script, then each of the 2 spawned workers importing it (guarded: no rerun of main)
 
 
-@pytest.mark.parametrize("call", ["main()\n", "if True:\n    main()\n",
+@pytest.mark.parametrize("call", ["main()\n",
                                   'if __name__ != "__main__":\n    pass\nmain()\n',
                                   "try:\n    main()\nfinally:\n    pass\n"])
 def test_an_unguarded_script_fails_at_once_in_one_line(tmp_path, call):
