@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
+from cnclip.errors import CnclipError
+
 from . import pipeline
-from .funnel import AccountingError
 from .progress import error
-from .eval_hashes import EvalSetError, write_eval_hashes
-from .recipe import ImageSettings, RecipeError, load_recipe
-from .sources import SourceError
+from .eval_hashes import write_eval_hashes
+from .recipe import ImageSettings, RecipeError, load_recipe, validate_mapping
 from .stats import corpus_stats, print_stats
 
 app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, dedup, shard.", no_args_is_help=True,
@@ -25,7 +25,7 @@ def _run(step, recipe_path: Path):
     try:
         recipe = load_recipe(recipe_path)
         return step(recipe)
-    except (RecipeError, SourceError, AccountingError, EvalSetError, OSError, RuntimeError) as err:
+    except CnclipError as err:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         error(str(err))
         raise typer.Exit(2) from None
 
@@ -90,9 +90,10 @@ def hash_eval(
     Example: cnclip corpus hash-eval data/coco-cn/val2014 --out evalsets/coco-cn.parquet
     """
     try:
-        settings = ImageSettings(size=size, resize_mode=resize_mode)
+        settings = validate_mapping(ImageSettings, {"size": size, "resize_mode": resize_mode}, "hash-eval",
+                                    RecipeError)
         count = write_eval_hashes(path, out, settings)
-    except (EvalSetError, ValueError, OSError) as err:
+    except CnclipError as err:
         error(str(err).splitlines()[0])
         raise typer.Exit(2) from None
     typer.echo(f"{count} pHashes -> {out}")
@@ -118,7 +119,7 @@ def stats(
     """
     try:
         figures = corpus_stats(manifest_dir)
-    except FileNotFoundError as err:
+    except CnclipError as err:
         error(str(err))
         raise typer.Exit(2) from None
     if as_json:

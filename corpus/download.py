@@ -14,6 +14,8 @@ from typing import Iterator
 
 import polars as pl
 
+from cnclip.mainguard import require_main_guard
+
 from .layout import BuildLayout
 from .state import write_parquet_atomic
 from .progress import info, stage_progress
@@ -70,6 +72,7 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
 
 def _img2dataset(recipe: Recipe, **overrides) -> dict:
     """Run img2dataset behind the guard proxy (spawned workers inherit the environment)."""
+    require_main_guard("the download stage (img2dataset)")  # its pool spawns workers
     from img2dataset import download
 
     from .guard_proxy import GuardProxy, ProxyConfig, proxy_environment

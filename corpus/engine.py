@@ -10,6 +10,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
 
+from cnclip.mainguard import require_main_guard
+
 from .progress import stage_progress
 
 Part = TypeVar("Part")
@@ -26,6 +28,8 @@ class LocalEngine:
         self, fn: Callable[[Part], Result], parts: Sequence[Part], description: str
     ) -> list[Result]:
         """fn over every part; results in the order of `parts`, with a progress bar."""
+        if self.processes > 1 and len(parts) > 1:  # before the pool: its workers would re-run an unguarded script
+            require_main_guard(description)
         results: list[Result] = []
         with stage_progress(description, total=len(parts)) as advance:
             for result in self._run(fn, parts):

@@ -73,18 +73,28 @@ def hash_eval_images(path: str, image: ImageSettings) -> pl.DataFrame:
 
 def write_eval_hashes(path: str, out: Path, image: ImageSettings) -> int:
     """Hash an evaluation set into a shareable Parquet list (id, phash as imagehash hex)."""
-    frame = hash_eval_images(path, image)
+    try:
+        frame = hash_eval_images(path, image)
+    except OSError as err:  # an unreadable image or tar in the set
+        raise EvalSetError(f"{err.filename or path}: cannot read ({err.strerror or err})") from None
     table = frame.with_columns(pl.Series("phash", to_hex(frame["phash"].to_numpy()))).to_arrow()
     settings = {"size": image.size, "resize_mode": image.resize_mode, "source": str(path)}
     table = table.replace_schema_metadata({_METADATA_KEY: json.dumps(settings).encode()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    except OSError as err:
+        raise EvalSetError(f"{out}: cannot write the pHash list ({getattr(err, 'strerror', None) or err})") from None
     return frame.height
 
 
 def read_eval_hashes(path: str, image: ImageSettings) -> pl.DataFrame:
     """A pHash list written by write_eval_hashes; refuses one made with other image settings."""
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid (not Parquet) is a ValueError
+        raise EvalSetError(f"{path}: cannot read the pHash list ({str(err).splitlines()[0] if str(err) else err!r})"
+                           ) from None
     settings = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
     made_with = (settings.get("size"), settings.get("resize_mode"))
     if settings and made_with != (image.size, image.resize_mode):
@@ -102,6 +112,9 @@ def load_eval_hashes(paths: list[str], image: ImageSettings) -> pl.DataFrame:
     """Every evaluation set of a recipe, ids prefixed with their set's path."""
     frames = []
     for path in paths:
-        frame = read_eval_hashes(path, image) if path.endswith(".parquet") else hash_eval_images(path, image)
+        try:
+            frame = read_eval_hashes(path, image) if path.endswith(".parquet") else hash_eval_images(path, image)
+        except OSError as err:  # an unreadable image or tar in the set
+            raise EvalSetError(f"{err.filename or path}: cannot read ({err.strerror or err})") from None
         frames.append(frame.with_columns((pl.lit(f"{path}:") + pl.col("id")).alias("id")))
     return pl.concat(frames) if frames else pl.DataFrame(schema={"id": pl.String, "phash": pl.UInt64})

@@ -14,6 +14,9 @@ from typing import Callable
 
 import polars as pl
 
+from cnclip.errors import CnclipError, disk_errors
+from cnclip.mainguard import require_main_guard
+
 from .dedup import DECISION_SCHEMA, find_duplicates, scan_dedup_input
 from .download import retry_failed as retry_transient_failures
 from .download import run_download_stage
@@ -31,6 +34,10 @@ from .text import run_text_stage
 
 STAGES = ("ingest", "text", "download", "hash", "dedup", "shard")
 HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
+
+
+class StageOrderError(CnclipError, RuntimeError):
+    """A stage asked for before the stage it needs has run."""
 
 
 def _recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -75,10 +82,11 @@ def _run_stage(state: StageState, run: Callable[[], dict]) -> dict:
     if state.complete:
         info(f"{state.stage}: up to date, skipped")
         return state.summary
-    if state.begin():
-        info(f"{state.stage}: resuming")
-    summary = run()
-    state.finish(summary)
+    with disk_errors():  # an unwritable output folder or a full disk: one line, not a traceback
+        if state.begin():
+            info(f"{state.stage}: resuming")
+        summary = run()
+        state.finish(summary)
     return summary
 
 
@@ -99,10 +107,11 @@ def run_download(recipe: Recipe | str | Path, retry_failed: bool = False) -> dic
     transient reason; the stages after it are then brought up to date by the next build.
     """
     recipe = _recipe(recipe)
+    require_main_guard("cnclip.corpus.run_download")
     states = stage_states(recipe)
     if retry_failed:
         if not states["download"].complete:
-            raise RuntimeError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
+            raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
         summary = retry_transient_failures(recipe, states["download"].summary)
         states["download"].finish(summary)
         # New parts to hash; dedup over everything again; shards planned afresh.
@@ -165,6 +174,7 @@ def clean(recipe: Recipe | str | Path) -> None:
 def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:
     """Every stage in order (resuming an interrupted build); returns the funnel."""
     recipe = _recipe(recipe)
+    require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
     if fresh:
         clean(recipe)
     started = time.monotonic()

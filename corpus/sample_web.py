@@ -22,6 +22,8 @@ from pathlib import Path
 import polars as pl
 from PIL import Image, ImageDraw
 
+from cnclip.errors import CnclipError
+
 from .hashing import gray32, phash_pixels
 
 # (simplified, traditional, RGB)
@@ -291,6 +293,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class SampleWebError(CnclipError, OSError):
+    """The sample web cannot listen on its port (in use, or not allowed)."""
+
+
 class SampleWebServer(ThreadingHTTPServer):
     """Serves a folder on 127.0.0.1 in a background thread; use as a context manager."""
 
@@ -303,7 +309,7 @@ class SampleWebServer(ThreadingHTTPServer):
         try:
             super().__init__(("127.0.0.1", port), _Handler)
         except OSError as err:
-            raise OSError(f"sample web: cannot listen on 127.0.0.1:{port} ({err.strerror}); "
+            raise SampleWebError(f"sample web: cannot listen on 127.0.0.1:{port} ({err.strerror}); "
                           "set the source's `port` to a free one") from None
         self._thread = threading.Thread(target=self.serve_forever, name="sample-web", daemon=True)
 

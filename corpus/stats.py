@@ -8,6 +8,8 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
+from cnclip.errors import CnclipError
+
 from .funnel import funnel_table, scan_manifest
 from .progress import console
 
@@ -19,13 +21,17 @@ def _distribution(frame: pl.LazyFrame, expr: pl.Expr) -> dict[str, float]:
     return {name: (None if value is None else float(value)) for name, value in row.row(0, named=True).items()}
 
 
+class ManifestError(CnclipError, FileNotFoundError):
+    """A folder given as a build's manifest_dir that holds no manifests."""
+
+
 def corpus_stats(manifest_dir: str | Path) -> dict:
     manifest_dir = Path(manifest_dir)
     samples = scan_manifest(manifest_dir / "samples", ["source", "caption", "width", "height", "original_width",
                                                         "original_height"])
     rejected = scan_manifest(manifest_dir / "rejected", ["reason"])
     if samples is None and rejected is None:
-        raise FileNotFoundError(f"{manifest_dir}: no samples/ or rejected/ manifests here")
+        raise ManifestError(f"{manifest_dir}: no samples/ or rejected/ manifests here")
     stats: dict = {"manifest_dir": str(manifest_dir)}
     funnel_path = manifest_dir / "funnel.json"
     if funnel_path.exists():

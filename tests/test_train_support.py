@@ -87,6 +87,17 @@ def tiny_config(tmp: Path, train: str | list[str], **overrides) -> TrainConfig:
     return parse_config(data, "test-config")
 
 
+def write_config(folder: Path, train: str | list[str], **overrides) -> str:
+    """tiny_config as the YAML file a user would pass to `cnclip train`; returns its path."""
+    import yaml
+
+    cfg = tiny_config(folder, train, **overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
 def dropout_model(folder: Path, dropout: float = 0.1) -> str:
     """cn-tiny with text dropout, like every real zoo model (cn-ViT-B-16: 0.1): a config file path.
     Exact-resume checks need it, since dropout is what draws from the RNG during training."""

@@ -18,7 +18,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from cnclip.errors import CnclipError
+
 FORMAT = "cnclip-train-1"
+
+
+class CheckpointError(CnclipError, ValueError):
+    """A file given as a checkpoint that is missing, damaged or not one; or a resume that cannot go on."""
 
 
 def rng_state() -> dict:
@@ -81,13 +87,26 @@ def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict:
+    """The checkpoint's state, or a one-line CheckpointError naming the file and why it cannot load.
+
+    Whatever `torch.load` raises on a user's file (truncated zip, empty file, a pickle that
+    `weights_only=True` refuses to unpickle, an unreadable file) is the file's fault, not ours.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"not a loadable checkpoint: {path} ({'a folder' if path.is_dir() else 'no such file'})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds (RuntimeError, EOFError, UnpicklingError...)
+        raise CheckpointError(f"not a loadable checkpoint: {path} ({_first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a cnclip training checkpoint")
+        raise CheckpointError(f"not a loadable checkpoint: {path} (not a cnclip training checkpoint)")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def model_config(state: dict) -> dict:

@@ -15,14 +15,15 @@ from rich.console import Console
 from rich.table import Table
 
 from cnclip.corpus.progress import error
+from cnclip.errors import CnclipError, disk_errors
 
 from .config import ConfigError, load_config
 
 app = typer.Typer(help="Train, evaluate and export Chinese CLIP models.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-# Errors a user can fix (bad config, missing shards or weights): one line each, exit code 2. The
-# modules defining the others import torch, so `cnclip --help` does not pay for them.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # DataError and ModelError are ValueErrors
+# Errors a user can fix (bad config, missing shards or weights, a file that is not a checkpoint):
+# one line each, exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CnclipError,)
 
 
 @app.command("train")
@@ -33,12 +34,16 @@ def train(
                                          help="a checkpoint to continue from, or 'latest' (the run's newest)"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1,
                                              help="checkpoint and stop after this many steps (resume later)"),
+    fresh: bool = typer.Option(False, "--fresh",
+                               help="replace the run in output_dir (removes only the files a run writes)"),
 ) -> None:
     """Two-stage training: stage 1 with the image tower locked, then stage 2 with everything.
 
+    Rerunning the same config resumes its run (or says it is finished); another config's run in
+    output_dir is refused unless --fresh.
+
     Example: cnclip train recipes/train-demo.yaml --stage all
     """
-    from .checkpoint import find_latest
     from .loop import train as run_training
 
     if stage not in ("1", "2", "all"):
@@ -46,15 +51,14 @@ def train(
         raise typer.Exit(2)
     try:
         cfg = load_config(config)
-        if resume == "latest":
-            found = find_latest(cfg.output_dir)
-            if found is None:
-                raise FileNotFoundError(f"{cfg.output_dir}/checkpoints: no checkpoint to resume")
-            resume = str(found)
-        summary = run_training(cfg, stage=stage, resume=resume, stop_after=stop_after)
+        summary = run_training(cfg, stage=stage, resume=resume, stop_after=stop_after, fresh=fresh)
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None
+    if summary.get("finished"):
+        typer.echo(f"{cfg.output_dir}: this config's run is finished ({summary['finished']}); nothing to do "
+                   "(--fresh trains it again)")
+        return
     print_summary(summary)
 
 
@@ -109,17 +113,26 @@ def evaluate(
 
     import torch
 
+    from cnclip.corpus.recipe import validate_mapping
+
     from .config import EvalSet
     from .evaluate import evaluate_set
     from .loop import load_model_from_checkpoint, transforms
 
+    if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
+        error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")
+        raise typer.Exit(2)
+    if device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda: no CUDA device is available here (use --device cpu)")
+        raise typer.Exit(2)
     try:
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         dev = torch.device("cuda" if use_cuda else "cpu")
         with tempfile.TemporaryDirectory() as workdir:
             model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev)
-        eval_set = EvalSet(name="cli", kind="zeroshot" if classnames else "retrieval", data=data,
-                           max_samples=max_samples, classnames=classnames, templates=templates)
+        eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
+                                              "data": data, "max_samples": max_samples, "classnames": classnames,
+                                              "templates": templates}, "cnclip eval", ConfigError)
         metrics = evaluate_set(model, tokenizer, eval_set, transforms(model)[1], device=dev, precision=precision,
                                batch_size=batch_size)
     except USER_ERRORS as err:
@@ -135,9 +148,14 @@ def evaluate(
     Console().print(table)
     typer.echo(json.dumps(record, ensure_ascii=False))
     if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            with disk_errors():
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except CnclipError as err:
+            error(f"--log: {err}")
+            raise typer.Exit(2) from None
 
 
 @app.command("export")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import tarfile_samples
 
 from cnclip.errors import CnclipError
+from cnclip.mainguard import default_start_method, require_main_guard
 
 from .config import DataSettings
 
@@ -38,6 +39,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 class DataError(CnclipError, ValueError):
     """Shards that cannot be found or used."""
+
+
+def unwrap_worker_error(err: DataError) -> DataError:
+    """A DataLoader worker's DataError reaches the main process as a DataError whose message is
+    the worker's whole traceback; keep only the original one-line message."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    text = str(err)
+    return DataError(text.rsplit(marker, 1)[1].strip()) if marker in text else err
 
 
 def expand_patterns(patterns: Sequence[str], origin: str = "data.train") -> list[str]:
@@ -102,7 +111,11 @@ def count_samples(shards: list[str], manifest_dir: Optional[Path]) -> Optional[i
         parts = sorted((Path(manifest_dir) / "samples").glob("*.parquet"))
         if not parts:
             raise DataError(f"data.manifest_dir: {manifest_dir}/samples has no manifest parts")
-        counts = pl.scan_parquet(parts).group_by("shard").len().collect()
+        try:
+            counts = pl.scan_parquet(parts).group_by("shard").len().collect()
+        except (OSError, pl.exceptions.PolarsError) as err:
+            raise DataError(f"data.manifest_dir: cannot read {manifest_dir}/samples "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         per_shard = {f"{s:05d}.tar": n for s, n in counts.rows()}
         return sum(per_shard.get(n, 0) for n in names)
     total = 0
@@ -110,7 +123,10 @@ def count_samples(shards: list[str], manifest_dir: Optional[Path]) -> Optional[i
         sizes_path = folder / "sizes.json"
         if not sizes_path.is_file():
             return None
-        sizes = json.loads(sizes_path.read_text(encoding="utf-8"))
+        try:
+            sizes = json.loads(sizes_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{sizes_path}: cannot read ({err})") from None
         mine = [n for n in names if (folder / n).as_posix() in {Path(s).as_posix() for s in shards}]
         if any(n not in sizes for n in mine):
             return None
@@ -127,7 +143,7 @@ def read_captions(shards: Sequence[str]) -> Iterator[str]:
     """Every caption in the shards (reads the tars; used to build a corpus vocab)."""
     for sample in tarfile_samples([{"url": s} for s in shards], handler=_warn_and_continue):
         if "txt" in sample:
-            yield from sample["txt"].decode("utf-8").splitlines()
+            yield from sample["txt"].decode("utf-8", errors="replace").splitlines()
 
 
 # --- the training stream ---------------------------------------------------------------------------
@@ -351,6 +367,8 @@ def train_loader(
     position: Optional[DataPosition] = None,
 ) -> DataLoader:
     """A DataLoader over this rank's infinite stream, resuming at `position` if given."""
+    if data.workers:
+        require_main_guard("data.workers (DataLoader workers)", default_start_method())
     workers = max(data.workers, 1)
     if position is not None and position.workers != workers:
         raise DataError(f"data.workers: the checkpoint was written with {position.workers} workers; exact "

@@ -21,7 +21,7 @@ import open_clip
 import torch
 
 from .config import EvalSet
-from .data import eval_batches
+from .data import DataError, eval_batches
 
 KS = (1, 5, 10)
 # From Chinese-CLIP's cn_clip/eval/imagenet_zeroshot_templates.py (the first of its 80 prompts).
@@ -60,7 +60,7 @@ def embed_eval_set(model, tokenizer: Callable, patterns: Sequence[str], transfor
         text_feats = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float()
                       for i in range(0, len(texts), batch_size)]
     if not image_feats:
-        raise ValueError(f"{origin}: no readable samples")
+        raise DataError(f"{origin}: no readable samples")
     return {
         "images": torch.stack(image_feats),
         "texts": torch.cat(text_feats) if text_feats else torch.empty(0, image_feats[0].shape[0]),
@@ -73,7 +73,7 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
     """Recall@1/5/10 both ways and their mean, in percent (Chinese-CLIP's definitions)."""
     n_images, n_texts = image_feats.shape[0], text_feats.shape[0]
     if n_texts == 0:
-        raise ValueError("a retrieval set needs captions ({key}.txt lines); this one has none")
+        raise DataError("a retrieval set needs captions ({key}.txt lines); this one has none")
     sims = text_feats @ image_feats.T  # [texts, images]
     out: dict[str, float] = {}
     # text -> image: the rank of each caption's own image (only the top 10 are kept, not a full sort).
@@ -93,7 +93,12 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
 
 
 def read_lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    """The non-blank lines of a class-name or template file (a DataError when it cannot be read)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 @torch.no_grad()
@@ -101,7 +106,7 @@ def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labe
                      templates: list[str], device: torch.device) -> dict:
     known = [i for i, label in enumerate(labels) if label is not None]
     if not known:
-        raise ValueError("zero-shot set has no {key}.cls labels")
+        raise DataError("zero-shot set has no {key}.cls labels")
     classifier = open_clip.build_zero_shot_classifier(
         model, tokenizer=tokenizer, classnames=classnames, templates=templates, num_classes_per_batch=32,
         device=device)
@@ -126,7 +131,7 @@ def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Calla
                              origin=f"eval.sets[{eval_set.name}]")
         if eval_set.kind == "retrieval":
             if emb["texts"].shape[0] == 0:
-                raise ValueError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
+                raise DataError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
                                  f"{', '.join(eval_set.patterns)}: a retrieval set needs them "
                                  "(kind: zeroshot evaluates labelled images)")
             return retrieval_metrics(emb["images"].cpu(), emb["texts"].cpu(), emb["text_image"])

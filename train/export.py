@@ -22,16 +22,29 @@ from typing import Union
 from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
 
+from cnclip.errors import CnclipError
+
 from .loop import load_model_from_checkpoint
 from .models import write_text_tower_dir
+
+
+class ExportError(CnclipError, OSError):
+    """The export folder cannot be created or written."""
 
 
 def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path]) -> Path:
     """Write `checkpoint`'s model as an open_clip local-dir model in `directory`; returns it."""
     directory = Path(directory).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir)
+    try:
+        return _write_export(checkpoint, directory, model, tokenizer, state)
+    except OSError as err:  # a file where the folder should be, no permission, a full disk
+        raise ExportError(f"{directory}: cannot write the export ({err.strerror or err})") from None
+
+
+def _write_export(checkpoint: Union[str, Path], directory: Path, model, tokenizer, state: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     model_cfg = json.loads(state["model_cfg"])
     spec = model_cfg.pop("hf_text_config", None)
     text_cfg = model_cfg["text_cfg"]

@@ -28,9 +28,14 @@ from open_clip.model import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.nn.parallel import DistributedDataParallel
 
+from cnclip.errors import disk_errors
+from cnclip.mainguard import default_start_method, require_main_guard
+
 from . import checkpoint as ckpt
-from .config import TrainConfig
-from .data import DataError, DataPosition, ShardSet, read_captions, resolve_train_shards, train_loader
+from . import rundir
+from .config import ConfigError, TrainConfig
+from .data import (DataError, DataPosition, ShardSet, read_captions, resolve_train_shards, train_loader,
+                   unwrap_worker_error)
 from .distributed import Runtime, seed_everything
 from .evaluate import autocast, evaluate_set
 from .models import create_model, load_clip_weights, load_image_tower, rebuild_model
@@ -45,7 +50,7 @@ def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
         return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, length)
     if choice == "text-tower":
         if cfg.init.text is None:
-            raise ValueError("tokenizer.vocab: text-tower needs init.text (an HF directory with vocab.txt)")
+            raise ConfigError("tokenizer.vocab: text-tower needs init.text (an HF directory with vocab.txt)")
         return ChineseTokenizer.from_file(Path(cfg.init.text) / "vocab.txt", length)
     if choice == "corpus":
         saved = Path(cfg.output_dir) / "vocab.txt"
@@ -159,7 +164,7 @@ class Trainer:
 
     def run(self, stage: str = "all", resume: Optional[Union[str, Path]] = None,
             stop_after: Optional[int] = None) -> dict:
-        stages = {"1": [1], "2": [2], "all": [1, 2]}[str(stage)]
+        stages = STAGES[str(stage)]
         state = ckpt.load_checkpoint(resume) if resume else None
         # Per-process state (RNG, data position, pending log window) needs the same process count.
         per_rank = state is not None and state["world_size"] == self.rt.world_size
@@ -175,12 +180,12 @@ class Trainer:
             if complete:  # a finished stage: its weights start the next requested stage
                 stages = [s for s in stages if s > done_stage]
                 if not stages:
-                    raise ValueError(f"{resume}: stage {done_stage} is complete; nothing left to run for --stage {stage}")
+                    raise ckpt.CheckpointError(f"{resume}: stage {done_stage} is complete; nothing left to run for --stage {stage}")
             elif done_stage in stages:  # mid-stage: continue exactly
                 stages = [s for s in stages if s >= done_stage]
                 start_step, continuing = state["step"], True
             elif done_stage > stages[-1]:
-                raise ValueError(f"{resume}: a stage-2 checkpoint cannot resume stage 1 (use --stage 2)")
+                raise ckpt.CheckpointError(f"{resume}: a stage-2 checkpoint cannot resume stage 1 (use --stage 2)")
             # else: a mid-stage-1 checkpoint starts stage 2 (--stage 2)
         self.log.start(state["log_lines"] if state is not None else 0)
         if state is not None and not per_rank:
@@ -309,7 +314,10 @@ class Trainer:
         self._open_window()
 
     def _next_batch(self) -> dict:
-        batch = next(self.batches)
+        try:
+            batch = next(self.batches)
+        except DataError as err:  # e.g. every shard of a worker unreadable
+            raise unwrap_worker_error(err) from None
         self.position.advance(batch)
         if batch["errors"]:
             self.log.event("skipped", rank=self.rt.rank, errors=batch["errors"])
@@ -404,15 +412,36 @@ class Trainer:
         return path
 
 
+STAGES = {"1": [1], "2": [2], "all": [1, 2]}
+
+
 def train(cfg: TrainConfig, stage: str = "all", resume: Optional[Union[str, Path]] = None,
-          stop_after: Optional[int] = None) -> dict:
+          stop_after: Optional[int] = None, fresh: bool = False) -> dict:
     """Run the configured stages; returns per-stage losses, evaluations and checkpoint paths.
 
-    `resume`: a checkpoint; mid-stage it continues exactly, a finished stage-1 checkpoint starts
-    stage 2. `stop_after`: optimizer steps to run in this call before checkpointing and returning
-    (for time-limited jobs; `resume` the latest checkpoint to go on).
+    Reruns like a build (see rundir.py): into an output_dir holding a run of the same config it
+    resumes from the latest checkpoint, or returns at once with `finished` (the final checkpoint)
+    when the stages are done; another config's run there is a RunDirError unless `fresh`, which
+    removes that run's files first. `resume`: "latest" or a checkpoint; mid-stage it continues
+    exactly, a finished stage-1 checkpoint starts stage 2. `stop_after`: optimizer steps to run in
+    this call before checkpointing and returning (for time-limited jobs; call again to go on).
     """
-    return Trainer(cfg).run(stage, resume, stop_after)
+    if str(stage) not in STAGES:
+        raise ConfigError(f"stage: expected 1, 2 or all (got {stage!r})")
+    if cfg.data.workers:  # before any work, not when the DataLoader starts
+        require_main_guard("cnclip.train.train with data.workers", default_start_method())
+    runtime = Runtime(cfg.device)
+    plan = rundir.plan_run(cfg, STAGES[str(stage)], resume, fresh)  # every rank reads the same folder
+    if runtime.distributed:
+        dist.barrier()
+    if plan.finished is not None:
+        return {"stages": {}, "output_dir": str(cfg.output_dir), "finished": str(plan.finished)}
+    if runtime.main:
+        rundir.apply_plan(cfg, plan)
+    if runtime.distributed:
+        dist.barrier()
+    with disk_errors():  # an unwritable output_dir or a full disk is one line, not a traceback
+        return Trainer(cfg, runtime).run(stage, plan.resume, stop_after)
 
 
 def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],

@@ -186,17 +186,18 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    elif _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        try:
+            state = load_file(str(path))
+        elif _is_torchscript(path):
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unpickling errors have many types
-            raise ModelError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file makes each reader raise its own kinds
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ModelError(f"{path}: cannot read checkpoint ({first.strip()})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -24,10 +24,16 @@ from typing import Iterable, Sequence, Union
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+from cnclip.errors import CnclipError
+
 BERT_BASE_CHINESE_VOCAB = Path(__file__).parent / "data" / "bert-base-chinese-vocab.txt"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # cn_clip's WordpieceTokenizer default; HF's BertTokenizer uses 100.
 MAX_CHARS_PER_WORD = 200
+
+
+class TokenizerError(CnclipError, ValueError):
+    """A vocab file that cannot be read or lacks BERT's special tokens."""
 
 
 def _normalizer() -> normalizers.Normalizer:
@@ -42,7 +48,7 @@ class ChineseTokenizer:
         self.vocab = list(vocab)
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:
-            raise ValueError(f"vocab lacks the special tokens {', '.join(missing)}")
+            raise TokenizerError(f"vocab lacks the special tokens {', '.join(missing)}")
         ids = {token: i for i, token in enumerate(self.vocab)}
         self.context_length = context_length
         self.pad_id, self.unk_id, self.cls_id, self.sep_id = (ids[t] for t in SPECIAL_TOKENS[:4])
@@ -52,7 +58,11 @@ class ChineseTokenizer:
 
     @classmethod
     def from_file(cls, path: Union[str, Path], context_length: int = 52) -> "ChineseTokenizer":
-        return cls(read_vocab(path), context_length)
+        vocab = read_vocab(path)
+        try:
+            return cls(vocab, context_length)
+        except TokenizerError as err:
+            raise TokenizerError(f"{path}: {err}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -94,7 +104,10 @@ class ChineseTokenizer:
 
 def read_vocab(path: Union[str, Path]) -> list[str]:
     # Like BERT's load_vocab: one token per line, trailing whitespace stripped, order is the id.
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path}: cannot read the vocab ({getattr(err, 'strerror', None) or err})") from None
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip() for line in lines]
