@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnclip.errors import CnclipError
 
@@ -116,6 +116,18 @@ class DownloadSettings(GuardSettings):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+    allow_local_files: list[str] = Field(
+        default_factory=list, description="folders file:// URLs may read regular files from (none: file:// rejected)")
+    memory_budget: Optional[ByteSize] = Field(
+        default=None, description="bytes (or '8GiB') the download may use; fewer threads, or refused, if over")
+
+    @field_validator("allow_local_files")
+    @classmethod
+    def _existing_folders(cls, value: list[str]) -> list[str]:
+        missing = [folder for folder in value if not Path(folder).is_dir()]
+        if missing:
+            raise ValueError(f"not an existing folder: {missing[0]!r}")
+        return value
 
 
 class DedupSettings(_Strict):
@@ -151,6 +163,21 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _download_memory(self) -> "Recipe":
+        """A memory budget that one download thread per process already exceeds runs nothing."""
+        from pydantic_core import PydanticCustomError
+
+        from .download_memory import threads_within_budget
+
+        d = self.download
+        try:
+            threads_within_budget(d.processes, d.threads, self.image.max_pixels, d.max_response_bytes,
+                                  d.memory_budget)
+        except ValueError as err:
+            raise PydanticCustomError("memory_budget", str(err)) from None
         return self
 
     def settings(self, section: str) -> dict:
