@@ -30,6 +30,7 @@ from .guard_reasons import (
 )
 
 _CHUNK = 1024 * 1024
+_clock, _read = time.monotonic, os.read  # module names, so a test can stand in a slow disk or an endless file
 # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; O_NOFOLLOW: the last
 # component may not have become a symlink since it was resolved.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | \
@@ -97,7 +98,7 @@ def read_local_file(url: str, roots: Sequence[str], *, max_bytes: int, timeout: 
         reason = NOT_REGULAR_FILE if err.errno in (errno.ENXIO, errno.ELOOP) else LOCAL_FILE_UNREADABLE
         return Response(url, reason=reason, detail=f"{path[:200]}: {err.strerror}")
     try:
-        return _read_open_file(url, path, fd, roots, max_bytes, time.monotonic() + timeout)
+        return _read_open_file(url, path, fd, roots, max_bytes, _clock() + timeout)
     finally:
         os.close(fd)
 
@@ -115,12 +116,12 @@ def _read_open_file(url: str, path: str, fd: int, roots: Sequence[str], max_byte
         return Response(url, reason=TOO_LARGE, detail=f"{path[:200]}: {info.st_size} bytes, over the "
                                                       f"{max_bytes}-byte limit")
     chunks, size = [], 0
-    while chunk := os.read(fd, _CHUNK):  # a size the file does not keep (/proc, growing) is capped here
+    while chunk := _read(fd, _CHUNK):  # a size the file does not keep (/proc, growing) is capped here
         chunks.append(chunk)
         size += len(chunk)
         if size > max_bytes:
             return Response(url, reason=TOO_LARGE, detail=f"{path[:200]}: over the {max_bytes}-byte limit")
-        if time.monotonic() > deadline:
+        if _clock() > deadline:
             return Response(url, reason=TIMEOUT, detail=f"{path[:200]}: not read within the timeout")
     headers = Message()
     headers["Content-Type"] = mimetypes.guess_type(path)[0] or "application/octet-stream"

@@ -185,7 +185,8 @@ class Recipe(_Strict):
         value = getattr(self, section)
         dumped = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
         if isinstance(dumped, dict):
-            dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads")}
+            # memory_budget only changes the threads, never what is downloaded.
+            dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads", "memory_budget")}
         return dumped
 
 

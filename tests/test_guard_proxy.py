@@ -331,8 +331,19 @@ def test_an_endless_regular_file_is_cut_at_the_size_limit(tmp_path, monkeypatch)
     from cnclip.corpus import local_files
 
     (tmp_path / "endless.jpg").write_bytes(b"")
-    real_read = os.read
-    monkeypatch.setattr(local_files.os, "read", lambda fd, n: b"\0" * n if n else real_read(fd, n))
+    monkeypatch.setattr(local_files, "_read", lambda fd, n: b"\0" * n)
     answer = local_files.read_local_file(f"file://{tmp_path}/endless.jpg", (str(tmp_path),),
                                          max_bytes=3 * 1024 * 1024, timeout=5)
     assert answer.reason == "network:too_large" and answer.body == b""
+
+
+def test_a_local_file_read_past_the_timeout_is_a_timeout(tmp_path, monkeypatch):
+    """A slow disk (network mount) costs the timeout, as a slow server does."""
+    from cnclip.corpus import local_files
+
+    (tmp_path / "slow.jpg").write_bytes(b"x" * (3 * 1024 * 1024))
+    clock = iter(range(0, 1000, 4))  # every look at the clock is 4 s later
+    monkeypatch.setattr(local_files, "_clock", lambda: next(clock))
+    answer = local_files.read_local_file(f"file://{tmp_path}/slow.jpg", (str(tmp_path),),
+                                         max_bytes=10 * 1024 * 1024, timeout=5)
+    assert answer.reason == "network:timeout" and answer.body == b""
