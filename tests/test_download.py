@@ -1,9 +1,22 @@
+import hashlib
 import json
+import os
+import resource
 import subprocess
 import sys
+from urllib.parse import quote
 
-from cnclip.corpus.download import img2dataset_arguments
+import polars as pl
+import pytest
+from loopback_routes import RouteServer, jpeg_bytes
+
+from cnclip.corpus import build
+from cnclip.corpus.download import as_sent, img2dataset_arguments
+from cnclip.corpus.download_memory import download_memory, show_bytes, threads_within_budget
+from cnclip.corpus.pipeline import run_download, run_text
+from cnclip.corpus.recipe import RecipeError
 from cnclip.corpus.sample_web import png_bomb
+from cnclip.corpus.uri import to_uri
 
 # Runs img2dataset's own resizer on a bomb in a fresh process, with and without the pixel limit
 # the download stage hands to OpenCV, and reports the peak memory of each.
@@ -57,21 +70,6 @@ def test_recipe_maps_onto_img2dataset(make_recipe, tmp_path):
 
 # --- file:// URLs, URLs as browsers send them, the memory budget (builds over 127.0.0.1) ---------
 
-import hashlib  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-from urllib.parse import quote  # noqa: E402
-
-import polars as pl  # noqa: E402
-import pytest  # noqa: E402
-from loopback_routes import RouteServer, jpeg_bytes  # noqa: E402
-
-from cnclip.corpus import build  # noqa: E402
-from cnclip.corpus.download import as_sent  # noqa: E402
-from cnclip.corpus.download_memory import download_memory, show_bytes, threads_within_budget  # noqa: E402
-from cnclip.corpus.pipeline import run_download, run_text  # noqa: E402
-from cnclip.corpus.recipe import RecipeError  # noqa: E402
-from cnclip.corpus.uri import to_uri  # noqa: E402
 
 
 def metadata_recipe(make_recipe, tmp_path, rows, **sections):
@@ -96,6 +94,16 @@ def test_file_urls_are_rejected_before_download_unless_folders_are_allowed(make_
     rejected = pl.read_parquet(recipe.output_dir / "work/text/rejected/*.parquet")
     assert rejected["reason"].to_list() == ["ingest:local_file_not_allowed"] * 3
     assert rejected["stage"].unique().to_list() == ["ingest"]
+
+
+def test_allowing_local_files_later_redoes_the_text_stage(make_recipe, tmp_path):
+    """The text stage's verdict on file:// depends on a download key: its fingerprint must too."""
+    (tmp_path / "photos").mkdir()
+    rows = [(f"file://{tmp_path}/photos/a.jpg", "我自己的猫咪照片")]
+    assert run_text(metadata_recipe(make_recipe, tmp_path, rows)) == {"accepted": 0, "rejected": 1}
+    allowed = metadata_recipe(make_recipe, tmp_path, rows, download={"allow_local_files": [str(tmp_path / "photos")]})
+    assert run_text(allowed) == {"accepted": 1, "rejected": 0}
+    assert pl.read_parquet(allowed.output_dir / "work/text/accepted/*.parquet")["url"].to_list() == [rows[0][0]]
 
 
 def test_allow_local_files_must_name_existing_folders(make_recipe, tmp_path):
