@@ -55,6 +55,37 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     assert unguarded["grew_mib"] > 200  # ~380 MiB of pixels; ru_maxrss deltas vary with the allocator
 
 
+WORST_IMAGE_PROBE = r"""
+import io, json, os, resource, sys
+from img2dataset.resizer import Resizer, ResizeMode
+resizer = Resizer(image_size=64, resize_mode=ResizeMode.center_crop, resize_only_if_bigger=False,
+                  min_image_size=64, max_image_area=89478485.0, max_aspect_ratio=3.0)
+with open(sys.argv[1], "rb") as f:
+    result = resizer(io.BytesIO(f.read()))
+print(json.dumps({"error": result[-1], "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def test_the_worst_image_a_process_decodes_fits_the_documented_figure(tmp_path):
+    """A 16-bit RGBA PNG (img2dataset alpha-mattes it in float64): one worker process, imports
+    included, stays within WORKER_BASE_BYTES + pixels × DECODE_BYTES_PER_PIXEL."""
+    import cv2
+    import numpy as np
+
+    from cnclip.corpus.download_memory import DECODE_BYTES_PER_PIXEL, WORKER_BASE_BYTES
+
+    side = 3000
+    ok, encoded = cv2.imencode(".png", np.full((side, side, 4), 30_000, np.uint16))
+    (tmp_path / "rgba16.png").write_bytes(encoded.tobytes())
+    out = subprocess.run([sys.executable, "-c", WORST_IMAGE_PROBE, str(tmp_path / "rgba16.png")],
+                         capture_output=True, text=True, timeout=120,
+                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] is None  # decoded and resized, not refused
+    assert result["peak"] <= WORKER_BASE_BYTES + side * side * DECODE_BYTES_PER_PIXEL
+
+
 def test_recipe_maps_onto_img2dataset(make_recipe, tmp_path):
     recipe = make_recipe([{"name": "m", "kind": "metadata", "path": "x.parquet"}],
                          image={"size": 96, "max_pixels": 1000, "max_aspect_ratio": 2.5, "min_side": 20},

@@ -347,3 +347,14 @@ def test_a_local_file_read_past_the_timeout_is_a_timeout(tmp_path, monkeypatch):
     answer = local_files.read_local_file(f"file://{tmp_path}/slow.jpg", (str(tmp_path),),
                                          max_bytes=10 * 1024 * 1024, timeout=5)
     assert answer.reason == "network:timeout" and answer.body == b""
+
+
+def test_a_redirect_to_a_file_url_is_not_followed(tmp_path):
+    """A web server cannot hand the client a local file, not even one in an allowed folder."""
+    (tmp_path / "a.jpg").write_bytes(IMAGE)
+    routes = {"/hop.jpg": (302, {"Location": f"file://{tmp_path}/a.jpg"}, b"")}
+    with RouteServer(routes) as site, GuardProxy(config(allow_local_files=(str(tmp_path),))) as proxy:
+        message = error_of(lambda: file_opener(proxy).open(site.base + "/hop.jpg", timeout=10))
+        stats = proxy.stats()
+    assert message.startswith("HTTP Error 302: ") and "is not allowed" in message
+    assert stats == {"redirect": 1}  # the file was never asked for
