@@ -7,9 +7,10 @@ The download stage starts it on 127.0.0.1 and hands its URL to the workers throu
 every redirect hop (urllib follows redirects client-side, each hop a new request through here),
 the proxy resolves the host, checks every address, connects to the checked address itself (no
 second lookup, no rebinding gap), waits for the host's turn, and enforces the size and time
-limits. Refusals are answered with a status line that carries a stable marker,
-`403 cnclip-guard network:blocked_address 127.0.0.2`, which ends up in img2dataset's error message
-and maps back with `reason_from_error_message`.
+limits. `file://` requests reach it too (`file_proxy`): corpus.local_files reads them, from
+`download.allow_local_files` only, under the same limits. Refusals are answered with a status
+line that carries a stable marker, `403 cnclip-guard network:blocked_address 127.0.0.2`, which
+ends up in img2dataset's error message and maps back with `reason_from_error_message`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ BAD_RESPONSE = "network:bad_response"  # a header line too long, too many or too
 LOCAL_FILE_NOT_ALLOWED = "network:local_file_not_allowed"  # file:// outside download.allow_local_files
 NOT_REGULAR_FILE = "network:not_regular_file"  # a file:// URL naming a FIFO, device, socket or folder
 LOCAL_FILE_UNREADABLE = "network:local_file_unreadable"  # a file:// URL naming a missing or unreadable file
-TEXT_LOCAL_FILE = "ingest:local_file_not_allowed"  # file:// URLs when download.allow_local_files is empty
 ROBOTS_DISALLOWED = "politeness:robots_disallowed"
 CRAWL_DELAY_TOO_LONG = "politeness:crawl_delay_too_long"
 OPTED_OUT = "politeness:opted_out"  # X-Robots-Tag / meta robots noai, noimageai on the page
