@@ -1,8 +1,10 @@
 """Download stage: img2dataset on the rows the text stage accepted.
 
-img2dataset does the fetching, resizing and size/aspect checks; this module only maps the recipe
-onto its Python API and adds the one guard it lacks: OpenCV is told the recipe's pixel limit, so
-a decompression bomb is refused from its header before any pixel memory is allocated.
+img2dataset does the fetching, resizing and size/aspect checks; this module maps the recipe onto
+its Python API and adds what it lacks: URLs encoded as browsers send them, the guard proxy in
+front of every request (file:// included), threads lowered to fit download.memory_budget, and
+OpenCV told the recipe's pixel limit, so a decompression bomb is refused from its header before
+any pixel memory is allocated.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import polars as pl
 from cnclip.mainguard import require_main_guard
 
 from .layout import BuildLayout
-from .state import write_parquet_atomic
+from .state import remove_temporaries, write_parquet_atomic
+from .uri import to_uri
 from .progress import info, stage_progress
 from .recipe import Recipe, SampleWebSource
 
@@ -35,11 +38,56 @@ def serve_sample_webs(recipe: Recipe) -> Iterator[None]:
         yield
 
 
+def download_threads(recipe: Recipe) -> tuple[int, str | None]:
+    """The threads per process that fit download.memory_budget (see download_memory)."""
+    from .download_memory import threads_within_budget
+
+    d = recipe.download
+    return threads_within_budget(d.processes, d.threads, recipe.image.max_pixels, d.max_response_bytes,
+                                 d.memory_budget)
+
+
+def download_input_dir(layout: BuildLayout) -> Path:
+    """The rows img2dataset reads: the text stage's accepted rows, URLs as browsers send them."""
+    return layout.download_dir.parent / "download-input"
+
+
+def _to_uri_or_given(url: str) -> str:
+    try:
+        return to_uri(url)
+    except ValueError:  # a host IDNA cannot encode: img2dataset records the failure
+        return url
+
+
+def as_sent(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """`url` IDNA- and percent-encoded by the code html/warc links go through (corpus.uri), so
+    `/图片.jpg?名字=值`, `例子.中国` and spaces are fetched; only rows with a non-ASCII character, a
+    space or a control character pass through Python. The manifests keep the URL as given."""
+    odd = pl.col("url").str.contains(r"[^\x21-\x7e]")
+    encoded = frame.filter(odd).with_columns(pl.col("url").map_elements(_to_uri_or_given, return_dtype=pl.String))
+    return pl.concat([frame.filter(~odd), encoded]).sort("uid")
+
+
+def write_download_input(layout: BuildLayout) -> Path:
+    """One input part per accepted part, rewritten every run: cheap beside the downloads, and never
+    stale after the text stage reran (parts without an accepted part are removed)."""
+    folder = download_input_dir(layout)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(folder)
+    accepted = sorted(layout.text_accepted_dir.glob("*.parquet"))
+    for stale in set(folder.glob("*.parquet")) - {folder / p.name for p in accepted}:
+        stale.unlink()
+    for part in accepted:
+        write_parquet_atomic(as_sent(pl.scan_parquet(part).select("url", "caption", "uid")).collect(),
+                             folder / part.name)
+    return folder
+
+
 def img2dataset_arguments(recipe: Recipe) -> dict:
     layout = BuildLayout.of(recipe)
     image, download = recipe.image, recipe.download
     return dict(
-        url_list=str(layout.text_accepted_dir),
+        url_list=str(download_input_dir(layout)),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
@@ -47,7 +95,7 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
         output_format="webdataset",
         output_folder=str(layout.download_dir),
         processes_count=download.processes,
-        thread_count=download.threads,
+        thread_count=download_threads(recipe)[0],
         number_sample_per_shard=download.samples_per_part,
         image_size=image.size,
         resize_mode=image.resize_mode,
@@ -82,6 +130,9 @@ def _img2dataset(recipe: Recipe, **overrides) -> dict:
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     config = ProxyConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
+    lowered = download_threads(recipe)[1]
+    if lowered:
+        info(lowered)
     arguments = {**img2dataset_arguments(recipe), "timeout": config.client_timeout, **overrides}
     with (serve_sample_webs(recipe), GuardProxy(config) as proxy, proxy_environment(proxy),
           _parts_progress(Path(arguments["output_folder"]), arguments["url_list"], recipe.download.samples_per_part)):
@@ -170,6 +221,7 @@ def run_download_stage(recipe: Recipe) -> dict:
     if not any(layout.text_accepted_dir.glob("*.parquet")):
         info("download: no rows to download")
         return {"by_status": {}, "retries": 0}
+    write_download_input(layout)
     guard = _img2dataset(recipe)
     return {"by_status": _statuses(layout.download_dir), "retries": 0, "guard": guard}
 
@@ -188,7 +240,7 @@ def retry_failed(recipe: Recipe, previous: dict) -> dict:
                   how="diagonal_relaxed")
         .join(transient, on="uid", how="semi")
         .select("url", "caption", "uid")
-        .sort("uid")
+        .pipe(as_sent)
         .collect()
     )
     if rows.height == 0:

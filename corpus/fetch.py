@@ -21,12 +21,14 @@ from typing import Callable, Optional
 from urllib.parse import urljoin, urlsplit
 
 from .guard_reasons import (
+    BAD_RESPONSE,
     BAD_URL,
     CONNECT_FAILED,
     TIMEOUT,
     TLS_FAILED,
     TOO_LARGE,
     TOO_MANY_REDIRECTS,
+    TRUNCATED,
     reason_for_status,
 )
 from .netguard import Decision, NetworkGuard
@@ -34,6 +36,9 @@ from .politeness import HostBusy, HostLimiter
 from .uri import to_uri
 
 _CHUNK = 64 * 1024
+# http.client already stops at one header line over 64 KiB and at 100 headers; this caps them all
+# together, so an answer cannot hand the proxy (and its client) megabytes of headers.
+MAX_HEADER_BYTES = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -133,6 +138,10 @@ def fetch_once(guard: NetworkGuard, decision: Decision, url: str, *, timeout: fl
         if parts.scheme == "https":
             watch.append(WATCHDOG.watch(sock, deadline))  # the wrapped socket replaced the raw one
         answer = conn.getresponse()
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in answer.msg.items())
+        if header_bytes > MAX_HEADER_BYTES:
+            return Response(url, reason=BAD_RESPONSE,
+                            detail=f"{url}: {header_bytes} bytes of headers (limit {MAX_HEADER_BYTES})")
         length = answer.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             return Response(url, answer.status, answer.reason, answer.msg, reason=TOO_LARGE,
@@ -153,17 +162,34 @@ def fetch_once(guard: NetworkGuard, decision: Decision, url: str, *, timeout: fl
                                 detail=f"{url}: body over the {max_bytes}-byte limit")
         if time.monotonic() >= deadline:
             raise TimeoutError  # the watchdog's shutdown reads as an end of body
+        if method != "HEAD" and answer.length:  # http.client counts down what Content-Length promised
+            return Response(url, reason=TRUNCATED,
+                            detail=f"{url}: connection closed {answer.length} bytes short of Content-Length {length}")
         return Response(url, answer.status, answer.reason, answer.msg, b"".join(chunks))
     except (ConnectionError, OSError, http.client.HTTPException) as err:
         if time.monotonic() >= deadline or isinstance(err, (TimeoutError, socket.timeout)):
             return Response(url, reason=TIMEOUT, detail=f"{url}: no complete answer within {timeout:g} s")
         message = str(err) or type(err).__name__
-        reason = TLS_FAILED if isinstance(err, ssl.SSLError) else CONNECT_FAILED
+        reason = _failure_reason(err)
         return Response(url, reason=reason, detail=f"{url}: {message.removeprefix(CONNECT_FAILED + ': ')}")
     finally:
         for ident in watch:
             WATCHDOG.cancel(ident)
         conn.close()
+
+
+def _failure_reason(err: BaseException) -> str:
+    """A failed request's reason: a broken answer is permanent (the server will send it again),
+    a dropped connection or a body cut short is transient."""
+    if isinstance(err, ssl.SSLError):
+        return TLS_FAILED
+    if isinstance(err, http.client.IncompleteRead):  # a chunked body cut mid-chunk
+        return TRUNCATED
+    if isinstance(err, http.client.LineTooLong) or "got more than" in str(err):  # header line / count
+        return BAD_RESPONSE
+    if isinstance(err, http.client.BadStatusLine) and not isinstance(err, http.client.RemoteDisconnected):
+        return BAD_RESPONSE
+    return CONNECT_FAILED
 
 
 @dataclass

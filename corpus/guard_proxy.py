@@ -7,9 +7,10 @@ The download stage starts it on 127.0.0.1 and hands its URL to the workers throu
 every redirect hop (urllib follows redirects client-side, each hop a new request through here),
 the proxy resolves the host, checks every address, connects to the checked address itself (no
 second lookup, no rebinding gap), waits for the host's turn, and enforces the size and time
-limits. Refusals are answered with a status line that carries a stable marker,
-`403 cnclip-guard network:blocked_address 127.0.0.2`, which ends up in img2dataset's error message
-and maps back with `reason_from_error_message`.
+limits. `file://` requests reach it too (`file_proxy`): corpus.local_files reads them, from
+`download.allow_local_files` only, under the same limits. Refusals are answered with a status
+line that carries a stable marker, `403 cnclip-guard network:blocked_address 127.0.0.2`, which
+ends up in img2dataset's error message and maps back with `reason_from_error_message`.
 """
 
 from __future__ import annotations
@@ -27,22 +28,28 @@ from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
 from .crawl_settings import GuardSettings
-from .fetch import GuardedFetcher, fetch_once
+from .fetch import GuardedFetcher, Response, fetch_once
 from .guard_reasons import (
+    BAD_RESPONSE,
     BAD_URL,
     BLOCKED_ADDRESS,
     CONNECT_FAILED,
     CRAWL_DELAY_TOO_LONG,
     DNS_FAILED,
     HOST_BUSY,
+    LOCAL_FILE_NOT_ALLOWED,
+    LOCAL_FILE_UNREADABLE,
     MARKER,
+    NOT_REGULAR_FILE,
     ROBOTS_DISALLOWED,
     TIMEOUT,
     TOO_LARGE,
+    TRUNCATED,
     UNSUPPORTED_SCHEME,
     reason_for_status,
     reason_from_error_message,
 )
+from .local_files import file_subject, is_file_url, read_local_file, resolve_roots
 from .netguard import NetworkGuard
 from .politeness import DEFAULT_USER_AGENT, HostBusy, HostLimiter, RobotsCache
 
@@ -51,7 +58,9 @@ __all__ = ["GuardProxy", "ProxyConfig", "proxy_environment", "reason_from_error_
 _HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
                "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
 _STATUS_FOR = {BAD_URL: 400, UNSUPPORTED_SCHEME: 400, BLOCKED_ADDRESS: 403, ROBOTS_DISALLOWED: 403,
-               DNS_FAILED: 502, CONNECT_FAILED: 502, TOO_LARGE: 502, HOST_BUSY: 503, TIMEOUT: 504}
+               DNS_FAILED: 502, CONNECT_FAILED: 502, TOO_LARGE: 502, HOST_BUSY: 503, TIMEOUT: 504,
+               TRUNCATED: 502, BAD_RESPONSE: 502, LOCAL_FILE_NOT_ALLOWED: 403, NOT_REGULAR_FILE: 403,
+               LOCAL_FILE_UNREADABLE: 404}
 _ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to read at least 500 KiB
 
 
@@ -66,12 +75,14 @@ class ProxyConfig:
     obey_robots_for_images: bool = False
     user_agent: str = DEFAULT_USER_AGENT
     max_crawl_delay: float = 30.0
+    allow_local_files: Sequence[str] = ()  # folders file:// URLs may read from (none: every one refused)
 
     @classmethod
     def from_settings(cls, settings: GuardSettings, request_timeout: float) -> "ProxyConfig":
         return cls(tuple(settings.allow_networks), settings.max_response_bytes, float(request_timeout),
                    settings.per_host_concurrency, settings.per_host_delay, settings.per_host_max_wait,
-                   settings.obey_robots_for_images, settings.user_agent, settings.max_crawl_delay)
+                   settings.obey_robots_for_images, settings.user_agent, settings.max_crawl_delay,
+                   allow_local_files=tuple(getattr(settings, "allow_local_files", ())))
 
     @property
     def client_timeout(self) -> float:
@@ -100,6 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.count(reason)
         body = f"{MARKER}: {reason} {subject}\n{detail}\n".encode("utf-8", errors="replace")
         phrase = f"{MARKER} {reason} {subject}".replace("\r", " ").replace("\n", " ")[:200]
+        phrase = phrase.encode("ascii", "backslashreplace").decode("ascii")  # a status line is Latin-1
         self.close_connection = True
         self.send_response(_STATUS_FOR.get(reason, 403), phrase)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -112,6 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         url, config, proxy = self.path, self.server.config, self.server
+        if is_file_url(url):  # urllib hands file:// here through file_proxy (see environment())
+            answer = read_local_file(url, proxy.local_roots, max_bytes=config.max_response_bytes,
+                                     timeout=config.request_timeout)
+            return self._answer(answer, file_subject(url))
         decision = proxy.guard.check_url(url)
         if not decision.allowed:
             return self._refuse(decision.reason or BLOCKED_ADDRESS, decision.address or decision.host or url[:80],
@@ -130,8 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
                                     max_bytes=config.max_response_bytes, headers=headers, method=self.command)
         except HostBusy as err:
             return self._refuse(HOST_BUSY, decision.host, str(err))
+        self._answer(answer, decision.host)
+
+    def _answer(self, answer: Response, subject: str) -> None:
+        """Relay an upstream answer (or a local file), or refuse with its reason."""
+        proxy = self.server
         if answer.reason:
-            return self._refuse(answer.reason, decision.host, answer.detail)
+            return self._refuse(answer.reason, subject, answer.detail)
         status = answer.status or 0
         proxy.count(reason_for_status(status) or ("redirect" if 300 <= status < 400 else "ok"))
         self.close_connection = True
@@ -212,6 +233,7 @@ class GuardProxy(ThreadingHTTPServer):
     def __init__(self, config: ProxyConfig, guard: Optional[NetworkGuard] = None, port: int = 0):
         self.config = config
         self.guard = guard or NetworkGuard(config.allow_networks)
+        self.local_roots = resolve_roots(config.allow_local_files)
         self.limiter = HostLimiter(config.per_host_concurrency, config.per_host_delay)
         self._counts: collections.Counter = collections.Counter()
         self._count_lock = threading.Lock()
@@ -233,8 +255,10 @@ class GuardProxy(ThreadingHTTPServer):
 
         ftp_proxy too: urllib follows a redirect to ftp:// and, with no proxy for that scheme,
         would connect directly; through the proxy such a hop is refused as an unsupported scheme.
+        file_proxy: urllib would read file:// URLs itself, with no size cap or timeout; with it,
+        it asks the proxy (`GET file:///path`), which applies allow_local_files and the limits.
         """
-        names = ("http_proxy", "https_proxy", "ftp_proxy")
+        names = ("http_proxy", "https_proxy", "ftp_proxy", "file_proxy")
         proxies = {name: self.url for name in names} | {name.upper(): self.url for name in names}
         return proxies | {"no_proxy": "", "NO_PROXY": ""}
 

@@ -23,6 +23,11 @@ RATE_LIMITED = "network:rate_limited"  # HTTP 429
 SERVER_ERROR = "network:server_error"  # HTTP 5xx
 HTTP_ERROR = "network:http_error"  # other 4xx
 HOST_BUSY = "network:host_busy"  # the proxy's per-host queue did not free a slot in time
+TRUNCATED = "network:truncated"  # the connection closed before the body reached its Content-Length
+BAD_RESPONSE = "network:bad_response"  # a header line too long, too many or too large headers, a garbled status line
+LOCAL_FILE_NOT_ALLOWED = "network:local_file_not_allowed"  # file:// outside download.allow_local_files
+NOT_REGULAR_FILE = "network:not_regular_file"  # a file:// URL naming a FIFO, device, socket or folder
+LOCAL_FILE_UNREADABLE = "network:local_file_unreadable"  # a file:// URL naming a missing or unreadable file
 ROBOTS_DISALLOWED = "politeness:robots_disallowed"
 CRAWL_DELAY_TOO_LONG = "politeness:crawl_delay_too_long"
 OPTED_OUT = "politeness:opted_out"  # X-Robots-Tag / meta robots noai, noimageai on the page
@@ -32,7 +37,7 @@ PAGE_ERROR = "crawl:page_error"  # a bug or an input no rule foresaw: the page i
 BAD_RECORD = "crawl:bad_record"  # a WARC/WAT record that cannot be read
 
 # Worth another attempt later: the same request may well succeed (issue 5's --retry-failed).
-TRANSIENT = frozenset({DNS_FAILED, CONNECT_FAILED, TIMEOUT, RATE_LIMITED, SERVER_ERROR, HOST_BUSY})
+TRANSIENT = frozenset({DNS_FAILED, CONNECT_FAILED, TIMEOUT, RATE_LIMITED, SERVER_ERROR, HOST_BUSY, TRUNCATED})
 
 MARKER = "cnclip-guard"
 _MARKER_RE = re.compile(MARKER + r"[:\s]+([a-z_]+:[a-z_]+)")

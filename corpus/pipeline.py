@@ -61,7 +61,9 @@ def stage_states(recipe: Recipe) -> dict[str, StageState]:
     evals = _file_listing(recipe.dedup.eval_images)
     prints: dict[str, str] = {}
     prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), recipe.settings("crawl"), inputs)
-    prints["text"] = fingerprint(prints["ingest"], recipe.settings("text"), blacklist)
+    # Whether file:// URLs pass the text stage depends on download.allow_local_files being set.
+    local_files = ["allow_local_files"] if recipe.download.allow_local_files else []
+    prints["text"] = fingerprint(prints["ingest"], recipe.settings("text"), blacklist, *local_files)
     prints["download"] = fingerprint(prints["text"], recipe.settings("image"), recipe.settings("download"))
     prints["hash"] = fingerprint(prints["download"], HASH_VERSION)
     prints["dedup"] = fingerprint(prints["hash"], recipe.settings("dedup"), evals)

@@ -10,7 +10,7 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnclip.errors import CnclipError
 
@@ -123,6 +123,18 @@ class DownloadSettings(GuardSettings):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+    allow_local_files: list[str] = Field(
+        default_factory=list, description="folders file:// URLs may read regular files from (none: file:// rejected)")
+    memory_budget: Optional[ByteSize] = Field(
+        default=None, description="bytes (or '8GiB') the download may use; fewer threads, or refused, if over")
+
+    @field_validator("allow_local_files")
+    @classmethod
+    def _existing_folders(cls, value: list[str]) -> list[str]:
+        missing = [folder for folder in value if not Path(folder).is_dir()]
+        if missing:
+            raise ValueError(f"not an existing folder: {missing[0]!r}")
+        return value
 
 
 class DedupSettings(_Strict):
@@ -160,12 +172,28 @@ class Recipe(_Strict):
             raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _download_memory(self) -> "Recipe":
+        """A memory budget that one download thread per process already exceeds runs nothing."""
+        from pydantic_core import PydanticCustomError
+
+        from .download_memory import threads_within_budget
+
+        d = self.download
+        try:
+            threads_within_budget(d.processes, d.threads, self.image.max_pixels, d.max_response_bytes,
+                                  d.memory_budget)
+        except ValueError as err:
+            raise PydanticCustomError("memory_budget", str(err)) from None
+        return self
+
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""
         value = getattr(self, section)
         dumped = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
         if isinstance(dumped, dict):
-            dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads")}
+            # memory_budget only changes the threads, never what is downloaded.
+            dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads", "memory_budget")}
         return dumped
 
 

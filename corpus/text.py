@@ -28,6 +28,7 @@ _CAMERA_NAME = (
 )
 _BARE_URL = r"(?i)^(?:https?://|ftp://|www\.)\S*$"
 _SUPPORTED_URL = r"(?i)^(?:https?|file)://\S"
+_FILE_URL = r"(?i)^\s*file:"
 _COMMON = ["uid", "url", "caption", "reason"]
 
 # Reasons ingest itself gives (a row it could not read, a caption that is not text); such rows
@@ -36,6 +37,7 @@ INGEST_REASONS = ["ingest:bad_row", "ingest:caption_not_text"]
 PER_ROW_REASONS = [
     *INGEST_REASONS,
     "ingest:missing_url",
+    "ingest:local_file_not_allowed",
     "ingest:unsupported_url",
     "text:replacement_char",
     "text:filename_or_url",
@@ -68,12 +70,17 @@ def cjk_ratio(caption: pl.Expr) -> pl.Expr:
     return pl.when(letters > 0).then(han / letters).otherwise(0.0)
 
 
-def per_row_reason(settings: TextSettings, blacklist: list[str]) -> pl.Expr:
-    """The first per-row filter a row fails (null when it passes them all)."""
+def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bool = False) -> pl.Expr:
+    """The first per-row filter a row fails (null when it passes them all).
+
+    local_files: the recipe lists download.allow_local_files; without it a file:// URL is
+    rejected here (the guard proxy checks the folders of those that pass)."""
     url, caption = pl.col("url"), pl.col("caption")
     length = caption.str.len_chars()
-    rules: list[tuple[pl.Expr, str]] = [
-        (url.is_null() | (url == ""), "ingest:missing_url"),
+    rules: list[tuple[pl.Expr, str]] = [(url.is_null() | (url == ""), "ingest:missing_url")]
+    if not local_files:
+        rules.append((url.str.contains(_FILE_URL), "ingest:local_file_not_allowed"))
+    rules += [
         (~url.str.contains(_SUPPORTED_URL), "ingest:unsupported_url"),
         # U+FFFD survives normalization only where bytes were lost before the caption reached us
         # (a mis-decoded page, a lossy export): the text is damaged, not merely unusual.
@@ -102,6 +109,7 @@ class _NormalizeTask:
     out_part: Path
     settings: TextSettings
     blacklist: tuple[str, ...]
+    local_files: bool = False
 
 
 def normalize_part(task: _NormalizeTask) -> int:
@@ -111,7 +119,7 @@ def normalize_part(task: _NormalizeTask) -> int:
     keep ingest's verdict; every other row gets the filters' (detail null)."""
     frame = pl.read_parquet(task.source_part)
     caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
-    verdict = per_row_reason(task.settings, list(task.blacklist))
+    verdict = per_row_reason(task.settings, list(task.blacklist), task.local_files)
     if "reason" in frame.columns:
         verdict = pl.coalesce(pl.col("reason"), verdict).alias("reason")
     if "detail" not in frame.columns:
@@ -205,7 +213,8 @@ def run_text_stage(recipe: Recipe) -> dict:
         remove_temporaries(folder)
     engine = LocalEngine(settings.processes)
     ingest_parts = sorted(layout.ingest_dir.glob("*.parquet"))
-    tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist) for p in ingest_parts]
+    local_files = bool(recipe.download.allow_local_files)
+    tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist, local_files) for p in ingest_parts]
     engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter")
     normalized = [t.out_part for t in tasks]
     if not normalized:

@@ -52,7 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, body = route(hit) if callable(route) else route
         self.send_response(status)
         for name, value in headers.items():
-            self.send_header(name, value)
+            if value is not None:  # None: leave the header out (no Content-Length added either)
+                self.send_header(name, value)
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -222,3 +222,139 @@ def test_an_image_host_asking_for_a_huge_crawl_delay_is_refused_not_queued():
     reason = reason_from_error_message(refused)
     assert reason == "politeness:crawl_delay_too_long" and not is_transient(reason)
     assert served == ["/robots.txt"]
+
+
+def test_a_body_shorter_than_its_content_length_is_a_transient_failure_of_its_own():
+    routes = {
+        # The server promises 5000 bytes, sends 10 and hangs up (HTTP/1.0: it closes after answering).
+        "/short.jpg": (200, {"Content-Type": "image/jpeg", "Content-Length": "5000"}, IMAGE[:10]),
+        # A chunked body cut inside its first chunk.
+        "/cut.jpg": (200, {"Transfer-Encoding": "chunked", "Content-Length": None}, b"400\r\n" + IMAGE[:20]),
+    }
+    with RouteServer(routes) as site, GuardProxy(config()) as proxy:
+        client = opener(proxy)
+        short = error_of(lambda: client.open(site.base + "/short.jpg", timeout=10))
+        cut = error_of(lambda: client.open(site.base + "/cut.jpg", timeout=10))
+        stats = proxy.stats()
+    assert short == "HTTP Error 502: cnclip-guard network:truncated 127.0.0.1"
+    assert reason_from_error_message(cut) == "network:truncated"
+    assert is_transient("network:truncated")
+    assert stats == {"network:truncated": 2}
+
+
+def test_oversized_or_too_many_headers_are_a_permanent_bad_response():
+    routes = {
+        "/long.jpg": (200, {"X-Long": "a" * 70_000}, IMAGE),           # one line over http.client's 64 KiB
+        "/many.jpg": (200, {f"X-H{i}": "v" for i in range(150)}, IMAGE),  # over its 100 headers
+        "/large.jpg": (200, {f"X-H{i}": "b" * 9000 for i in range(9)}, IMAGE),  # 81 KB in 9 lines
+        "/fine.jpg": (200, {f"X-H{i}": "c" * 500 for i in range(50)}, IMAGE),
+    }
+    with RouteServer(routes) as site, GuardProxy(config()) as proxy:
+        client = opener(proxy)
+        refused = {name: error_of(lambda name=name: client.open(f"{site.base}/{name}.jpg", timeout=10))
+                   for name in ("long", "many", "large")}
+        assert client.open(site.base + "/fine.jpg", timeout=10).read() == IMAGE
+        stats = proxy.stats()
+    assert {name: reason_from_error_message(m) for name, m in refused.items()} == dict.fromkeys(
+        refused, "network:bad_response")
+    assert all(m.startswith("HTTP Error 502: cnclip-guard network:bad_response") for m in refused.values())
+    assert not is_transient("network:bad_response")
+    assert stats == {"network:bad_response": 3, "ok": 1}
+
+
+def file_opener(proxy):
+    """What img2dataset's urllib does with the proxy environment: file:// goes to the proxy too."""
+    variables = proxy.environment()
+    handler = urllib.request.ProxyHandler({"http": variables["http_proxy"], "file": variables["file_proxy"]})
+    return urllib.request.build_opener(handler)
+
+
+@pytest.fixture
+def local_tree(tmp_path):
+    """An allowed folder holding a photo and the traps an attacker's URL list would name."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "private"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "图片 1.jpg").write_bytes(IMAGE)
+    (outside / "secret.jpg").write_bytes(jpeg_bytes(64, (0, 0, 255)))
+    (allowed / "link.jpg").symlink_to(outside / "secret.jpg")
+    (allowed / "up").symlink_to(outside)
+    os.mkfifo(allowed / "fifo.jpg")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(allowed / "sock.jpg"))
+    with open(allowed / "sparse.jpg", "wb") as f:  # 1 GiB that reads as zeros, no disk used
+        f.truncate(1 << 30)
+    (allowed / "folder.jpg").mkdir()
+    yield allowed, outside
+    server.close()
+
+
+def test_file_urls_read_only_regular_files_under_the_allowed_folders(local_tree, tmp_path):
+    allowed, outside = local_tree
+    cases = {
+        "secret": (f"file://{outside}/secret.jpg", "network:local_file_not_allowed"),
+        "passwd": ("file:///etc/passwd", "network:local_file_not_allowed"),
+        "dotdot": (f"file://{allowed}/../private/secret.jpg", "network:local_file_not_allowed"),
+        "symlink": (f"file://{allowed}/link.jpg", "network:local_file_not_allowed"),
+        "symlinked_folder": (f"file://{allowed}/up/secret.jpg", "network:local_file_not_allowed"),
+        "fifo": (f"file://{allowed}/fifo.jpg", "network:not_regular_file"),
+        "socket": (f"file://{allowed}/sock.jpg", "network:not_regular_file"),
+        "folder": (f"file://{allowed}/folder.jpg", "network:not_regular_file"),
+        "sparse": (f"file://{allowed}/sparse.jpg", "network:too_large"),
+        "missing": (f"file://{allowed}/nothing.jpg", "network:local_file_unreadable"),
+        "other_host": (f"file://example.org{allowed}/a.jpg", "network:bad_url"),
+    }
+    with GuardProxy(config(allow_local_files=(str(allowed),))) as proxy:
+        client = file_opener(proxy)
+        photo = client.open(f"file://{allowed}/%E5%9B%BE%E7%89%87%201.jpg", timeout=10).read()
+        localhost = client.open(f"file://localhost{allowed}/%E5%9B%BE%E7%89%87%201.jpg", timeout=10).read()
+        got = {name: reason_from_error_message(error_of(lambda url=url: client.open(url, timeout=10)))
+               for name, (url, _) in cases.items()}
+    assert photo == localhost == IMAGE
+    assert got == {name: reason for name, (_, reason) in cases.items()}
+
+
+def test_file_urls_are_refused_without_allowed_folders_and_devices_even_when_allowed(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(IMAGE)
+    with GuardProxy(config()) as proxy:
+        assert proxy.environment()["file_proxy"] == proxy.url  # urllib would otherwise read files itself
+        refused = error_of(lambda: file_opener(proxy).open(f"file://{tmp_path}/a.jpg", timeout=10))
+    assert refused == f"HTTP Error 403: cnclip-guard network:local_file_not_allowed {tmp_path}/a.jpg"
+    # A careless recipe allowing /dev: an endless device is still no file to read.
+    with GuardProxy(config(allow_local_files=("/dev",))) as proxy:
+        zero = error_of(lambda: file_opener(proxy).open("file:///dev/zero", timeout=10))
+    assert reason_from_error_message(zero) == "network:not_regular_file"
+
+
+def test_an_endless_regular_file_is_cut_at_the_size_limit(tmp_path, monkeypatch):
+    """/proc-like files report size 0 and never end: the read loop itself stops at the limit."""
+    from cnclip.corpus import local_files
+
+    (tmp_path / "endless.jpg").write_bytes(b"")
+    monkeypatch.setattr(local_files, "_read", lambda fd, n: b"\0" * n)
+    answer = local_files.read_local_file(f"file://{tmp_path}/endless.jpg", (str(tmp_path),),
+                                         max_bytes=3 * 1024 * 1024, timeout=5)
+    assert answer.reason == "network:too_large" and answer.body == b""
+
+
+def test_a_local_file_read_past_the_timeout_is_a_timeout(tmp_path, monkeypatch):
+    """A slow disk (network mount) costs the timeout, as a slow server does."""
+    from cnclip.corpus import local_files
+
+    (tmp_path / "slow.jpg").write_bytes(b"x" * (3 * 1024 * 1024))
+    clock = iter(range(0, 1000, 4))  # every look at the clock is 4 s later
+    monkeypatch.setattr(local_files, "_clock", lambda: next(clock))
+    answer = local_files.read_local_file(f"file://{tmp_path}/slow.jpg", (str(tmp_path),),
+                                         max_bytes=10 * 1024 * 1024, timeout=5)
+    assert answer.reason == "network:timeout" and answer.body == b""
+
+
+def test_a_redirect_to_a_file_url_is_not_followed(tmp_path):
+    """A web server cannot hand the client a local file, not even one in an allowed folder."""
+    (tmp_path / "a.jpg").write_bytes(IMAGE)
+    routes = {"/hop.jpg": (302, {"Location": f"file://{tmp_path}/a.jpg"}, b"")}
+    with RouteServer(routes) as site, GuardProxy(config(allow_local_files=(str(tmp_path),))) as proxy:
+        message = error_of(lambda: file_opener(proxy).open(site.base + "/hop.jpg", timeout=10))
+        stats = proxy.stats()
+    assert message.startswith("HTTP Error 302: ") and "is not allowed" in message
+    assert stats == {"redirect": 1}  # the file was never asked for
