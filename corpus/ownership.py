@@ -75,8 +75,11 @@ def check_ownership(layout: BuildLayout, recipe_name: str) -> None:
             continue
         if folder.is_file():
             raise OwnershipError(f"{folder}: is a file, not a folder")
-        # The lock file may be a concurrent first build's; it is settled by the lock itself.
-        foreign = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
+        # The lock file may be a concurrent first build's (settled by the lock itself); a
+        # manifest_dir nested in output_dir is checked on its own.
+        ours = {LOCK} | {other.relative_to(folder).parts[0] for other in owned_entries(layout)
+                         if folder in other.parents}
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours) if folder.is_dir() else []
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise OwnershipError(f"{folder}: already holds files this build did not write ({shown}); "

@@ -162,6 +162,11 @@ def test_metadata_source_over_loopback(tmp_path, web_root, web, make_recipe):
     funnel = build(recipe, show_funnel=False)
     samples, rejected = read_manifests(recipe.manifest_dir)
     assert funnel["samples"] == 3 and rejected["reason"].to_list() == ["download:failed_to_download"]
+    # No dedup rejects: their part is still there, with 0 rows and the one rejected schema.
+    dedup = pl.read_parquet(recipe.manifest_dir / "rejected" / "dedup.parquet")
+    assert dedup.height == 0 and dedup.schema == rejected.schema
+    assert sorted(p.name for p in (recipe.manifest_dir / "rejected").iterdir()) == ["dedup.parquet",
+                                                                                  "download.parquet"]
     assert samples["score"].to_list() == ["0.0", "0.1", "0.2"]
     for row in samples.iter_rows(named=True):
         original = (web_root / "img" / f"{row['row']}.png").read_bytes()

@@ -159,3 +159,15 @@ def test_the_lock_is_reentrant_but_exclusive_within_one_process(tmp_path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
         assert (tmp_path / ".cnclip-build.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_manifest_dir_nested_in_output_dir_is_not_a_foreign_file(tmp_path, make_recipe, text_recipe):
+    recipe = make_recipe(text_recipe.model_dump(mode="json")["sources"],
+                         manifest_dir=str(tmp_path / "out" / "manifests"))
+    (tmp_path / "out" / "manifests").mkdir(parents=True)
+    run_text(recipe)
+    assert json.loads((tmp_path / "out" / "manifests" / ".cnclip-build.json").read_text())["owns"] == [
+        "samples", "rejected", "funnel.json", "checksums.json"]
+    (tmp_path / "out" / "manifests" / "mine.txt").write_text("mine")
+    clean(recipe)
+    assert listing(tmp_path / "out") == [".cnclip-build.lock", "manifests", "manifests/mine.txt"]
