@@ -192,3 +192,20 @@ def test_a_changed_byte_and_a_missing_record(copy):
     result = runner.invoke(app, ["corpus", "verify", str(MANIFESTS)])
     assert result.exit_code == 2
     assert error_lines(result.output) == [f"{MANIFESTS / 'checksums.json'}: missing (not a finished build)"]
+
+
+def test_fresh_rebuild_removes_only_what_the_build_made(copy):
+    target, funnel = copy
+    (target / "out" / "notes.txt").write_text("mine")
+    (MANIFESTS / "README.md").write_text("mine")
+    (target / "manifests" / "other").mkdir()
+    # Left-overs inside the build's own folders go with them.
+    (target / "out" / "work" / "stale.txt").write_text("old")
+    (MANIFESTS / "samples" / "stale.parquet").write_bytes(b"old")
+    result = runner.invoke(app, ["corpus", "build", "recipe.yaml", "--fresh"])
+    assert result.exit_code == 0, result.output
+    assert (target / "out" / "notes.txt").read_text() == "mine" and (MANIFESTS / "README.md").read_text() == "mine"
+    assert (target / "manifests" / "other").is_dir()
+    assert not (target / "out" / "work" / "stale.txt").exists()
+    assert not (MANIFESTS / "samples" / "stale.parquet").exists()
+    assert runner.invoke(app, ["corpus", "verify", str(MANIFESTS)]).exit_code == 0
