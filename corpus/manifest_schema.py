@@ -36,7 +36,9 @@ def keep_column_types(ingest_dir: Path) -> dict[str, pl.DataType]:
     if not parts:
         return {}
     schema = pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed").collect_schema()
-    return {name: dtype for name, dtype in schema.items() if name not in _INGEST_COLUMNS}
+    # A column the pipeline itself writes (e.g. a reason or detail set at ingest) is never a keep column.
+    return {name: dtype for name, dtype in schema.items()
+            if name not in _INGEST_COLUMNS and name not in SAMPLE_SCHEMA and name not in REJECTED_SCHEMA}
 
 
 def conform(frame: pl.DataFrame, base: dict[str, pl.DataType], extras: dict[str, pl.DataType]) -> pl.DataFrame:

@@ -134,7 +134,7 @@ def test_a_second_build_meets_the_lock_and_a_dead_holders_lock_is_taken_over(tmp
     try:
         assert holder.stdout.readline() == "holding\n"
         with pytest.raises(BuildLockedError) as err:
-            run_text(text_recipe)
+            build(text_recipe, show_funnel=False)
         assert str(err.value) == (f"{tmp_path / 'out'}: another build (PID {holder.pid}) is running on this "
                                   "output_dir; wait for it to end")
         assert not (tmp_path / "out" / "work").exists() and not (tmp_path / "manifests").exists()
