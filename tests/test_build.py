@@ -143,6 +143,7 @@ def test_funnel_and_stats(demo_build):
     stats = corpus_stats(recipe.manifest_dir)
     assert stats["samples"] == funnel["samples"]
     assert stats["rejected_by_reason"] == funnel["rejected_by_reason"]
+    assert stats["problems"] == []  # an intact build: what funnel.json says is what is on disk
     assert 5 <= stats["caption_chars"]["p0"] <= stats["caption_chars"]["p100"] <= 50
     # The URL that never answers costs the 3 s timeout, not a stalled build.
     assert elapsed < 120
