@@ -6,9 +6,10 @@
 
 from .pipeline import build, clean, run_dedup, run_download, run_shard, run_text
 from .recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from .integrity import verify_corpus
 from .stats import corpus_stats
 
 __all__ = [
     "Recipe", "RecipeError", "build", "clean", "corpus_stats", "load_recipe", "parse_recipe", "run_dedup",
-    "run_download", "run_shard", "run_text",
+    "run_download", "run_shard", "run_text", "verify_corpus",
 ]

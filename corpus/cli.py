@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from cnclip.errors import CnclipError
 
 from . import pipeline
+from .integrity import intact_summary, verify_corpus
 from .progress import error
 from .eval_hashes import write_eval_hashes
 from .recipe import ImageSettings, RecipeError, load_recipe, validate_mapping
@@ -106,6 +108,27 @@ def shard(recipe: Path = RecipeArg) -> None:
     Example: cnclip corpus shard recipes/laion-zh.yaml
     """
     _run(pipeline.run_shard, recipe)
+
+
+@app.command()
+def verify(
+    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
+    shards_dir: Optional[Path] = typer.Option(None, "--shards-dir",
+                                              help="where the shards are, if moved since the build"),
+) -> None:
+    """Check a built corpus: every published file (tars, sizes.json, manifest parts, funnel.json)
+    against the sizes and SHA-256 in checksums.json, and samples + rejected = input rows.
+
+    Exits 0 when intact; 2 with one line per problem.
+
+    Example: cnclip corpus verify manifests/demo
+    """
+    problems = verify_corpus(manifest_dir, shards_dir)
+    for problem in problems:
+        error(problem)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(intact_summary(manifest_dir))
 
 
 @app.command()

@@ -31,28 +31,54 @@ def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
     return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
 
 
-def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
-    report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
-    input_rows = sum(report["rows_by_source"].values())
-    samples = scan_manifest(layout.samples_dir, ["uid"])
-    rejected = scan_manifest(layout.rejected_dir, ["uid", "stage", "reason"])
+def tally(manifest_dir: Path) -> tuple[int, dict[str, dict[str, int]], int]:
+    """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
+    samples = scan_manifest(manifest_dir / "samples", ["uid"])
+    rejected = scan_manifest(manifest_dir / "rejected", ["uid", "stage", "reason"])
     by_stage: dict[str, dict[str, int]] = {}
     sample_count = samples.select(pl.len()).collect().item() if samples is not None else 0
-    by_reason: dict[str, int] = {}
     if rejected is not None:
         counts = rejected.group_by("stage", "reason").agg(pl.len()).sort("stage", "reason").collect()
         for stage, reason, count in counts.rows():
             by_stage.setdefault(stage, {})[reason] = count
-            by_reason[reason] = by_reason.get(reason, 0) + count
-    rejected_count = sum(by_reason.values())
-
     ids = [f.select("uid") for f in (samples, rejected) if f is not None]
     distinct = pl.concat(ids).select(pl.col("uid").n_unique()).collect().item() if ids else 0
+    return sample_count, by_stage, distinct
+
+
+def _imbalance(manifest_dir: Path, input_rows: int, counts: tuple) -> str | None:
+    sample_count, by_stage, distinct = counts
+    rejected_count = sum(n for reasons in by_stage.values() for n in reasons.values())
     if sample_count + rejected_count != input_rows or distinct != input_rows:
-        raise AccountingError(
-            f"{layout.manifest_dir}: {input_rows} input rows but {sample_count} samples + "
-            f"{rejected_count} rejected ({distinct} distinct rows)"
-        )
+        return (f"{manifest_dir}: {input_rows} input rows but {sample_count} samples + "
+                f"{rejected_count} rejected ({distinct} distinct rows)")
+    return None
+
+
+def accounting_problem(manifest_dir: Path) -> str | None:
+    """Whether the manifests on disk still add up to the input rows funnel.json counted."""
+    try:
+        input_rows = json.loads((manifest_dir / "funnel.json").read_text(encoding="utf-8"))["input_rows"]
+        return _imbalance(manifest_dir, input_rows, tally(manifest_dir))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest_dir / 'funnel.json'}: unreadable ({err})"
+    except pl.exceptions.PolarsError as err:
+        return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
+
+
+def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+    report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
+    input_rows = sum(report["rows_by_source"].values())
+    counts = tally(layout.manifest_dir)
+    problem = _imbalance(layout.manifest_dir, input_rows, counts)
+    if problem:
+        raise AccountingError(problem)
+    sample_count, by_stage, _ = counts
+    by_reason: dict[str, int] = {}
+    for reasons in by_stage.values():
+        for reason, count in reasons.items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    rejected_count = sum(by_reason.values())
 
     stages, remaining = [], input_rows
     for stage in STAGES:

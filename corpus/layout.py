@@ -6,9 +6,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .recipe import Recipe
+if TYPE_CHECKING:  # recipe.py checks layouts at load time, so this import stays one-way
+    from .recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,36 @@ class BuildLayout:
     @property
     def funnel_path(self) -> Path:
         return self.manifest_dir / "funnel.json"
+
+    # every published file's size and SHA-256 (integrity.py)
+    @property
+    def checksums_path(self) -> Path:
+        return self.manifest_dir / "checksums.json"
+
+    # What the build creates in each folder: all that `--fresh` may ever remove (ownership.py).
+    @property
+    def output_entries(self) -> tuple[Path, ...]:
+        return (self.work, self.shards_dir, self.sample_web_dir)
+
+    @property
+    def manifest_entries(self) -> tuple[Path, ...]:
+        return (self.samples_dir, self.rejected_dir, self.funnel_path, self.checksums_path)
+
+    def nesting_problem(self) -> str | None:
+        """Why these folders would destroy each other's files, or None.
+
+        A stage that is redone empties its folders (work/, shards/, samples/, rejected/): a
+        manifest_dir inside the output's work/, shards/ or sample_web/, or an output_dir inside
+        samples/ or rejected/, would be deleted with them (or published inside them).
+        """
+        output, manifests = self.output_dir.resolve(), self.manifest_dir.resolve()
+        for inner, name, outer in ((manifests, "manifest_dir", self.output_entries),
+                                   (output, "output_dir", self.manifest_entries)):
+            for folder in outer:
+                folder = folder.resolve()
+                if inner == folder or folder in inner.parents:
+                    return f"{name} ({inner}) is inside {folder}, which the build empties and rewrites"
+        return None  # otherwise nested or shared folders are fine: their entries do not collide
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

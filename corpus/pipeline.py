@@ -2,15 +2,19 @@
 
 Stages are resumable (see state.py): rerunning a recipe after a crash skips completed stages,
 resumes the interrupted one from its last whole part, and redoes any stage whose settings (or
-whose upstream stage's outputs) changed. `fresh=True` starts over.
+whose upstream stage's outputs) changed. A finished shard stage is verified against its
+checksums first and redone for whatever is missing or changed. `fresh=True` starts over.
+
+Every entry point writes only into folders this recipe's build owns, one build at a time per
+output_dir (see ownership.py).
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import polars as pl
 
@@ -24,8 +28,10 @@ from .eval_hashes import load_eval_hashes
 from .funnel import print_funnel
 from .hashing import run_hash_stage
 from .ingest import ingest
+from .integrity import damaged_files, read_checksums, unexpected_files
 from .layout import BuildLayout
-from .progress import info
+from .ownership import build_lock, has_marker, owned_build, remove_owned
+from .progress import info, warn
 from .recipe import Recipe, load_recipe
 from .shard import run_shard_stage, scan_accepted
 from .sources import source_inputs
@@ -75,9 +81,16 @@ def stage_states(recipe: Recipe) -> dict[str, StageState]:
         "hash": (layout.hash_dir,),
         "dedup": (layout.dedup_decisions.parent,),
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                  layout.shard_plan.parent),
+                  layout.checksums_path, layout.shard_plan.parent),
     }
     return {stage: StageState(layout.work, stage, prints[stage], outputs[stage]) for stage in STAGES}
+
+
+@contextlib.contextmanager
+def _owned(recipe: Recipe) -> Iterator[None]:
+    """Refuse folders that are not this build's (writing nothing), then hold the build lock."""
+    with owned_build(BuildLayout.of(recipe), recipe.name):
+        yield
 
 
 def _run_stage(state: StageState, run: Callable[[], dict]) -> dict:
@@ -95,9 +108,10 @@ def _run_stage(state: StageState, run: Callable[[], dict]) -> dict:
 def run_text(recipe: Recipe | str | Path) -> dict:
     """Ingest every source and run the text stage (normalize, filter, collapse, cap)."""
     recipe = _recipe(recipe)
-    states = stage_states(recipe)
-    _run_stage(states["ingest"], lambda: ingest(recipe))
-    summary = _run_stage(states["text"], lambda: run_text_stage(recipe))
+    with _owned(recipe):
+        states = stage_states(recipe)
+        _run_stage(states["ingest"], lambda: ingest(recipe))
+        summary = _run_stage(states["text"], lambda: run_text_stage(recipe))
     info(f"text: {summary['accepted']} rows accepted, {summary['rejected']} rejected")
     return summary
 
@@ -110,18 +124,19 @@ def run_download(recipe: Recipe | str | Path, retry_failed: bool = False) -> dic
     """
     recipe = _recipe(recipe)
     require_main_guard("cnclip.corpus.run_download")
-    states = stage_states(recipe)
-    if retry_failed:
-        if not states["download"].complete:
-            raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
-        summary = retry_transient_failures(recipe, states["download"].summary)
-        states["download"].finish(summary)
-        # New parts to hash; dedup over everything again; shards planned afresh.
-        states["hash"].reopen()
-        states["dedup"].reopen()
-        states["shard"].discard()
-    else:
-        summary = _run_stage(states["download"], lambda: run_download_stage(recipe))
+    with _owned(recipe):
+        states = stage_states(recipe)
+        if retry_failed:
+            if not states["download"].complete:
+                raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
+            summary = retry_transient_failures(recipe, states["download"].summary)
+            states["download"].finish(summary)
+            # New parts to hash; dedup over everything again; shards planned afresh.
+            states["hash"].reopen()
+            states["dedup"].reopen()
+            states["shard"].discard()
+        else:
+            summary = _run_stage(states["download"], lambda: run_download_stage(recipe))
     info(f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}")
     return summary
 
@@ -143,9 +158,11 @@ def run_dedup(recipe: Recipe | str | Path) -> dict:
     """pHash every downloaded image, then drop exact, near and (optionally) caption duplicates."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
-    states = stage_states(recipe)
-    _run_stage(states["hash"], lambda: run_hash_stage(layout.download_dir, layout.hash_dir, recipe.dedup.processes))
-    summary = _run_stage(states["dedup"], lambda: _dedup(recipe))
+    with _owned(recipe):
+        states = stage_states(recipe)
+        _run_stage(states["hash"], lambda: run_hash_stage(layout.download_dir, layout.hash_dir,
+                                                          recipe.dedup.processes))
+        summary = _run_stage(states["dedup"], lambda: _dedup(recipe))
     info(f"dedup: dropped {summary['dropped'] or 'nothing'}")
     return summary
 
@@ -153,37 +170,62 @@ def run_dedup(recipe: Recipe | str | Path) -> dict:
 def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
     """Write the final shards and manifests; returns the funnel (also in <manifest_dir>/funnel.json)."""
     recipe = _recipe(recipe)
-    funnel = _run_stage(stage_states(recipe)["shard"], lambda: run_shard_stage(recipe))
+    with _owned(recipe):
+        state = stage_states(recipe)["shard"]
+        _reopen_if_damaged(BuildLayout.of(recipe), state)
+        funnel = _run_stage(state, lambda: run_shard_stage(recipe))
     if show_funnel:
         print_funnel(funnel)
     return funnel
 
 
+def _reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
+    """Before a finished shard stage is called up to date: a published file that is missing or
+    changed is removed and the stage resumed, which rewrites just those (and the small files
+    written at its end); without a checksums record the stage is redone."""
+    if not state.complete:
+        return
+    try:
+        recorded = read_checksums(layout.manifest_dir)["files"]
+        problems, damaged = damaged_files(layout.manifest_dir, layout.shards_dir)
+    except ValueError as err:
+        warn(f"{err}; redoing the shard stage")
+        state.discard()
+        return
+    for problem in unexpected_files(layout.manifest_dir, layout.shards_dir, recorded):
+        warn(f"{problem}; remove it: readers would take it for part of the corpus")
+    if problems:
+        for problem in problems:
+            warn(problem)
+        info(f"shard: rewriting {len(damaged)} damaged file(s)")
+        for path in damaged:
+            path.unlink(missing_ok=True)
+        state.reopen()
+
+
 def clean(recipe: Recipe | str | Path) -> None:
-    """Remove every output of a recipe's build (work files, shards, manifests)."""
+    """Remove what a recipe's build created (work files, shards, manifests: what its markers
+    record) and nothing else; files of the user's beside them are left alone."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
-    for state in stage_states(recipe).values():
-        for output in state.outputs:
-            if output.is_dir():
-                shutil.rmtree(output)
-            elif output.exists():
-                output.unlink()
-        state.record.unlink(missing_ok=True)
-    shutil.rmtree(layout.work, ignore_errors=True)
+    if not has_marker(layout):
+        return  # nothing here was made by a build
+    with build_lock(recipe.output_dir):
+        remove_owned(layout, recipe.name, forget=True)
 
 
 def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:
     """Every stage in order (resuming an interrupted build); returns the funnel."""
     recipe = _recipe(recipe)
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
-    if fresh:
-        clean(recipe)
-    started = time.monotonic()
-    run_text(recipe)
-    run_download(recipe)
-    run_dedup(recipe)
-    funnel = run_shard(recipe, show_funnel=show_funnel)
+    with _owned(recipe):
+        if fresh:
+            remove_owned(BuildLayout.of(recipe), recipe.name)
+        started = time.monotonic()
+        run_text(recipe)
+        run_download(recipe)
+        run_dedup(recipe)
+        funnel = run_shard(recipe, show_funnel=show_funnel)
     info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "
          f"{recipe.manifest_dir}")
     return funnel

@@ -10,7 +10,7 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cnclip.errors import CnclipError
 
@@ -186,6 +186,17 @@ class Recipe(_Strict):
         except ValueError as err:
             raise PydanticCustomError("memory_budget", str(err)) from None
         return self
+
+    @field_validator("manifest_dir")
+    @classmethod
+    def _folders_apart(cls, value: Path, info: ValidationInfo) -> Path:
+        from .layout import BuildLayout
+
+        if "output_dir" in info.data:
+            problem = BuildLayout(info.data["output_dir"], value).nesting_problem()
+            if problem:
+                raise ValueError(problem)
+        return value
 
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""

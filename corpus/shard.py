@@ -1,4 +1,5 @@
-"""Shard stage: final WebDataset tars, the samples/ and rejected/ manifests, and sizes.json.
+"""Shard stage: final WebDataset tars, the samples/ and rejected/ manifests, sizes.json, and
+checksums.json recording every one of them (integrity.py).
 
 Samples are ordered by uid (source order, then row order) whatever order img2dataset's threads
 finished in, so the same inputs give the same keys and the same tar bytes. Each output shard is
@@ -22,19 +23,14 @@ from .download import scan_attempts, with_failure_reasons
 from .engine import LocalEngine
 from .funnel import write_funnel
 from .hashing import hex_digits
+from .integrity import write_checksums
 from .layout import BuildLayout, write_json_atomic
+from .manifest_schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, conform, keep_column_types
 from .recipe import Recipe
 from .state import remove_temporaries, temporary_name, write_parquet_atomic
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
-SAMPLE_FIELDS = [
-    "key", "shard", "uid", "source", "row", "url", "caption", "caption_raw",
-    "width", "height", "original_width", "original_height", "sha256", "phash",
-]
-REJECTED_FIELDS = [
-    "uid", "source", "row", "url", "caption_raw", "caption", "stage", "reason", "detail", "duplicate_of",
-]
 
 
 def scan_accepted(layout: BuildLayout) -> pl.LazyFrame:
@@ -89,6 +85,7 @@ class _ShardTask:
     shards_dir: Path
     samples_dir: Path
     image_extension: str
+    keep_columns: dict  # name -> polars type, every source's (manifest_schema.py)
 
     @property
     def tar_path(self) -> Path:
@@ -102,27 +99,28 @@ class _ShardTask:
 def write_shard(task: _ShardTask) -> int:
     """One output tar and its manifest part, each written under a temporary name then renamed."""
     rows = pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard).collect()
+    published = conform(rows, SAMPLE_SCHEMA, task.keep_columns)
     tmp = temporary_name(task.tar_path)
-    extras = [c for c in rows.columns if c not in SAMPLE_FIELDS and not c.startswith("download_")]
     sources: dict[str, tarfile.TarFile] = {}
     try:
         with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as writer:
-            for row in rows.iter_rows(named=True):
-                tar = sources.get(row["download_tar"])
+            for (download_tar, download_key), metadata in zip(
+                rows.select("download_tar", "download_key").iter_rows(), published.iter_rows(named=True)
+            ):
+                tar = sources.get(download_tar)
                 if tar is None:
-                    tar = sources[row["download_tar"]] = tarfile.open(row["download_tar"])
-                member = tar.extractfile(f"{row['download_key']}.{task.image_extension}")
-                metadata = {field: row[field] for field in SAMPLE_FIELDS + extras}
+                    tar = sources[download_tar] = tarfile.open(download_tar)
+                member = tar.extractfile(f"{download_key}.{task.image_extension}")
                 writer.write(
                     {
-                        "__key__": row["key"],
+                        "__key__": metadata["key"],
                         task.image_extension: member.read(),
-                        "txt": row["caption"],
+                        "txt": metadata["caption"],
                         "json": json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8"),
                     }
                 )
         # The manifest goes in first: a shard counts as done only when its tar is in place too.
-        write_parquet_atomic(rows.select(SAMPLE_FIELDS + extras), task.manifest_path)
+        write_parquet_atomic(published, task.manifest_path)
         os.replace(tmp, task.tar_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -131,9 +129,8 @@ def write_shard(task: _ShardTask) -> int:
     return rows.height
 
 
-def _ordered(frame: pl.DataFrame) -> pl.DataFrame:
-    present = [c for c in REJECTED_FIELDS if c in frame.columns]
-    return frame.select(present + [c for c in frame.columns if c not in REJECTED_FIELDS]).sort("uid")
+def _ordered(frame: pl.DataFrame, keep_columns: dict) -> pl.DataFrame:
+    return conform(frame, REJECTED_SCHEMA, keep_columns).sort("uid")
 
 
 def _key_of_kept(layout: BuildLayout) -> pl.LazyFrame:
@@ -142,13 +139,17 @@ def _key_of_kept(layout: BuildLayout) -> pl.LazyFrame:
     )
 
 
-def write_rejects(layout: BuildLayout) -> None:
+def write_rejects(layout: BuildLayout, keep_columns: dict) -> list[Path]:
     """rejected/: text-stage rejects, download failures (and rows img2dataset never reported),
-    dedup drops; `duplicate_of` names the kept sample's key (or the evaluation image)."""
+    dedup drops; `duplicate_of` names the kept sample's key (or the evaluation image). Every
+    part has the one rejected schema; download.parquet and dedup.parquet are written even with
+    0 rows, so the folder is never empty."""
     keys = _key_of_kept(layout)
+    written = []
     for part in sorted(layout.text_rejected_dir.glob("*.parquet")):
         frame = pl.scan_parquet(part).join(keys, on="duplicate_of_uid", how="left").collect()
-        write_parquet_atomic(_ordered(frame), layout.rejected_dir / f"text-{part.name}")
+        written.append(layout.rejected_dir / f"text-{part.name}")
+        write_parquet_atomic(_ordered(frame, keep_columns), written[-1])
     accepted = scan_accepted(layout)
     downloads = scan_attempts(layout.download_dir) if _has_downloads(layout) else None
     reported = downloads.select("uid") if downloads is not None else pl.LazyFrame(schema={"uid": pl.Int64})
@@ -183,11 +184,9 @@ def write_rejects(layout: BuildLayout) -> None:
     rejects = pl.concat(frames, how="diagonal_relaxed").collect()
     for stage in ("download", "dedup"):
         part = rejects.filter(pl.col("stage") == stage)
-        target = layout.rejected_dir / f"{stage}.parquet"
-        if part.height:
-            write_parquet_atomic(_ordered(part), target)
-        else:
-            target.unlink(missing_ok=True)
+        written.append(layout.rejected_dir / f"{stage}.parquet")
+        write_parquet_atomic(_ordered(part, keep_columns), written[-1])
+    return written
 
 
 def run_shard_stage(recipe: Recipe) -> dict:
@@ -204,16 +203,22 @@ def run_shard_stage(recipe: Recipe) -> dict:
     else:
         write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "key": pl.String}), layout.shard_plan)
     count = -(-total // recipe.shard.samples_per_shard)
+    keep_columns = keep_column_types(layout.ingest_dir)
     tasks = [
-        _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, recipe.image.encode_format)
+        _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, recipe.image.encode_format,
+                   keep_columns)
         for shard in range(count)
     ]
     todo = [t for t in tasks if not (t.tar_path.exists() and t.manifest_path.exists())]
     LocalEngine(recipe.shard.processes).map_parts(write_shard, todo, "shard: write tars")
-    write_rejects(layout)
+    rejects = write_rejects(layout, keep_columns)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
     sizes = {
         t.tar_path.name: pl.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
     }
     write_json_atomic(layout.shards_dir / "sizes.json", sizes)
-    return write_funnel(layout, recipe.name)
+    funnel = write_funnel(layout, recipe.name)
+    published = [t.tar_path for t in tasks] + [layout.shards_dir / "sizes.json"]
+    published += [t.manifest_path for t in tasks] + rejects + [layout.funnel_path]
+    write_checksums(layout.manifest_dir, layout.shards_dir, published, recipe.shard.processes)
+    return funnel

@@ -11,7 +11,8 @@ from rich.table import Table
 from cnclip.errors import CnclipError
 
 from .funnel import funnel_table, scan_manifest
-from .progress import console
+from .integrity import damaged_files
+from .progress import console, warn
 
 _QUANTILES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
@@ -47,12 +48,37 @@ def corpus_stats(manifest_dir: str | Path) -> dict:
     if rejected is not None:
         reasons = rejected.group_by("reason").agg(pl.len()).sort("len", "reason", descending=[True, False]).collect()
         stats["rejected_by_reason"] = dict(reasons.rows())
+    stats["problems"] = _disagreements(manifest_dir, stats)
     return stats
+
+
+def _disagreements(manifest_dir: Path, stats: dict) -> list[str]:
+    """Where funnel.json or checksums.json (what was built) and the disk (what is left) differ;
+    cheap checks only (sizes, not hashes): `cnclip corpus verify` does the full one."""
+    problems = []
+    funnel = stats.get("funnel")
+    if funnel is not None:
+        on_disk = (stats.get("samples", 0), sum(stats.get("rejected_by_reason", {}).values()))
+        if on_disk != (funnel.get("samples"), funnel.get("rejected")):
+            problems.append(f"{manifest_dir}: funnel.json counts {funnel.get('samples')} samples and "
+                            f"{funnel.get('rejected')} rejected; the manifests on disk hold {on_disk[0]} "
+                            f"and {on_disk[1]}")
+    try:
+        damaged, _ = damaged_files(manifest_dir, full=False)
+    except ValueError as err:
+        damaged = [str(err)]
+    problems += damaged
+    if problems:
+        problems.append(f"run `cnclip corpus verify {manifest_dir}` for a full check")
+    return problems
 
 
 def print_stats(stats: dict) -> None:
     if "funnel" in stats:
-        console.print(funnel_table(stats["funnel"]))
+        table = funnel_table(stats["funnel"])
+        if stats.get("problems"):
+            table.title += ", as built (funnel.json); the disk differs, see below"
+        console.print(table)
     table = Table(title=f"corpus: {stats['manifest_dir']}")
     table.add_column("measure")
     table.add_column("value")
@@ -67,3 +93,5 @@ def print_stats(stats: dict) -> None:
     for reason, count in stats.get("rejected_by_reason", {}).items():
         table.add_row(f"rejected {reason}", str(count))
     console.print(table)
+    for problem in stats.get("problems", []):
+        warn(problem)

@@ -143,6 +143,7 @@ def test_funnel_and_stats(demo_build):
     stats = corpus_stats(recipe.manifest_dir)
     assert stats["samples"] == funnel["samples"]
     assert stats["rejected_by_reason"] == funnel["rejected_by_reason"]
+    assert stats["problems"] == []  # an intact build: what funnel.json says is what is on disk
     assert 5 <= stats["caption_chars"]["p0"] <= stats["caption_chars"]["p100"] <= 50
     # The URL that never answers costs the 3 s timeout, not a stalled build.
     assert elapsed < 120
@@ -162,6 +163,11 @@ def test_metadata_source_over_loopback(tmp_path, web_root, web, make_recipe):
     funnel = build(recipe, show_funnel=False)
     samples, rejected = read_manifests(recipe.manifest_dir)
     assert funnel["samples"] == 3 and rejected["reason"].to_list() == ["download:failed_to_download"]
+    # No dedup rejects: their part is still there, with 0 rows and the one rejected schema.
+    dedup = pl.read_parquet(recipe.manifest_dir / "rejected" / "dedup.parquet")
+    assert dedup.height == 0 and dedup.schema == rejected.schema
+    assert sorted(p.name for p in (recipe.manifest_dir / "rejected").iterdir()) == ["dedup.parquet",
+                                                                                  "download.parquet"]
     assert samples["score"].to_list() == ["0.0", "0.1", "0.2"]
     for row in samples.iter_rows(named=True):
         original = (web_root / "img" / f"{row['row']}.png").read_bytes()

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from cnclip.cli import app
 
 runner = CliRunner()
-COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "hash-eval")]
+COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "verify", "hash-eval")]
 COMMANDS += [["train"], ["eval"], ["export"]]
 
 
