@@ -18,13 +18,17 @@ from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, SourceName
 from .recipe_paths import recipe_path_problems
 from .recipe_yaml import read_yaml  # noqa: F401 (train/config.py reads its YAML through here too)
 
-# Columns the pipeline owns; a source may not carry extra columns under these names.
+# Columns the pipeline owns (the manifests' schemas in manifest_schema.py, the work columns of the
+# download and dedup stages, img2dataset's own parquet columns); a source may not carry extra
+# columns under these names, nor under the prefixes below, or they would shadow or be dropped.
 RESERVED_COLUMNS = frozenset(
     {
         "uid", "source", "row", "url", "caption", "caption_raw", "stage", "reason", "detail",
         "key", "shard", "width", "height", "original_width", "original_height", "sha256",
+        "phash", "duplicate_of", "duplicate_of_uid", "status", "error_message", "exif",
     }
 )
+RESERVED_PREFIXES = ("download_", "_")
 
 
 # Worker processes per stage: more than any one machine has cores is a typo, not a plan.
@@ -54,7 +58,7 @@ class MetadataSource(_Strict):
     @field_validator("keep_columns")
     @classmethod
     def _no_reserved(cls, value: list[str]) -> list[str]:
-        clash = sorted(set(value) & RESERVED_COLUMNS)
+        clash = sorted(n for n in value if n in RESERVED_COLUMNS or n.startswith(RESERVED_PREFIXES))
         if clash:
             raise ValueError(f"names reserved by the manifests: {', '.join(clash)}")
         return value

@@ -283,3 +283,17 @@ def test_training_configs_get_the_same_strict_yaml(tmp_path):
     config.write_bytes(b"precision: \xff\n")
     with pytest.raises(ConfigError, match=r"c.yaml: line 1: config is not UTF-8 text \(byte 0xff at offset 11\)"):
         load_config(config)
+
+
+@pytest.mark.parametrize("name", ["phash", "duplicate_of", "status", "download_tar", "_line"])
+def test_keep_columns_may_not_shadow_pipeline_columns(tmp_path, name):
+    recipe = write(tmp_path, BASE.replace("path: x.parquet", f"path: x.parquet, keep_columns: [{name}]"))
+    with pytest.raises(RecipeError, match=rf"keep_columns: Value error, names reserved by the manifests: {name}"):
+        load_recipe(recipe)
+
+
+def test_every_manifest_column_is_reserved():
+    from cnclip.corpus.manifest_schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+    from cnclip.corpus.recipe import RESERVED_COLUMNS
+
+    assert set(SAMPLE_SCHEMA) | set(REJECTED_SCHEMA) <= RESERVED_COLUMNS
