@@ -1,7 +1,7 @@
 """Recipe schema for the crawl source kinds (`html`, `warc`) and the guard/politeness settings.
 
 Kept apart from recipe.py so recipe.py can import these into its Source union and settings
-without an import cycle; `_Strict` mirrors recipe.py's base.
+without an import cycle.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import re
 from typing import Annotated, Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from cnclip.strict import StrictModel
 
 from .netguard import parse_networks
 from .politeness import DEFAULT_USER_AGENT
@@ -42,11 +44,7 @@ SourceName = Annotated[str, AfterValidator(_source_name)]
 UserAgentText = Annotated[str, AfterValidator(_header_text)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GuardSettings(_Strict):
+class GuardSettings(StrictModel):
     """Network guard and per-host politeness, shared by `crawl:` and `download:`.
 
     Meant as a base of DownloadSettings (`class DownloadSettings(GuardSettings)`), which gives the
@@ -95,7 +93,7 @@ def is_web_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-class HtmlSource(_Strict):
+class HtmlSource(StrictModel):
     """Pages crawled from seed URLs, following same-host links; yields (img url, alt) pairs."""
 
     name: SourceName
@@ -121,7 +119,7 @@ class HtmlSource(_Strict):
         return self
 
 
-class WarcSource(_Strict):
+class WarcSource(StrictModel):
     """Local WARC / WAT files (plain or .gz, Common Crawl's layout included)."""
 
     name: SourceName

@@ -16,10 +16,11 @@ from typing import Iterator
 
 import polars as pl
 
+from cnclip.atomic import remove_temporaries
 from cnclip.mainguard import require_main_guard
 
 from .layout import BuildLayout
-from .state import remove_temporaries, write_parquet_atomic
+from .state import write_parquet_atomic
 from .uri import to_uri
 from .progress import info, stage_progress
 from .recipe import Recipe, SampleWebSource

@@ -12,9 +12,10 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
+from cnclip.atomic import write_json_atomic
 from cnclip.errors import CnclipError
 
-from .layout import BuildLayout, write_json_atomic
+from .layout import BuildLayout
 from .progress import console
 
 STAGES = ["ingest", "text", "download", "dedup", "shard"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import polars as pl
 
+from cnclip.atomic import remove_temporaries
+
 from .layout import BuildLayout
 from .progress import stage_progress, warn
 from .recipe import Recipe
 from .sources import SourceError, prepare_source, read_source_file, read_source_lines, reads_lines
-from .state import remove_temporaries, write_parquet_atomic
+from .state import write_parquet_atomic
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
 

@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
+from cnclip.atomic import write_json_atomic
 from cnclip.errors import CnclipError
 
 from .engine import LocalEngine
-from .layout import write_json_atomic
 
 CHECKSUMS = "checksums.json"
 _SHARDS = "shards/"  # recorded names under this prefix live in shards_dir, the rest in manifest_dir

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # recipe.py checks layouts at load time, so this import stays one-way
     from .recipe import Recipe
@@ -109,11 +107,3 @@ class BuildLayout:
                 if inner == folder or folder in inner.parents:
                     return f"{name} ({inner}) is inside {folder}, which the build empties and rewrites"
         return None  # otherwise nested or shared folders are fine: their entries do not collide
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-

@@ -21,9 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from cnclip.atomic import write_json_atomic
 from cnclip.errors import CnclipError
 
-from .layout import BuildLayout, write_json_atomic
+from .layout import BuildLayout
 
 MARKER = ".cnclip-build.json"
 LOCK = ".cnclip-build.lock"

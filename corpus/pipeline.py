@@ -88,8 +88,11 @@ def stage_states(recipe: Recipe) -> dict[str, StageState]:
 
 @contextlib.contextmanager
 def _owned(recipe: Recipe) -> Iterator[None]:
-    """Refuse folders that are not this build's (writing nothing), then hold the build lock."""
-    with owned_build(BuildLayout.of(recipe), recipe.name):
+    """Refuse folders that are not this build's (writing nothing), then hold the build lock.
+
+    An output folder the system will not let us create (a file in its path, no permission) is a
+    one-line DiskError here, before any stage runs."""
+    with disk_errors(), owned_build(BuildLayout.of(recipe), recipe.name):
         yield
 
 

@@ -10,9 +10,10 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cnclip.errors import CnclipError
+from cnclip.strict import StrictModel
 
 from .crawl_settings import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from .recipe_paths import recipe_path_problems
@@ -39,11 +40,7 @@ class RecipeError(CnclipError, ValueError):
     """A recipe that cannot run; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MetadataSource(_Strict):
+class MetadataSource(StrictModel):
     """Rows of (url, caption) from Parquet / CSV / TSV / JSONL files (LAION, Wukong, your own)."""
 
     name: SourceName
@@ -64,7 +61,7 @@ class MetadataSource(_Strict):
         return value
 
 
-class SampleWebSource(_Strict):
+class SampleWebSource(StrictModel):
     """The built-in sample web: a seeded generated site served on 127.0.0.1 during the build."""
 
     name: SourceName
@@ -78,7 +75,7 @@ class SampleWebSource(_Strict):
 Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource], Field(discriminator="kind")]
 
 
-class TextSettings(_Strict):
+class TextSettings(StrictModel):
     min_chars: int = Field(default=5, ge=0)
     max_chars: int = Field(default=50, ge=1)
     min_cjk_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -97,7 +94,7 @@ class TextSettings(_Strict):
         return self
 
 
-class ImageSettings(_Strict):
+class ImageSettings(StrictModel):
     size: int = Field(default=224, ge=8, le=8192)
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "center_crop"
     min_side: int = Field(default=64, ge=0)
@@ -141,7 +138,7 @@ class DownloadSettings(GuardSettings):
         return value
 
 
-class DedupSettings(_Strict):
+class DedupSettings(StrictModel):
     exact: bool = True
     near: bool = True
     phash_max_distance: int = Field(default=4, ge=0, le=16)
@@ -151,12 +148,12 @@ class DedupSettings(_Strict):
     processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
 
-class ShardSettings(_Strict):
+class ShardSettings(StrictModel):
     samples_per_shard: int = Field(default=10_000, ge=1, le=1_000_000)
     processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     name: str
     output_dir: Path
     manifest_dir: Path

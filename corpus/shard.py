@@ -11,7 +11,6 @@ the last complete shard.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +18,17 @@ from pathlib import Path
 import polars as pl
 import webdataset as wds
 
+from cnclip.atomic import atomic_path, remove_temporaries, write_json_atomic
+
 from .download import scan_attempts, with_failure_reasons
 from .engine import LocalEngine
 from .funnel import write_funnel
 from .hashing import hex_digits
 from .integrity import write_checksums
-from .layout import BuildLayout, write_json_atomic
+from .layout import BuildLayout
 from .manifest_schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, conform, keep_column_types
 from .recipe import Recipe
-from .state import remove_temporaries, temporary_name, write_parquet_atomic
+from .state import write_parquet_atomic
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
@@ -100,30 +101,28 @@ def write_shard(task: _ShardTask) -> int:
     """One output tar and its manifest part, each written under a temporary name then renamed."""
     rows = pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard).collect()
     published = conform(rows, SAMPLE_SCHEMA, task.keep_columns)
-    tmp = temporary_name(task.tar_path)
     sources: dict[str, tarfile.TarFile] = {}
     try:
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as writer:
-            for (download_tar, download_key), metadata in zip(
-                rows.select("download_tar", "download_key").iter_rows(), published.iter_rows(named=True)
-            ):
-                tar = sources.get(download_tar)
-                if tar is None:
-                    tar = sources[download_tar] = tarfile.open(download_tar)
-                member = tar.extractfile(f"{download_key}.{task.image_extension}")
-                writer.write(
-                    {
-                        "__key__": metadata["key"],
-                        task.image_extension: member.read(),
-                        "txt": metadata["caption"],
-                        "json": json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8"),
-                    }
-                )
-        # The manifest goes in first: a shard counts as done only when its tar is in place too.
-        write_parquet_atomic(published, task.manifest_path)
-        os.replace(tmp, task.tar_path)
+        with atomic_path(task.tar_path) as tmp:
+            with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as writer:
+                for (download_tar, download_key), metadata in zip(
+                    rows.select("download_tar", "download_key").iter_rows(), published.iter_rows(named=True)
+                ):
+                    tar = sources.get(download_tar)
+                    if tar is None:
+                        tar = sources[download_tar] = tarfile.open(download_tar)
+                    member = tar.extractfile(f"{download_key}.{task.image_extension}")
+                    writer.write(
+                        {
+                            "__key__": metadata["key"],
+                            task.image_extension: member.read(),
+                            "txt": metadata["caption"],
+                            "json": json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8"),
+                        }
+                    )
+            # The manifest goes in first: a shard counts as done only when its tar is in place too.
+            write_parquet_atomic(published, task.manifest_path)
     finally:
-        tmp.unlink(missing_ok=True)
         for tar in sources.values():
             tar.close()
     return rows.height

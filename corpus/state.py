@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from .layout import write_json_atomic
+from cnclip.atomic import atomic_path, write_json_atomic
 
 
 def fingerprint(*parts: Any) -> str:
@@ -87,26 +86,10 @@ class StageState:
         return self._read().get("summary", {})
 
 
-def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_parquet_atomic(frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
     """Write under a temporary name, then rename: a part that exists is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
+    with atomic_path(path) as tmp:
         if isinstance(frame, pl.LazyFrame):
             frame.sink_parquet(tmp)
         else:
             frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_temporaries(folder: Path) -> None:
-    """Leftovers of a crashed writer: `.name.tmpPID` files."""
-    if folder.is_dir():
-        for leftover in folder.glob(".*.tmp*"):
-            leftover.unlink(missing_ok=True)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import polars as pl
 
+from cnclip.atomic import remove_temporaries
+
 from .engine import LocalEngine
 from .ingest import ROW_BITS
 from .layout import BuildLayout
 from .normalize import normalize_captions, normalize_phrases
 from .recipe import Recipe, RecipeError, TextSettings
-from .state import remove_temporaries, write_parquet_atomic
+from .state import write_parquet_atomic
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"

@@ -10,7 +10,6 @@ loading never unpickles code.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,6 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from cnclip.atomic import atomic_path, write_text_atomic
 from cnclip.errors import CnclipError
 
 FORMAT = "cnclip-train-1"
@@ -57,32 +57,12 @@ def _tuples_to_lists(value: Any) -> Any:
     return value
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (where the platform allows opening a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
     """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename,
     fsync the folder. A crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as stream:
-        torch.save({"format": FORMAT, **state}, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
     return path
 
 
@@ -115,13 +95,7 @@ def model_config(state: dict) -> dict:
 
 def write_latest(output_dir: Path, checkpoint: Path) -> None:
     """`latest.txt` names the newest checkpoint (a file, not a symlink: works on every filesystem)."""
-    tmp = output_dir / f".latest.txt.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        stream.write(checkpoint.name + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, output_dir / "latest.txt")
-    _fsync_dir(output_dir)  # the rename itself survives a crash
+    write_text_atomic(output_dir / "latest.txt", checkpoint.name + "\n", durable=True)
 
 
 def find_latest(output_dir: Union[str, Path]) -> Optional[Path]:

@@ -10,18 +10,15 @@ import math
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cnclip.corpus.recipe import read_yaml, validate_mapping
 from cnclip.errors import CnclipError
+from cnclip.strict import StrictModel
 
 
 class ConfigError(CnclipError, ValueError):
     """A training config that cannot run; the message names the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 ShardSpec = Union[str, list[str]]
@@ -33,7 +30,7 @@ def _as_list(value: ShardSpec | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-class InitSettings(_Strict):
+class InitSettings(StrictModel):
     """Initial weights, all optional local paths (nothing is ever downloaded)."""
 
     image: Optional[Path] = Field(default=None, description="open_clip or OpenAI CLIP checkpoint for the image tower")
@@ -47,7 +44,7 @@ class InitSettings(_Strict):
         return self
 
 
-class TokenizerSettings(_Strict):
+class TokenizerSettings(StrictModel):
     # `bert-base-chinese`: the 21,128-token vocab Chinese-CLIP uses (shipped with cnclip);
     # `corpus`: a character vocab built from the training captions (for towers trained from scratch);
     # `text-tower`: vocab.txt of init.text; or a path to any BERT vocab.txt.
@@ -55,7 +52,7 @@ class TokenizerSettings(_Strict):
     context_length: int = Field(default=52, ge=3, le=512)
 
 
-class DataSettings(_Strict):
+class DataSettings(StrictModel):
     train: Optional[ShardSpec] = Field(default=None, description="shard globs or brace patterns")
     corpus: Optional[Path] = Field(default=None, description="a corpus recipe: train on its shards")
     manifest_dir: Optional[Path] = Field(
@@ -81,14 +78,14 @@ class DataSettings(_Strict):
         return _as_list(self.train)
 
 
-class LossSettings(_Strict):
+class LossSettings(StrictModel):
     # open_clip's ClipLoss options. With both on, each rank's gradient is the exact gradient of the
     # global-batch loss (all_gather keeps its backward), so N processes train like one with N× batch.
     local_loss: bool = True
     gather_with_grad: bool = True
 
 
-class EvalSet(_Strict):
+class EvalSet(StrictModel):
     name: str
     kind: Literal["retrieval", "zeroshot"] = "retrieval"
     data: ShardSpec
@@ -107,7 +104,7 @@ class EvalSet(_Strict):
         return _as_list(self.data)
 
 
-class EvalSettings(_Strict):
+class EvalSettings(StrictModel):
     every: Optional[int] = Field(default=None, ge=1, description="steps between evaluations; stage ends always")
     sets: list[EvalSet] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
@@ -123,7 +120,7 @@ class EvalSettings(_Strict):
         return value
 
 
-class StageSettings(_Strict):
+class StageSettings(StrictModel):
     steps: Optional[int] = Field(default=None, ge=0, description="optimizer steps")
     samples: Optional[int] = Field(default=None, ge=0, description="or: training samples (global)")
     lr: float = Field(gt=0)
@@ -146,7 +143,7 @@ class StageSettings(_Strict):
         return self.steps if self.steps is not None else math.ceil(self.samples / global_batch)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     name: str = "cnclip"
     output_dir: Path
     seed: int = 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,6 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
+from cnclip.atomic import atomic_path, write_json_atomic
 from cnclip.errors import CnclipError
 
 ZOO_DIR = Path(__file__).parent / "model_configs"
@@ -71,9 +71,8 @@ def write_text_tower_dir(directory: Path, hf_text_config: dict, vocab_size: int)
     directory.mkdir(parents=True, exist_ok=True)
     # Every process of a run writes the same file, which the others may be reading: write a
     # temporary file and rename it, so a reader never sees a half-written config.json.
-    tmp = directory / f".config.json.tmp{os.getpid()}"
-    config.to_json_file(tmp)
-    os.replace(tmp, directory / "config.json")
+    with atomic_path(directory / "config.json") as tmp:
+        config.to_json_file(tmp)
     return directory
 
 
@@ -145,9 +144,7 @@ def register(model_cfg: dict, workdir: Path) -> str:
     path = Path(workdir) / "model_configs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():  # atomically: the other processes of a run may be reading it
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(model_cfg, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, model_cfg)
     if name not in open_clip.list_models():
         open_clip.add_model_config(path)
     return name

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cnclip.corpus.layout import write_json_atomic
+from cnclip.atomic import write_json_atomic
 from cnclip.errors import CnclipError
 
 from .checkpoint import find_latest

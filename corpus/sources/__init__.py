@@ -88,7 +88,7 @@ def read_source_lines(source: Source, path: str) -> pl.LazyFrame:
 
 
 def _write_report(path: Path, report: dict) -> None:
-    from ..layout import write_json_atomic
+    from cnclip.atomic import write_json_atomic
 
     write_json_atomic(path, report)
 
