@@ -162,7 +162,7 @@ def test_write_funnel_writes_what_it_returns(layout):
     a_build(layout)
     funnel = write_funnel(layout, "demo")
     assert json.loads(layout.funnel_path.read_text(encoding="utf-8")) == funnel
-    assert funnel["samples"] == 4
+    assert (funnel["name"], funnel["samples"]) == ("demo", 4)
 
 
 def render(funnel, width=200):
@@ -340,3 +340,31 @@ def test_without_any_download_part_every_accepted_row_is_not_attempted(layout):
     frame = read(layout.rejected_dir / "download.parquet")
     assert frame.select("uid", "reason").rows() == [(u, "download:not_attempted") for u in (1, 2, 3)]
     assert not (layout.rejected_dir / "dedup.parquet").exists()
+
+
+def cells(text):
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_funnel_table_orders_reasons_by_count_then_by_name(layout):
+    a_build(layout)
+    samples(layout, "00000.parquet", [])
+    rejects(layout, "dedup.parquet", [(9, "dedup", "dedup:near_duplicate"), (10, "dedup", "dedup:exact_duplicate"),
+                                      (3, "dedup", "dedup:near_duplicate"), (2, "dedup", "dedup:eval_overlap"),
+                                      (1, "dedup", "dedup:eval_overlap")])
+    text = render(compute_funnel(layout, "demo"))
+    assert cells(text)[3] == ["dedup", "6", "1", "16.7%", "eval_overlap 2, near_duplicate 2, exact_duplicate 1"]
+    assert "1 samples, 9 rejected" in text
+
+
+def test_funnel_lists_reasons_in_stage_then_reason_order(layout):
+    """funnel.json is the same bytes for the same build: reasons in (stage, reason) order."""
+    ingest_summary(layout, {"a": 5})
+    rejects(layout, "x.parquet", [(1, "ingest", "ingest:missing_url"), (2, "download", "network:blocked_address"),
+                                  (3, "download", "download:failed_to_download"), (4, "dedup", "dedup:near_duplicate"),
+                                  (5, "download", "network:blocked_address")])
+    funnel = compute_funnel(layout, "x")
+    assert list(funnel["rejected_by_reason"].items()) == [
+        ("dedup:near_duplicate", 1), ("download:failed_to_download", 1), ("network:blocked_address", 2),
+        ("ingest:missing_url", 1)]
+    assert list(funnel["stages"][2]["rejected"]) == ["download:failed_to_download", "network:blocked_address"]

@@ -305,3 +305,25 @@ def test_stage_records_and_outputs(make_recipe, tmp_path):
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
                   layout.shard_plan.parent),
     }
+
+
+def test_a_changed_crawl_setting_redoes_everything(prints):
+    assert changed(prints(), prints(crawl={"max_redirects": 1})) == list(STAGES)
+
+
+def test_a_new_hash_version_redoes_hashes_and_what_follows(prints, monkeypatch):
+    from cnclip.corpus import pipeline
+
+    before = prints()
+    monkeypatch.setattr(pipeline, "HASH_VERSION", "phash-v2")
+    assert changed(before, prints()) == ["hash", "dedup", "shard"]
+
+
+def test_file_listing_records_size_and_time_and_missing_files(tmp_path):
+    from cnclip.corpus.pipeline import _file_listing
+
+    present = tmp_path / "a.txt"
+    present.write_bytes(b"12345")
+    stat = present.stat()
+    missing = str(tmp_path / "gone.txt")
+    assert _file_listing([str(present), missing]) == [[str(present), 5, stat.st_mtime_ns], [missing, None, None]]
