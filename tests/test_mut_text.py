@@ -163,3 +163,40 @@ def test_an_empty_split_removes_the_stale_part(tmp_path, parts):
     (accepted, rejected), task = split(tmp_path, only_kept, found, None)
     assert (accepted, rejected) == (1, 0)
     assert not task.rejected_part.exists() and task.accepted_part.exists()
+
+
+def test_user_blacklist_adds_to_the_built_in_one(tmp_path):
+    phrases = tmp_path / "block.txt"
+    phrases.write_text("招商加盟\n", encoding="utf-8")
+    assert reasons(["美丽的风景 查看源网页", "本店招商加盟中", "一只可爱的小猫"],
+                   blacklist=load_blacklist(TextSettings(blacklist=str(phrases)))) == [
+        "text:blacklisted", "text:blacklisted", None]
+
+
+def test_text_stage_without_input_parts_reruns_cleanly(make_recipe, tmp_path):
+    from cnclip.corpus.text import run_text_stage
+
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": str(tmp_path / "none-*.parquet")}])
+    assert run_text_stage(recipe) == {"accepted": 0, "rejected": 0}
+    assert run_text_stage(recipe) == {"accepted": 0, "rejected": 0}  # folders left by the first run are fine
+
+
+def test_phrases_follow_the_opencc_setting():
+    from cnclip.corpus.normalize import normalize_phrases
+
+    assert normalize_phrases(["軟體"], "tw2sp") == ["软件"]
+    assert normalize_phrases(["一隻貓"], None) == ["一隻貓"]
+
+
+def test_opencc_batches_fall_back_to_one_call_per_caption(monkeypatch):
+    """If a conversion ever changed the line count of a batch, rows must not shift."""
+    from cnclip.corpus import normalize
+
+    class LineEater:
+        def convert(self, text):
+            return text.replace("\n", "", 1).replace("隻", "只")
+
+    monkeypatch.setattr(normalize, "_opencc", lambda config: LineEater())
+    out = normalize.convert_chinese(pl.Series("caption_x", ["一隻貓", "兩隻狗", "三"]), "t2s")
+    assert out.name == "caption_x"
+    assert out.to_list() == ["一只貓", "兩只狗", "三"]
