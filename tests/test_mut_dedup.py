@@ -10,7 +10,7 @@ import pytest
 
 from cnclip.corpus.dedup import (DECISION_SCHEMA, eval_overlaps, exact_duplicates, find_duplicates, near_duplicates,
                                  scan_dedup_input, text_duplicates)
-from cnclip.corpus.neardup import _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
+from cnclip.corpus.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
 from cnclip.corpus.recipe import DedupSettings
 
 
@@ -202,4 +202,14 @@ def test_pairs_in_runs_and_ramp():
     a, b = _pairs_in_runs(order[:3], np.array([1, 2, 3]))
     assert a.tolist() == []
     assert _ramp(np.array([3, 0, 2])).tolist() == [0, 1, 2, 0, 1]
-    assert _ramp(np.array([0, 0])).tolist() == []
+    assert _ramp(np.array([0, 0])).tolist() == [] and _ramp(np.array([0])).dtype == np.int64
+
+
+def test_compact_keys_pack_the_chosen_blocks_low_bits_first():
+    masks = block_masks(4)  # 16-bit blocks, the highest bits first
+    hashes = u64(0x1234_5678_9ABC_DEF0, 0xFFFF_0000_FFFF_0000)
+    keys, width = _compact_keys(hashes, masks, (0, 2))
+    assert width == 32
+    assert [hex(int(k)) for k in keys] == [hex(0x9ABC_1234), hex(0xFFFF_FFFF)]
+    keys, width = _compact_keys(hashes, masks, (3,))
+    assert (width, [int(k) for k in keys]) == (16, [0xDEF0, 0])
