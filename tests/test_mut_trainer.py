@@ -212,3 +212,91 @@ def test_corpus_vocab_orders_by_count_and_marks_word_pieces():
     assert build_corpus_vocab(["猫猫狗 abc", "猫 ab"]) == SPECIAL_TOKENS + ["猫", "##b", "a", "##c", "狗"]
     assert build_corpus_vocab(["猫猫狗 abc", "猫 ab"], min_count=2) == SPECIAL_TOKENS + ["猫", "##b", "a"]
     assert build_corpus_vocab(["[PAD]"]) == SPECIAL_TOKENS + ["##a", "##d", "[", "]", "p"]
+
+
+def test_chinese_clips_context_length_is_the_default(tmp_path):
+    assert ChineseTokenizer(VOCAB)("猫").shape == (1, 52)
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    assert ChineseTokenizer.from_file(tmp_path / "vocab.txt").context_length == 52
+
+
+def test_control_characters_are_cleaned_not_unknown():
+    assert ChineseTokenizer(VOCAB).tokenize("猫\x07狗\x00") == ["猫", "狗"]
+
+
+class BiasedClip(TinyClip):
+    """A model that also returns a logit bias (open_clip's SigLIP-style 4th output)."""
+
+    def forward(self, image, text):
+        return (*super().forward(image, text), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("sizes", [[8], [4, 4]])
+def test_a_fourth_model_output_is_ignored(sizes):
+    b = batch(8)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    assert step(BiasedClip(), micro).item() == pytest.approx(step(TinyClip(), [b]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[8], [4, 4]])
+def test_bf16_autocast_runs_on_the_runtimes_device(sizes):
+    b = batch(8)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    model = TinyClip()
+    t = trainer()
+    t.cfg.precision = "bf16"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = Trainer._step(t, model, model, micro, optimizer, torch.amp.GradScaler("cuda", enabled=False), None)
+    assert loss.item() == pytest.approx(reference_loss(TinyClip(), b).item(), rel=0.05)
+
+
+class Moved:
+    """A batch tensor that records where the step moves it."""
+
+    def __init__(self, tensor, seen):
+        self.tensor, self.seen = tensor, seen
+
+    def to(self, device, non_blocking=False):
+        self.seen.append(torch.device(device))
+        return self.tensor
+
+
+class FakeDDP:
+    """DistributedDataParallel's surface: forward, and no_sync() for passes that must not all-reduce."""
+
+    def __init__(self, model, passes):
+        self.model, self.passes, self.in_no_sync = model, passes, False
+
+    def __call__(self, image, text):
+        if torch.is_grad_enabled():
+            self.passes.append("no_sync" if self.in_no_sync else "sync")
+        return self.model(image, text)
+
+    def no_sync(self):
+        ddp = self
+
+        class Context:
+            def __enter__(self):
+                ddp.in_no_sync = True
+
+            def __exit__(self, *exc):
+                ddp.in_no_sync = False
+
+        return Context()
+
+
+def test_batches_go_to_the_device_and_only_the_last_pass_all_reduces():
+    seen, passes = [], []
+    b = batch(9)
+    micro = [{k: Moved(v[s:s + 3], seen) for k, v in b.items()} for s in (0, 3, 6)]
+    model = TinyClip()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    Trainer._step(trainer(), FakeDDP(model, passes), model, micro, optimizer,
+                  torch.amp.GradScaler("cuda", enabled=False), None)
+    assert seen == [torch.device("cpu")] * 6
+    assert passes == ["no_sync", "no_sync", "sync"]
+    reference = TinyClip()
+    step(reference, [b])
+    torch.testing.assert_close(model.logit_scale.grad, reference.logit_scale.grad, rtol=1e-4, atol=1e-7)
