@@ -200,3 +200,9 @@ def test_opencc_batches_fall_back_to_one_call_per_caption(monkeypatch):
     out = normalize.convert_chinese(pl.Series("caption_x", ["一隻貓", "兩隻狗", "三"]), "t2s")
     assert out.name == "caption_x"
     assert out.to_list() == ["一只貓", "兩只狗", "三"]
+
+
+def test_convert_chinese_defaults_to_traditional_to_simplified():
+    from cnclip.corpus.normalize import convert_chinese
+
+    assert convert_chinese(pl.Series("c", ["一隻貓"])).to_list() == ["一只猫"]
