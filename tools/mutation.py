@@ -34,7 +34,9 @@ STAGE = REPO / "build" / "mutation"
 PACKAGE_DIRS = {"cnclip": "cnclip", "corpus": "cnclip/corpus", "train": "cnclip/train"}
 # what tests read from the repository besides the package and tests/
 ALSO_COPY = ["recipes", "manifests/README.md", "README.md"]
-KILLED = {"killed", "timeout", "segfault", "suspicious"}
+# mutmut's statuses that count as caught; "suspicious" (an unknown exit code), "no tests" and
+# "not checked" count as survivors
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
 def installed_path(repo_path: str) -> str:
@@ -104,6 +106,7 @@ def sample(names: list[str], count: int) -> list[str]:
 
 
 def run_area(area: str, spec: dict, children: int, count: int | None) -> dict:
+    """Run one area from a fresh layout (no results cached from older sources or tests)."""
     root = lay_out(area, spec)
     log = STAGE / f"{area}.log"
     log.unlink(missing_ok=True)
