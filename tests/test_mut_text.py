@@ -206,3 +206,20 @@ def test_convert_chinese_defaults_to_traditional_to_simplified():
     from cnclip.corpus.normalize import convert_chinese
 
     assert convert_chinese(pl.Series("c", ["一隻貓"])).to_list() == ["一只猫"]
+
+
+def test_blacklist_follows_the_opencc_setting(tmp_path):
+    phrases = tmp_path / "block.txt"
+    phrases.write_text("廣告\n", encoding="utf-8")
+    assert load_blacklist(TextSettings(blacklist=str(phrases), default_blacklist=False, opencc_config=None)) == ["廣告"]
+    assert load_blacklist(TextSettings(blacklist=str(phrases), default_blacklist=False)) == ["广告"]
+
+
+def test_duplicate_detail_names_the_row_within_its_source(tmp_path):
+    second_source = 1 << 40  # uids are (source index << 40) + row
+    part = normalized(tmp_path / "s1.parquet", [(second_source + 3, "http://h/a.jpg", "一只猫", None),
+                                                (second_source + 7, "http://h/a.jpg", "一只猫", None)])
+    found = find_global_rejects([part], TextSettings(max_caption_repeats=None), tmp_path)
+    _, task = split(tmp_path, part, found, None)
+    assert pl.read_parquet(task.rejected_part).select("uid", "detail", "duplicate_of_uid").rows() == [
+        (second_source + 7, "same url and caption as row 3 of this source", second_source + 3)]
