@@ -105,8 +105,13 @@ def sample(names: list[str], count: int) -> list[str]:
     return sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:count]
 
 
-def run_area(area: str, spec: dict, children: int, count: int | None) -> dict:
-    """Run one area from a fresh layout (no results cached from older sources or tests)."""
+def run_area(area: str, spec: dict, children: int, count: int | None, rerun: bool = True) -> dict:
+    """Run one area from a fresh layout (no results cached from older sources or tests); with
+    rerun=False, only report on the mutants checked by the area's last run."""
+    if not rerun:
+        root = STAGE / area
+        statuses = {n: s for n, s in results(root).items() if in_area(n, spec) and s != "not checked"}
+        return summarize(root, area, spec, statuses)
     root = lay_out(area, spec)
     log = STAGE / f"{area}.log"
     log.unlink(missing_ok=True)
@@ -119,6 +124,10 @@ def run_area(area: str, spec: dict, children: int, count: int | None) -> dict:
     if mutmut(root, "run", "--max-children", str(children), *targets, log=log).returncode != 0:
         raise SystemExit(f"mutmut failed in area {area}: see {log} (its tree is in {root})")
     statuses = {n: s for n, s in results(root).items() if in_area(n, spec) and (not count or n in targets)}
+    return summarize(root, area, spec, statuses)
+
+
+def summarize(root: Path, area: str, spec: dict, statuses: dict[str, str]) -> dict:
     equivalent = spec.get("equivalent", {})
     survivors = sorted(n for n, s in statuses.items() if s not in KILLED)
     killed = len(statuses) - len(survivors)
@@ -148,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutants (default 2)")
     parser.add_argument("--sample", type=int, help="run a deterministic sample of N mutants per area")
     parser.add_argument("--min-rate", type=float, default=0.9, help="fail below this kill rate")
+    parser.add_argument("--report", action="store_true",
+                        help="no run: report the last run's results against the current equivalent lists")
     args = parser.parse_args(argv)
     unknown = [a for a in args.areas if a not in areas]
     if unknown:
         parser.error(f"unknown area {', '.join(unknown)}; {AREAS.name} has {', '.join(areas)}")
     failed = []
     for area in args.areas or list(areas):
-        result = run_area(area, areas[area], args.max_children, args.sample)
+        result = run_area(area, areas[area], args.max_children, args.sample, rerun=not args.report)
         text = report(result)
         print(text, flush=True)
         (STAGE / f"{area}.txt").write_text(text + "\n", encoding="utf-8")
