@@ -223,3 +223,60 @@ def test_duplicate_detail_names_the_row_within_its_source(tmp_path):
     _, task = split(tmp_path, part, found, None)
     assert pl.read_parquet(task.rejected_part).select("uid", "detail", "duplicate_of_uid").rows() == [
         (second_source + 7, "same url and caption as row 3 of this source", second_source + 3)]
+
+
+def test_one_han_letter_is_all_chinese():
+    from cnclip.corpus.text import cjk_ratio
+
+    frame = pl.DataFrame({"c": ["猫", "a", "猫!!2023"]})
+    assert frame.select(cjk_ratio(pl.col("c")))["c"].to_list() == [1.0, 0.0, 1.0]
+
+
+def test_one_native_call_per_batch(monkeypatch):
+    """The batching contract of normalize.py: one html.unescape and one OpenCC call per batch."""
+    import html as html_module
+
+    from cnclip.corpus import normalize
+
+    calls = {"unescape": 0, "convert": 0}
+    real_unescape, real_converter = html_module.unescape, normalize._opencc("t2s")
+
+    def unescape(text):
+        calls["unescape"] += 1
+        return real_unescape(text)
+
+    class Counting:
+        def convert(self, text):
+            calls["convert"] += 1
+            return real_converter.convert(text)
+
+    monkeypatch.setattr(normalize.html, "unescape", unescape)
+    monkeypatch.setattr(normalize, "_opencc", lambda config: Counting())
+    out = normalize.normalize_captions(pl.Series(["一隻 貓&amp;狗", "兩 &lt;隻&gt;", "三"]))
+    assert out.to_list() == ["一只 猫&狗", "两 <只>", "三"]
+    assert calls == {"unescape": 1, "convert": 1}
+
+
+def test_unescape_falls_back_to_one_call_per_caption(monkeypatch):
+    """If the batch ever lost a separator, each caption is unescaped alone: rows never shift."""
+    import html as html_module
+
+    from cnclip.corpus import normalize
+
+    real = html_module.unescape
+    monkeypatch.setattr(normalize.html, "unescape", lambda text: real(text).replace("\x01", "", 1))
+    out = normalize.normalize_captions(pl.Series(["甲&amp;乙", "无实体", "丙&lt;丁", "戊&gt;"]), None)
+    assert out.to_list() == ["甲&乙", "无实体", "丙<丁", "戊>"]
+
+
+def test_an_empty_column_stays_a_string_column():
+    from cnclip.corpus.normalize import convert_chinese
+
+    assert convert_chinese(pl.Series("c", [], dtype=pl.String)).dtype == pl.String
+    assert normalize_captions_dtype() == pl.String
+
+
+def normalize_captions_dtype():
+    from cnclip.corpus.normalize import normalize_captions
+
+    return normalize_captions(pl.Series([], dtype=pl.String)).dtype
