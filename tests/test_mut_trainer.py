@@ -300,3 +300,33 @@ def test_batches_go_to_the_device_and_only_the_last_pass_all_reduces():
     reference = TinyClip()
     step(reference, [b])
     torch.testing.assert_close(model.logit_scale.grad, reference.logit_scale.grad, rtol=1e-4, atol=1e-7)
+
+
+class RecordingClip(TinyClip):
+    """Records the dtype its image tower computes in, per forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def forward(self, image, text):
+        self.dtypes.append(self.visual(image).dtype)
+        return super().forward(image, text)
+
+
+@pytest.mark.parametrize("sizes", [[8], [4, 4]])
+def test_every_pass_runs_under_the_configured_precision(sizes):
+    b = batch(8)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    model, t = RecordingClip(), trainer()
+    t.cfg.precision = "bf16"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    Trainer._step(t, model, model, micro, optimizer, torch.amp.GradScaler("cuda", enabled=False), None)
+    passes = 1 if len(sizes) == 1 else 2 * len(sizes)  # accumulation: a cached pass and a gradient pass each
+    assert model.dtypes == [torch.bfloat16] * passes
+
+
+def test_save_makes_missing_parent_folders(tmp_path):
+    ChineseTokenizer(VOCAB).save(tmp_path / "export" / "text")
+    assert (tmp_path / "export" / "text" / "vocab.txt").is_file()
