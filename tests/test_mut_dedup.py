@@ -163,7 +163,8 @@ def expected_blocks(count, d):
     return min(range(d + 1, min(64, d + 8) + 1), key=cost)
 
 
-@pytest.mark.parametrize("count, d", [(1_000, 4), (10_000_000, 4), (10_000_000, 2), (100, 1), (10**9, 8)])
+@pytest.mark.parametrize("count, d", [(1_000, 4), (10_000_000, 4), (10_000_000, 2), (100, 1), (10**9, 8),
+                                      (1_000, 8), (10**11, 8)])
 def test_choose_blocks_minimizes_the_estimated_cost(count, d):
     assert choose_blocks(count, d) == expected_blocks(count, d)
     assert choose_blocks(count, 0) == 1
