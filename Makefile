@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast mutation bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test: $(STAMP)
 # While iterating: everything but the end-to-end builds.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m 'not slow'
+
+# Mutation testing over the areas of tools/mutation_areas.toml (not part of `make test`: minutes
+# per area on 2 cores). `make mutation AREAS="text dedup"` runs some; see README "Testing".
+mutation: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,mutation]'
+	$(BIN)/python tools/mutation.py $(AREAS)
 
 # Speed and memory targets: each benchmark prints its figures and a ratio to a baseline run beside it.
 bench: $(STAMP)

@@ -12,6 +12,7 @@ output_dir (see ownership.py).
 from __future__ import annotations
 
 import contextlib
+import glob
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -59,12 +60,25 @@ def _file_listing(paths: list[str]) -> list:
     return listing
 
 
+def _eval_listing(paths: list[str]) -> list:
+    """Each evaluation set with every file it reads (a folder's files, recursively; a glob's
+    matches): the folder's or the pattern's own stat misses an image rewritten inside it."""
+    listing = []
+    for path in paths:
+        if Path(path).is_dir():
+            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+        else:
+            files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        listing.append([path, _file_listing(files)])
+    return listing
+
+
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
     """Each stage's record, fingerprinted by its settings and everything upstream of it."""
     layout = BuildLayout.of(recipe)
     inputs = [_file_listing(source_inputs(s)) for s in recipe.sources]
     blacklist = _file_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
-    evals = _file_listing(recipe.dedup.eval_images)
+    evals = _eval_listing(recipe.dedup.eval_images)
     prints: dict[str, str] = {}
     prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), recipe.settings("crawl"), inputs)
     # Whether file:// URLs pass the text stage depends on download.allow_local_files being set.
