@@ -12,7 +12,10 @@ from rich.console import Console
 
 from cnclip.corpus.funnel import AccountingError, compute_funnel, funnel_table, print_funnel, write_funnel
 from cnclip.corpus.layout import BuildLayout
-from cnclip.corpus.shard import REJECTED_FIELDS, write_rejects
+from cnclip.corpus.manifest_schema import REJECTED_SCHEMA
+from cnclip.corpus.shard import write_rejects
+
+REJECTED_FIELDS = list(REJECTED_SCHEMA)
 
 
 @pytest.fixture
@@ -274,7 +277,7 @@ def labelled(layout):
     decisions(layout, [(3, "dedup:near_duplicate", 1, None, "pHash distance 2 to the kept image"),
                        (2, "dedup:eval_overlap", None, "evals/cat.jpg", "pHash distance 0")])
     plan(layout, {1: "000000", 5: "000001"})
-    write_rejects(layout)
+    write_rejects(layout, {})
     return layout
 
 
@@ -328,18 +331,21 @@ def test_a_stage_without_rejects_leaves_no_stale_part(layout):
     layout.rejected_dir.mkdir(parents=True)
     for stale in ("download.parquet", "dedup.parquet"):
         (layout.rejected_dir / stale).write_bytes(b"stale")
-    write_rejects(layout)
-    assert list(layout.rejected_dir.iterdir()) == []
+    write_rejects(layout, {})
+    # The stale bytes are replaced by 0-row parts of the one rejected schema: the folder reads in one line.
+    assert sorted(p.name for p in layout.rejected_dir.iterdir()) == ["dedup.parquet", "download.parquet"]
+    for part in layout.rejected_dir.iterdir():
+        assert read(part).height == 0 and read(part).columns == REJECTED_FIELDS
 
 
 def test_without_any_download_part_every_accepted_row_is_not_attempted(layout):
     write(candidates([3, 1, 2]), layout.text_accepted_dir / "p-0.parquet")
     layout.download_dir.mkdir(parents=True)
     plan(layout, {})
-    write_rejects(layout)
+    write_rejects(layout, {})
     frame = read(layout.rejected_dir / "download.parquet")
     assert frame.select("uid", "reason").rows() == [(u, "download:not_attempted") for u in (1, 2, 3)]
-    assert not (layout.rejected_dir / "dedup.parquet").exists()
+    assert read(layout.rejected_dir / "dedup.parquet").height == 0
 
 
 def cells(text):

@@ -10,11 +10,11 @@ import os
 import polars as pl
 import pytest
 
-from cnclip.corpus import state as state_module
 from cnclip.corpus.layout import BuildLayout
 from cnclip.corpus.pipeline import STAGES, stage_states
-from cnclip.corpus.state import (StageState, fingerprint, remove_temporaries, temporary_name,
-                                 write_parquet_atomic)
+import cnclip.atomic as atomic_module
+from cnclip.atomic import remove_temporaries, temporary_name
+from cnclip.corpus.state import StageState, fingerprint, write_parquet_atomic
 
 
 def test_fingerprint_is_a_short_stable_digest_of_its_parts():
@@ -153,7 +153,7 @@ def test_a_crash_before_the_rename_leaves_the_old_part_and_no_temporary(tmp_path
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(state_module.os, "replace", crash)
+    monkeypatch.setattr(atomic_module.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         write_parquet_atomic(pl.DataFrame({"uid": [7, 8]}), target)
     assert pl.read_parquet(target)["uid"].to_list() == [1]
@@ -303,7 +303,7 @@ def test_stage_records_and_outputs(make_recipe, tmp_path):
         "hash": (layout.hash_dir,),
         "dedup": (layout.dedup_decisions.parent,),
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                  layout.shard_plan.parent),
+                  layout.checksums_path, layout.shard_plan.parent),
     }
 
 

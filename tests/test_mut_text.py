@@ -87,8 +87,8 @@ def normalized(path, rows):
     """(uid, url, caption, reason) rows of a normalized part."""
     frame = pl.DataFrame(rows, schema={"uid": pl.Int64, "url": pl.String, "caption": pl.String, "reason": pl.String},
                          orient="row")
-    frame.with_columns(source=pl.lit("m"), row=pl.col("uid") % (1 << 40), caption_raw=pl.col("caption")
-                       ).write_parquet(path)
+    frame.with_columns(source=pl.lit("m"), row=pl.col("uid") % (1 << 40), caption_raw=pl.col("caption"),
+                       detail=pl.lit(None, pl.String)).write_parquet(path)
     return path
 
 
