@@ -43,7 +43,7 @@ def test_a_retrieval_set_without_captions_is_an_error(tmp_path):
 
     from cnclip.train.config import EvalSet
     from cnclip.train.evaluate import evaluate_set
-    from cnclip.train.loop import transforms
+    from cnclip.train.factory import transforms
     from cnclip.train.models import create_model
     from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer
 

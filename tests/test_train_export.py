@@ -9,7 +9,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnclip.train.cli import app
-from cnclip.train.loop import load_model_from_checkpoint, train
+from cnclip.train.factory import load_model_from_checkpoint
+from cnclip.train.loop import train
 from test_train_support import shape_samples, shape_shards, tiny_config  # noqa: F401
 
 

@@ -117,7 +117,7 @@ def evaluate(
 
     from .config import EvalSet
     from .evaluate import evaluate_set
-    from .loop import load_model_from_checkpoint, transforms
+    from .factory import load_model_from_checkpoint, transforms
 
     if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
         error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from cnclip.errors import CnclipError
 
-from .loop import load_model_from_checkpoint
+from .factory import load_model_from_checkpoint
 from .models import write_text_tower_dir
 
 
