@@ -327,3 +327,18 @@ def test_file_listing_records_size_and_time_and_missing_files(tmp_path):
     stat = present.stat()
     missing = str(tmp_path / "gone.txt")
     assert _file_listing([str(present), missing]) == [[str(present), 5, stat.st_mtime_ns], [missing, None, None]]
+
+
+def test_allowing_local_files_redoes_the_text_stage(prints, inputs):
+    """file:// rows are rejected by the text stage unless folders are allowed: allowing (or
+    changing the allowed folders back to none) must redo text, not only download."""
+    folder = inputs / "photos"
+    folder.mkdir()
+    before = prints()
+    allowed = prints(download={"allow_local_files": [str(folder)]})
+    assert changed(before, allowed) == ["text", "download", "hash", "dedup", "shard"]
+    other = inputs / "more"
+    other.mkdir()
+    # Which folders are allowed is the download's business (the guard checks them there).
+    assert changed(allowed, prints(download={"allow_local_files": [str(other)]})) == [
+        "download", "hash", "dedup", "shard"]
