@@ -374,3 +374,21 @@ def test_funnel_lists_reasons_in_stage_then_reason_order(layout):
         ("dedup:near_duplicate", 1), ("download:failed_to_download", 1), ("network:blocked_address", 2),
         ("ingest:missing_url", 1)]
     assert list(funnel["stages"][2]["rejected"]) == ["download:failed_to_download", "network:blocked_address"]
+
+
+def test_verify_re_adds_the_manifests_on_disk_to_the_funnels_input_rows(tmp_path):
+    """`corpus verify`'s accounting: samples + rejected on disk against funnel.json's input_rows."""
+    from cnclip.corpus.funnel import accounting_problem
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "rejected").mkdir()
+    pl.DataFrame({"uid": [1, 2]}).write_parquet(tmp_path / "samples" / "00000.parquet")
+    pl.DataFrame({"uid": [3], "stage": ["text"], "reason": ["text:too_short"]}).write_parquet(
+        tmp_path / "rejected" / "text-p.parquet")
+    funnel = tmp_path / "funnel.json"
+    funnel.write_text(json.dumps({"name": "猫的语料", "input_rows": 3}, ensure_ascii=False), encoding="utf-8")
+    assert accounting_problem(tmp_path) is None
+    funnel.write_text(json.dumps({"name": "猫的语料", "input_rows": 4}, ensure_ascii=False), encoding="utf-8")
+    assert accounting_problem(tmp_path) == f"{tmp_path}: 4 input rows but 2 samples + 1 rejected (3 distinct rows)"
+    funnel.unlink()
+    assert accounting_problem(tmp_path).startswith(f"{funnel}: unreadable (")

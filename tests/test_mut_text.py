@@ -280,3 +280,47 @@ def normalize_captions_dtype():
     from cnclip.corpus.normalize import normalize_captions
 
     return normalize_captions(pl.Series([], dtype=pl.String)).dtype
+
+
+def test_ingest_verdicts_come_first_and_keep_their_detail(tmp_path):
+    """A bad row rejected at ingest keeps that reason and its line number, whatever the text
+    filters would say; a part without ingest verdicts still gets a String `detail` column."""
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"uid": [1, 2, 3], "source": ["m"] * 3, "row": [0, 1, 2], "url": [URL, None, URL],
+                  "caption_raw": ["一只可爱的小猫咪", None, "猫"],
+                  "reason": [None, "ingest:bad_row", None], "detail": [None, "line 3: invalid UTF-8", None]},
+                 schema_overrides={"reason": pl.String, "detail": pl.String}).write_parquet(path)
+    normalize_part(_NormalizeTask(path, tmp_path / "out.parquet", TextSettings(), ()))
+    frame = pl.read_parquet(tmp_path / "out.parquet")
+    assert frame.select("uid", "reason", "detail").rows() == [
+        (1, None, None), (2, "ingest:bad_row", "line 3: invalid UTF-8"), (3, "text:too_short", None)]
+    ingest_part(tmp_path / "plain.parquet", ["一只可爱的小猫咪"])
+    normalize_part(_NormalizeTask(tmp_path / "plain.parquet", tmp_path / "plain-out.parquet", TextSettings(), ()))
+    plain = pl.read_parquet(tmp_path / "plain-out.parquet")
+    assert plain.schema["detail"] == pl.String and plain.schema["reason"] == pl.String
+    assert plain.select("reason", "detail").rows() == [(None, None)]
+
+
+@pytest.mark.parametrize("local_files, expected", [(False, "ingest:local_file_not_allowed"), (True, None)])
+def test_file_urls_pass_the_text_stage_only_when_folders_are_allowed(tmp_path, local_files, expected):
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"uid": [1, 2], "source": ["m"] * 2, "row": [0, 1],
+                  "url": ["file:///photos/猫.jpg", "ftp://h/x.jpg"],
+                  "caption_raw": ["一只可爱的小猫咪", "一只可爱的小猫咪"]}).write_parquet(path)
+    normalize_part(_NormalizeTask(path, tmp_path / "out.parquet", TextSettings(), (), local_files))
+    assert pl.read_parquet(tmp_path / "out.parquet")["reason"].to_list() == [expected, "ingest:unsupported_url"]
+
+
+def test_the_text_stage_hands_allow_local_files_to_every_part(make_recipe, tmp_path):
+    from cnclip.corpus.text import run_text_stage
+
+    metadata = tmp_path / "m.parquet"
+    pl.DataFrame({"url": ["file:///photos/a.jpg"], "caption": ["一只可爱的小猫咪"]}).write_parquet(metadata)
+    sources = [{"name": "m", "kind": "metadata", "path": str(metadata)}]
+    (tmp_path / "photos").mkdir()
+    from cnclip.corpus.ingest import ingest
+
+    allowed = make_recipe(sources, download={"allow_local_files": [str(tmp_path / "photos")],
+                                             "allow_networks": ["127.0.0.1/32"]})
+    ingest(allowed)
+    assert run_text_stage(allowed) == {"accepted": 1, "rejected": 0}
