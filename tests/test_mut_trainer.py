@@ -330,3 +330,14 @@ def test_every_pass_runs_under_the_configured_precision(sizes):
 def test_save_makes_missing_parent_folders(tmp_path):
     ChineseTokenizer(VOCAB).save(tmp_path / "export" / "text")
     assert (tmp_path / "export" / "text" / "vocab.txt").is_file()
+
+
+def test_an_unreadable_vocab_is_one_line_naming_the_file_and_why(tmp_path):
+    from cnclip.train.tokenizer import TokenizerError, read_vocab
+
+    with pytest.raises(TokenizerError) as err:
+        read_vocab(tmp_path / "vocab.txt")
+    assert str(err.value) == f"{tmp_path / 'vocab.txt'}: cannot read the vocab (No such file or directory)"
+    (tmp_path / "bad.txt").write_bytes(b"[PAD]\n\xff\n")
+    with pytest.raises(TokenizerError, match=r"bad.txt: cannot read the vocab \('utf-8' codec can't decode"):
+        read_vocab(tmp_path / "bad.txt")
