@@ -48,11 +48,6 @@ def download_threads(recipe: Recipe) -> tuple[int, str | None]:
                                  d.memory_budget)
 
 
-def download_input_dir(layout: BuildLayout) -> Path:
-    """The rows img2dataset reads: the text stage's accepted rows, URLs as browsers send them."""
-    return layout.download_dir.parent / "download-input"
-
-
 def _to_uri_or_given(url: str) -> str:
     try:
         return to_uri(url)
@@ -72,7 +67,7 @@ def as_sent(frame: pl.LazyFrame) -> pl.LazyFrame:
 def write_download_input(layout: BuildLayout) -> Path:
     """One input part per accepted part, rewritten every run: cheap beside the downloads, and never
     stale after the text stage reran (parts without an accepted part are removed)."""
-    folder = download_input_dir(layout)
+    folder = layout.download_input_dir
     folder.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder)
     accepted = sorted(layout.text_accepted_dir.glob("*.parquet"))
@@ -88,7 +83,7 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
     layout = BuildLayout.of(recipe)
     image, download = recipe.image, recipe.download
     return dict(
-        url_list=str(download_input_dir(layout)),
+        url_list=str(layout.download_input_dir),
         input_format="parquet",
         url_col="url",
         caption_col="caption",

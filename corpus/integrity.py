@@ -77,11 +77,12 @@ def _location(name: str, manifest_dir: Path, shards_dir: Path) -> Path:
     return shards_dir / name.removeprefix(_SHARDS) if name.startswith(_SHARDS) else manifest_dir / name
 
 
-def damaged_files(manifest_dir: Path, shards_dir: Path | None = None, full: bool = True
-                  ) -> tuple[list[str], list[Path]]:
+def damaged_files(manifest_dir: Path, shards_dir: Path | None = None, full: bool = True,
+                  record: dict | None = None) -> tuple[list[str], list[Path]]:
     """One line per recorded file that is missing, of another size or (full) other bytes, and
-    the paths of those files (to redo); raises ValueError when there is no usable record."""
-    record = read_checksums(manifest_dir)
+    the paths of those files (to redo); raises ChecksumsError when there is no usable record.
+    `record`: checksums.json already read by the caller."""
+    record = record if record is not None else read_checksums(manifest_dir)
     shards_dir = Path(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)
     problems, paths = [], []
     for name, expected in sorted(record["files"].items()):
@@ -117,7 +118,7 @@ def verify_corpus(manifest_dir: str | Path, shards_dir: str | Path | None = None
     manifest_dir = Path(manifest_dir)
     try:
         record = read_checksums(manifest_dir)
-        problems, _ = damaged_files(manifest_dir, shards_dir)
+        problems, _ = damaged_files(manifest_dir, shards_dir, record=record)
     except ValueError as err:
         return [str(err)]
     shards = Path(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)

@@ -46,6 +46,11 @@ class BuildLayout:
     def download_dir(self) -> Path:
         return self.work / "download"
 
+    # what img2dataset reads: the text stage's accepted rows, URLs as browsers send them
+    @property
+    def download_input_dir(self) -> Path:
+        return self.work / "download-input"
+
     @property
     def hash_dir(self) -> Path:
         return self.work / "hash"

@@ -203,8 +203,9 @@ def _reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
     if not state.complete:
         return
     try:
-        recorded = read_checksums(layout.manifest_dir)["files"]
-        problems, damaged = damaged_files(layout.manifest_dir, layout.shards_dir)
+        record = read_checksums(layout.manifest_dir)
+        recorded = record["files"]
+        problems, damaged = damaged_files(layout.manifest_dir, layout.shards_dir, record=record)
     except ValueError as err:
         warn(f"{err}; redoing the shard stage")
         state.discard()
