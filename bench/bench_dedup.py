@@ -18,7 +18,7 @@ from math import comb
 
 import numpy as np
 
-from cnclip.corpus.neardup import choose_blocks
+from cnclip.corpus.ops.neardup import choose_blocks
 
 MAX_DISTANCE = 4
 
@@ -39,7 +39,7 @@ def synthetic(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def run_size(count: int) -> dict:
-    from cnclip.corpus.dedup import near_duplicates
+    from cnclip.corpus.ops.dedup import near_duplicates
 
     hashes, sources, copies = synthetic(count)
     uids = np.arange(count, dtype=np.int64)

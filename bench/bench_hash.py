@@ -17,7 +17,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from cnclip.corpus.hashing import from_hex, hamming, phash_bytes
+from cnclip.corpus.ops.phash import from_hex, hamming, phash_bytes
 
 COUNT = 2000
 

@@ -17,9 +17,9 @@ import unicodedata
 
 import polars as pl
 
-from cnclip.corpus.normalize import _opencc, normalize_captions
+from cnclip.corpus.ops.normalize import _opencc, normalize_captions
 from cnclip.corpus.recipe import TextSettings
-from cnclip.corpus.text import load_blacklist, per_row_reason
+from cnclip.corpus.stages.text import load_blacklist, per_row_reason
 
 COUNT = 400_000
 WORDS = ["一隻貓", "在沙發上", "睡覺", "２０２３年", "ＮＢＡ總決賽", "美丽的", "风景", "高清壁纸", "&amp;", "的照片",

@@ -8,7 +8,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("CNCLIP_QUIET", "1")
 
 from cnclip.corpus.recipe import parse_recipe  # noqa: E402
-from cnclip.corpus.sample_web import SampleWebServer  # noqa: E402
+from cnclip.corpus.sources.sample_web import SampleWebServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""cnclip.atomic: the one writer every stage, record and checkpoint goes through."""
+"""cnclip._common.atomic: the one writer every stage, record and checkpoint goes through."""
 
 import json
 import os
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import cnclip.atomic as atomic
-from cnclip.atomic import atomic_path, remove_temporaries, temporary_name, write_json_atomic, write_text_atomic
+import cnclip._common.atomic as atomic
+from cnclip._common.atomic import atomic_path, remove_temporaries, temporary_name, write_json_atomic, write_text_atomic
 
 
 def test_json_is_utf8_indented_and_readable_by_people(tmp_path):

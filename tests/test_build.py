@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cnclip.corpus import build, corpus_stats
-from cnclip.corpus.sample_web import EXPECTED_REASON, draw_shape
+from cnclip.corpus.sources.sample_web import EXPECTED_REASON, draw_shape
 from conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ from loopback_routes import RouteServer, html, jpeg_bytes
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from cnclip.corpus.crawl_settings import CrawlSettings, HtmlSource, WarcSource
-from cnclip.corpus.fetch import GuardedFetcher
-from cnclip.corpus.guard_reasons import is_transient
-from cnclip.corpus.netguard import NetworkGuard
-from cnclip.corpus.politeness import HostBusy, HostLimiter, opted_out, robots_token
+from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, WarcSource
+from cnclip.corpus.net.fetch import GuardedFetcher
+from cnclip.corpus.net.reasons import is_transient
+from cnclip.corpus.net.guard import NetworkGuard
+from cnclip.corpus.net.politeness import HostBusy, HostLimiter, opted_out, robots_token
 from cnclip.corpus.sources.decode import decode_page
 from cnclip.corpus.sources.extract import extract_page, largest_srcset_candidate
 from cnclip.corpus.sources.html import crawl_html

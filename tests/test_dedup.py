@@ -2,8 +2,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cnclip.corpus.dedup import eval_overlaps, find_duplicates, near_duplicates, text_duplicates
-from cnclip.corpus.neardup import block_masks, choose_blocks, group_representatives, near_pairs
+from cnclip.corpus.ops.dedup import eval_overlaps, find_duplicates, near_duplicates, text_duplicates
+from cnclip.corpus.ops.neardup import block_masks, choose_blocks, group_representatives, near_pairs
 from cnclip.corpus.recipe import DedupSettings
 
 
@@ -115,7 +115,7 @@ def test_eval_sets_from_folders_and_tars_hash_alike(tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from cnclip.corpus.eval_hashes import hash_eval_images
+    from cnclip.corpus.ops.eval_hashes import hash_eval_images
     from cnclip.corpus.recipe import ImageSettings
     from test_hashing import encode, textured
 

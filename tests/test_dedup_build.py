@@ -38,7 +38,7 @@ def near_copies(image):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """30 distinct pictures, then 4 near copies of picture 0..3 and a byte copy of picture 4."""
-    from cnclip.corpus.sample_web import SampleWebServer
+    from cnclip.corpus.sources.sample_web import SampleWebServer
 
     root = tmp_path_factory.mktemp("site")
     rows, expected = [], {}

@@ -11,12 +11,12 @@ import pytest
 from loopback_routes import RouteServer, jpeg_bytes
 
 from cnclip.corpus import build
-from cnclip.corpus.download import as_sent, img2dataset_arguments
-from cnclip.corpus.download_memory import download_memory, show_bytes, threads_within_budget
+from cnclip.corpus.stages.download import as_sent, img2dataset_arguments
+from cnclip.corpus.runtime.memory import download_memory, show_bytes, threads_within_budget
 from cnclip.corpus.pipeline import run_download, run_text
 from cnclip.corpus.recipe import RecipeError
-from cnclip.corpus.sample_web import png_bomb
-from cnclip.corpus.uri import to_uri
+from cnclip.corpus.sources.sample_web import png_bomb
+from cnclip.corpus.net.uri import to_uri
 
 # Runs img2dataset's own resizer on a bomb in a fresh process, with and without the pixel limit
 # the download stage hands to OpenCV, and reports the peak memory of each.
@@ -72,7 +72,7 @@ def test_the_worst_image_a_process_decodes_fits_the_documented_figure(tmp_path):
     import cv2
     import numpy as np
 
-    from cnclip.corpus.download_memory import DECODE_BYTES_PER_PIXEL, WORKER_BASE_BYTES
+    from cnclip.corpus.runtime.memory import DECODE_BYTES_PER_PIXEL, WORKER_BASE_BYTES
 
     side = 3000
     ok, encoded = cv2.imencode(".png", np.full((side, side, 4), 30_000, np.uint16))
@@ -242,7 +242,7 @@ def test_huge_jpegs_download_within_the_memory_figure(make_recipe, tmp_path, mon
                                            "memory_budget": budget})
         assert img2dataset_arguments(recipe)["thread_count"] == 2
         said = []
-        monkeypatch.setattr("cnclip.corpus.download.info", said.append)
+        monkeypatch.setattr("cnclip.corpus.stages.download.info", said.append)
         run_text(recipe)
         summary = run_download(recipe)
     assert summary["by_status"] == {"success": 3}

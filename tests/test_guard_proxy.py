@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 from loopback_routes import RouteServer, jpeg_bytes
 
-from cnclip.corpus.crawl_settings import GuardSettings
-from cnclip.corpus.guard_proxy import GuardProxy, ProxyConfig, proxy_environment, reason_from_error_message
-from cnclip.corpus.guard_reasons import is_transient
+from cnclip.corpus.recipe.crawl import GuardSettings
+from cnclip.corpus.net.proxy import GuardProxy, ProxyConfig, proxy_environment, reason_from_error_message
+from cnclip.corpus.net.reasons import is_transient
 
 IMAGE = jpeg_bytes(64)
 
@@ -328,7 +328,7 @@ def test_file_urls_are_refused_without_allowed_folders_and_devices_even_when_all
 
 def test_an_endless_regular_file_is_cut_at_the_size_limit(tmp_path, monkeypatch):
     """/proc-like files report size 0 and never end: the read loop itself stops at the limit."""
-    from cnclip.corpus import local_files
+    from cnclip.corpus.net import local_files
 
     (tmp_path / "endless.jpg").write_bytes(b"")
     monkeypatch.setattr(local_files, "_read", lambda fd, n: b"\0" * n)
@@ -339,7 +339,7 @@ def test_an_endless_regular_file_is_cut_at_the_size_limit(tmp_path, monkeypatch)
 
 def test_a_local_file_read_past_the_timeout_is_a_timeout(tmp_path, monkeypatch):
     """A slow disk (network mount) costs the timeout, as a slow server does."""
-    from cnclip.corpus import local_files
+    from cnclip.corpus.net import local_files
 
     (tmp_path / "slow.jpg").write_bytes(b"x" * (3 * 1024 * 1024))
     clock = iter(range(0, 1000, 4))  # every look at the clock is 4 s later

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from cnclip.corpus.hashing import (DRAFT_MAX_DISTANCE, from_hex, gray32, hamming, hex_digits, phash_bytes,
+from cnclip.corpus.ops.phash import (DRAFT_MAX_DISTANCE, from_hex, gray32, hamming, hex_digits, phash_bytes,
                                    phash_pixels, to_hex)
 
 
@@ -57,7 +57,7 @@ def test_hex_forms_agree():
 
 
 def test_scaled_decoding_matches_pil_draft_mode_for_every_size():
-    from cnclip.corpus.hashing import DRAFT_SIDE, SAMPLE_SIDE, jpeg_size
+    from cnclip.corpus.ops.phash import DRAFT_SIDE, SAMPLE_SIDE, jpeg_size
 
     rng = np.random.default_rng(1)
     for side in (40, 64, 100, 128, 224, 256, 300, 640):

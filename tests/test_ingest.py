@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from cnclip.corpus.ingest import ROW_BITS, ingest
+from cnclip.corpus.stages.ingest import ROW_BITS, ingest
 from cnclip.corpus.sources import SourceError
 
 ROWS = [
@@ -221,7 +221,7 @@ def test_build_with_a_bad_byte_publishes_the_good_rows_and_accounts_for_the_bad(
     import random
 
     from cnclip.corpus import build
-    from cnclip.corpus.sample_web import draw_shape
+    from cnclip.corpus.sources.sample_web import draw_shape
 
     draw_shape((200, 30, 30), "圆形", random.Random(0)).save(web_root / "0.png")
     draw_shape((30, 30, 200), "方形", random.Random(1)).save(web_root / "1.png")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cnclip.mainguard import guarded_ranges
+from cnclip._common.mainguard import guarded_ranges
 from test_train_support import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ HEADER = """\
 import math, sys
 with open(sys.argv[1], "a") as marker:
     marker.write("ran\\n")
-from cnclip.corpus.engine import LocalEngine
+from cnclip.corpus.runtime.engine import LocalEngine
 
 
 def main():
@@ -130,7 +130,7 @@ def test_an_unguarded_training_script_with_spawned_dataloader_workers_is_refused
 def test_the_error_is_catchable_and_names_the_call_site(tmp_path):
     """Code that wants to handle it can: it is a CnclipError (and an Exception), raised in the parent."""
     body = HEADER + textwrap.dedent("""\
-        from cnclip.errors import CnclipError
+        from cnclip._common.errors import CnclipError
         try:
             main()
         except CnclipError as err:

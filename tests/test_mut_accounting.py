@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 from rich.console import Console
 
-from cnclip.corpus.funnel import AccountingError, compute_funnel, funnel_table, print_funnel, write_funnel
-from cnclip.corpus.layout import BuildLayout
-from cnclip.corpus.manifest_schema import REJECTED_SCHEMA
-from cnclip.corpus.shard import write_rejects
+from cnclip.corpus.manifests.funnel import AccountingError, compute_funnel, funnel_table, print_funnel, write_funnel
+from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA
+from cnclip.corpus.stages.shard import write_rejects
 
 REJECTED_FIELDS = list(REJECTED_SCHEMA)
 
@@ -204,7 +204,7 @@ def test_funnel_table_of_an_empty_build_has_no_share(layout):
 
 
 def test_print_funnel_prints_the_table(layout, monkeypatch):
-    from cnclip.corpus import funnel as funnel_module
+    from cnclip.corpus.manifests import funnel as funnel_module
 
     a_build(layout)
     console = Console(width=200, record=True, color_system=None)
@@ -378,7 +378,7 @@ def test_funnel_lists_reasons_in_stage_then_reason_order(layout):
 
 def test_verify_re_adds_the_manifests_on_disk_to_the_funnels_input_rows(tmp_path):
     """`corpus verify`'s accounting: samples + rejected on disk against funnel.json's input_rows."""
-    from cnclip.corpus.funnel import accounting_problem
+    from cnclip.corpus.manifests.funnel import accounting_problem
 
     (tmp_path / "samples").mkdir()
     (tmp_path / "rejected").mkdir()

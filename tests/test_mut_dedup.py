@@ -8,10 +8,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cnclip.corpus.dedup import (DECISION_SCHEMA, eval_overlaps, exact_duplicates, find_duplicates, near_duplicates,
-                                 scan_dedup_input, text_duplicates)
-from cnclip.corpus.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
+from cnclip.corpus.ops.dedup import (DECISION_SCHEMA, eval_overlaps, exact_duplicates, find_duplicates,
+                                     near_duplicates, text_duplicates)
+from cnclip.corpus.ops.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
 from cnclip.corpus.recipe import DedupSettings
+from cnclip.corpus.stages.dedup import scan_dedup_input
 
 
 def flip(value, bits):

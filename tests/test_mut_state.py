@@ -10,11 +10,11 @@ import os
 import polars as pl
 import pytest
 
-from cnclip.corpus.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.pipeline import STAGES, stage_states
-import cnclip.atomic as atomic_module
-from cnclip.atomic import remove_temporaries, temporary_name
-from cnclip.corpus.state import StageState, fingerprint, write_parquet_atomic
+import cnclip._common.atomic as atomic_module
+from cnclip._common.atomic import remove_temporaries, temporary_name
+from cnclip.corpus.runtime.state import StageState, fingerprint, write_parquet_atomic
 
 
 def test_fingerprint_is_a_short_stable_digest_of_its_parts():

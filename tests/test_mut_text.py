@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from cnclip.corpus.recipe import RecipeError, TextSettings
-from cnclip.corpus.text import (_NormalizeTask, _SplitTask, find_global_rejects, load_blacklist, normalize_part,
+from cnclip.corpus.stages.text import (_NormalizeTask, _SplitTask, find_global_rejects, load_blacklist, normalize_part,
                                 per_row_reason, split_part)
 
 URL = "http://127.0.0.1/x.jpg"
@@ -174,7 +174,7 @@ def test_user_blacklist_adds_to_the_built_in_one(tmp_path):
 
 
 def test_text_stage_without_input_parts_reruns_cleanly(make_recipe, tmp_path):
-    from cnclip.corpus.text import run_text_stage
+    from cnclip.corpus.stages.text import run_text_stage
 
     recipe = make_recipe([{"name": "m", "kind": "metadata", "path": str(tmp_path / "none-*.parquet")}])
     assert run_text_stage(recipe) == {"accepted": 0, "rejected": 0}
@@ -182,7 +182,7 @@ def test_text_stage_without_input_parts_reruns_cleanly(make_recipe, tmp_path):
 
 
 def test_phrases_follow_the_opencc_setting():
-    from cnclip.corpus.normalize import normalize_phrases
+    from cnclip.corpus.ops.normalize import normalize_phrases
 
     assert normalize_phrases(["軟體"], "tw2sp") == ["软件"]
     assert normalize_phrases(["一隻貓"], None) == ["一隻貓"]
@@ -190,7 +190,7 @@ def test_phrases_follow_the_opencc_setting():
 
 def test_opencc_batches_fall_back_to_one_call_per_caption(monkeypatch):
     """If a conversion ever changed the line count of a batch, rows must not shift."""
-    from cnclip.corpus import normalize
+    from cnclip.corpus.ops import normalize
 
     class LineEater:
         def convert(self, text):
@@ -203,7 +203,7 @@ def test_opencc_batches_fall_back_to_one_call_per_caption(monkeypatch):
 
 
 def test_convert_chinese_defaults_to_traditional_to_simplified():
-    from cnclip.corpus.normalize import convert_chinese
+    from cnclip.corpus.ops.normalize import convert_chinese
 
     assert convert_chinese(pl.Series("c", ["一隻貓"])).to_list() == ["一只猫"]
 
@@ -226,7 +226,7 @@ def test_duplicate_detail_names_the_row_within_its_source(tmp_path):
 
 
 def test_one_han_letter_is_all_chinese():
-    from cnclip.corpus.text import cjk_ratio
+    from cnclip.corpus.stages.text import cjk_ratio
 
     frame = pl.DataFrame({"c": ["猫", "a", "猫!!2023"]})
     assert frame.select(cjk_ratio(pl.col("c")))["c"].to_list() == [1.0, 0.0, 1.0]
@@ -236,7 +236,7 @@ def test_one_native_call_per_batch(monkeypatch):
     """The batching contract of normalize.py: one html.unescape and one OpenCC call per batch."""
     import html as html_module
 
-    from cnclip.corpus import normalize
+    from cnclip.corpus.ops import normalize
 
     calls = {"unescape": 0, "convert": 0}
     real_unescape, real_converter = html_module.unescape, normalize._opencc("t2s")
@@ -261,7 +261,7 @@ def test_unescape_falls_back_to_one_call_per_caption(monkeypatch):
     """If the batch ever lost a separator, each caption is unescaped alone: rows never shift."""
     import html as html_module
 
-    from cnclip.corpus import normalize
+    from cnclip.corpus.ops import normalize
 
     real = html_module.unescape
     monkeypatch.setattr(normalize.html, "unescape", lambda text: real(text).replace("\x01", "", 1))
@@ -270,14 +270,14 @@ def test_unescape_falls_back_to_one_call_per_caption(monkeypatch):
 
 
 def test_an_empty_column_stays_a_string_column():
-    from cnclip.corpus.normalize import convert_chinese
+    from cnclip.corpus.ops.normalize import convert_chinese
 
     assert convert_chinese(pl.Series("c", [], dtype=pl.String)).dtype == pl.String
     assert normalize_captions_dtype() == pl.String
 
 
 def normalize_captions_dtype():
-    from cnclip.corpus.normalize import normalize_captions
+    from cnclip.corpus.ops.normalize import normalize_captions
 
     return normalize_captions(pl.Series([], dtype=pl.String)).dtype
 
@@ -312,13 +312,13 @@ def test_file_urls_pass_the_text_stage_only_when_folders_are_allowed(tmp_path, l
 
 
 def test_the_text_stage_hands_allow_local_files_to_every_part(make_recipe, tmp_path):
-    from cnclip.corpus.text import run_text_stage
+    from cnclip.corpus.stages.text import run_text_stage
 
     metadata = tmp_path / "m.parquet"
     pl.DataFrame({"url": ["file:///photos/a.jpg"], "caption": ["一只可爱的小猫咪"]}).write_parquet(metadata)
     sources = [{"name": "m", "kind": "metadata", "path": str(metadata)}]
     (tmp_path / "photos").mkdir()
-    from cnclip.corpus.ingest import ingest
+    from cnclip.corpus.stages.ingest import ingest
 
     allowed = make_recipe(sources, download={"allow_local_files": [str(tmp_path / "photos")],
                                              "allow_networks": ["127.0.0.1/32"]})

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from cnclip.corpus.normalize import normalize_captions, normalize_phrases
+from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
 
 
 def norm(*captions, config="t2s"):

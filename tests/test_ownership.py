@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.corpus import build, clean, run_text
-from cnclip.corpus.ownership import BuildLockedError, OwnershipError
+from cnclip.corpus.runtime.ownership import BuildLockedError, OwnershipError
 from cnclip.corpus.recipe import RecipeError, parse_recipe
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_clean_removes_only_what_the_marker_records(tmp_path, text_recipe):
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from cnclip.corpus.ownership import build_lock
+    from cnclip.corpus.runtime.ownership import build_lock
     with build_lock(Path(sys.argv[1])):
         print("holding", flush=True)
         time.sleep(120)
@@ -148,7 +148,7 @@ def test_a_second_build_meets_the_lock_and_a_dead_holders_lock_is_taken_over(tmp
 
 
 def test_the_lock_is_reentrant_but_exclusive_within_one_process(tmp_path):
-    from cnclip.corpus.ownership import build_lock
+    from cnclip.corpus.runtime.ownership import build_lock
 
     with build_lock(tmp_path):
         with build_lock(tmp_path):  # build() holds it around the stage calls that take it again

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.corpus import build, corpus_stats, load_recipe
-from cnclip.corpus.manifest_schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
-from cnclip.corpus.sample_web import SampleWebServer, draw_shape
+from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA, SAMPLE_SCHEMA
+from cnclip.corpus.sources.sample_web import SampleWebServer, draw_shape
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow

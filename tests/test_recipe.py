@@ -293,7 +293,7 @@ def test_keep_columns_may_not_shadow_pipeline_columns(tmp_path, name):
 
 
 def test_every_manifest_column_is_reserved():
-    from cnclip.corpus.manifest_schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+    from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA, SAMPLE_SCHEMA
     from cnclip.corpus.recipe import RESERVED_COLUMNS
 
     assert set(SAMPLE_SCHEMA) | set(REJECTED_SCHEMA) <= RESERVED_COLUMNS

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cnclip.corpus.sample_web import SampleWebServer, draw_shape
+from cnclip.corpus.sources.sample_web import SampleWebServer, draw_shape
 
 pytestmark = pytest.mark.slow
 IMAGES = 120

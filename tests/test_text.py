@@ -5,7 +5,7 @@ import pytest
 
 from cnclip.corpus import run_text
 from cnclip.corpus.recipe import TextSettings
-from cnclip.corpus.text import cjk_ratio, load_blacklist, per_row_reason
+from cnclip.corpus.stages.text import cjk_ratio, load_blacklist, per_row_reason
 
 
 def reasons(captions, urls=None, **settings):

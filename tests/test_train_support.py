@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from cnclip.corpus.sample_web import COLORS, SHAPES, draw_shape  # noqa: E402
+from cnclip.corpus.sources.sample_web import COLORS, SHAPES, draw_shape  # noqa: E402
 from cnclip.train.config import TrainConfig, parse_config  # noqa: E402
 
 # Captions in the sample web's style: the colour and the shape are what a model can learn.

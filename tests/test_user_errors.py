@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from cnclip.cli import app
-from cnclip.corpus.sample_web import SampleWebError, SampleWebServer
+from cnclip.corpus.sources.sample_web import SampleWebError, SampleWebServer
 from cnclip.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from test_train_support import shape_samples, write_config, write_shards
 
@@ -179,7 +179,7 @@ def test_train_into_an_unwritable_output_dir_is_one_line(small_shards, tmp_path)
 
 
 def test_a_phash_list_that_is_not_parquet_is_one_line(tmp_path):
-    from cnclip.corpus.eval_hashes import EvalSetError, load_eval_hashes
+    from cnclip.corpus.ops.eval_hashes import EvalSetError, load_eval_hashes
     from cnclip.corpus.recipe import ImageSettings
 
     (tmp_path / "list.parquet").write_text("id,phash\n")

@@ -40,7 +40,7 @@ KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
 def installed_path(repo_path: str) -> str:
-    """corpus/text.py -> cnclip/corpus/text.py: where the file lives in the import layout."""
+    """src/cnclip/corpus/stages/text.py -> cnclip/corpus/text.py: where the file lives in the import layout."""
     top, _, rest = repo_path.partition("/")
     return f"{PACKAGE_DIRS[top]}/{rest}"
 

@@ -1,0 +1,151 @@
+"""`cnclip corpus ...`: a thin Typer layer over cnclip.corpus's Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnclip._common.errors import CnclipError
+
+from cnclip.corpus import pipeline
+from cnclip.corpus.manifests.integrity import intact_summary, verify_corpus
+from cnclip._common.console import error
+from cnclip.corpus.ops.eval_hashes import write_eval_hashes
+from cnclip.corpus.recipe import ImageSettings, RecipeError, load_recipe, validate_mapping
+from cnclip.corpus.manifests.stats import corpus_stats, print_stats
+
+app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, dedup, shard.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+RecipeArg = typer.Argument(..., help="corpus recipe (YAML), e.g. recipes/demo.yaml", exists=False)
+
+
+def _run(step, recipe_path: Path):
+    try:
+        recipe = load_recipe(recipe_path)
+        return step(recipe)
+    except CnclipError as err:  # a user's mistake: one line; anything else is a bug and keeps its traceback
+        error(str(err))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def build(
+    recipe: Path = RecipeArg,
+    fresh: bool = typer.Option(False, "--fresh", help="discard earlier outputs of this recipe and start over"),
+) -> None:
+    """Run every stage: ingest + text, download, hash + dedup, shard; print the funnel.
+
+    Rerunning an interrupted build resumes it; stages whose settings changed are redone.
+
+    Example: cnclip corpus build recipes/demo.yaml
+    """
+    _run(lambda r: pipeline.build(r, fresh=fresh), recipe)
+
+
+@app.command()
+def text(recipe: Path = RecipeArg) -> None:
+    """Ingest the sources and run the text stage (normalize, filter, collapse duplicates, cap).
+
+    Example: cnclip corpus text recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_text, recipe)
+
+
+@app.command()
+def download(
+    recipe: Path = RecipeArg,
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="fetch again only rows that failed for a transient reason "
+                                           "(timeouts, 5xx, 429, DNS, refused connections)"),
+) -> None:
+    """Download the rows the text stage accepted, with img2dataset behind the network guard.
+
+    Example: cnclip corpus download recipes/laion-zh.yaml --retry-failed
+    """
+    _run(lambda r: pipeline.run_download(r, retry_failed=retry_failed), recipe)
+
+
+@app.command()
+def dedup(recipe: Path = RecipeArg) -> None:
+    """pHash the downloaded images and drop exact, near-duplicate and evaluation-overlap rows.
+
+    Example: cnclip corpus dedup recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_dedup, recipe)
+
+
+@app.command("hash-eval")
+def hash_eval(
+    path: str = typer.Argument(..., help="a folder of images, a WebDataset tar or a glob of tars"),
+    out: Path = typer.Option(..., "--out", help="the pHash list to write (Parquet)"),
+    size: int = typer.Option(224, help="image.size of the recipes that will use the list"),
+    resize_mode: str = typer.Option("center_crop", help="image.resize_mode of those recipes"),
+) -> None:
+    """Write a pHash list of an evaluation set, for a recipe's dedup.eval_images.
+
+    Images are resized as the corpus stores them, so lists are only valid for that size and mode.
+
+    Example: cnclip corpus hash-eval data/coco-cn/val2014 --out evalsets/coco-cn.parquet
+    """
+    try:
+        settings = validate_mapping(ImageSettings, {"size": size, "resize_mode": resize_mode}, "hash-eval",
+                                    RecipeError)
+        count = write_eval_hashes(path, out, settings)
+    except CnclipError as err:
+        error(str(err).splitlines()[0])
+        raise typer.Exit(2) from None
+    typer.echo(f"{count} pHashes -> {out}")
+
+
+@app.command()
+def shard(recipe: Path = RecipeArg) -> None:
+    """Write the final WebDataset shards, samples/ and rejected/ manifests and funnel.json.
+
+    Example: cnclip corpus shard recipes/laion-zh.yaml
+    """
+    _run(pipeline.run_shard, recipe)
+
+
+@app.command()
+def verify(
+    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
+    shards_dir: Optional[Path] = typer.Option(None, "--shards-dir",
+                                              help="where the shards are, if moved since the build"),
+) -> None:
+    """Check a built corpus: every published file (tars, sizes.json, manifest parts, funnel.json)
+    against the sizes and SHA-256 in checksums.json, and samples + rejected = input rows.
+
+    Exits 0 when intact; 2 with one line per problem.
+
+    Example: cnclip corpus verify manifests/demo
+    """
+    problems = verify_corpus(manifest_dir, shards_dir)
+    for problem in problems:
+        error(problem)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(intact_summary(manifest_dir))
+
+
+@app.command()
+def stats(
+    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON instead of tables"),
+) -> None:
+    """Counts, the funnel, caption-length and image-size distributions of a built corpus.
+
+    Example: cnclip corpus stats manifests/demo
+    """
+    try:
+        figures = corpus_stats(manifest_dir)
+    except CnclipError as err:
+        error(str(err))
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(figures, ensure_ascii=False, indent=2))
+    else:
+        print_stats(figures)

@@ -1,0 +1,130 @@
+"""The build's accounting: every input row is in samples/ or rejected/, exactly once.
+
+The funnel is computed from the manifests themselves (a join, not a tally kept on the side), so
+a stage that lost or duplicated a row fails the build instead of publishing a wrong corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from rich.table import Table
+
+from cnclip._common.atomic import write_json_atomic
+from cnclip._common.errors import CnclipError
+
+from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip._common.console import console
+
+STAGES = ["ingest", "text", "download", "dedup", "shard"]
+
+
+class AccountingError(CnclipError, RuntimeError):
+    """Samples and rejects do not add up to the input: a bug, never silently published."""
+
+
+def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
+    parts = sorted(folder.glob("*.parquet"))
+    if not parts:
+        return None
+    return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
+
+
+def tally(manifest_dir: Path) -> tuple[int, dict[str, dict[str, int]], int]:
+    """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
+    samples = scan_manifest(manifest_dir / "samples", ["uid"])
+    rejected = scan_manifest(manifest_dir / "rejected", ["uid", "stage", "reason"])
+    by_stage: dict[str, dict[str, int]] = {}
+    sample_count = samples.select(pl.len()).collect().item() if samples is not None else 0
+    if rejected is not None:
+        counts = rejected.group_by("stage", "reason").agg(pl.len()).sort("stage", "reason").collect()
+        for stage, reason, count in counts.rows():
+            by_stage.setdefault(stage, {})[reason] = count
+    ids = [f.select("uid") for f in (samples, rejected) if f is not None]
+    distinct = pl.concat(ids).select(pl.col("uid").n_unique()).collect().item() if ids else 0
+    return sample_count, by_stage, distinct
+
+
+def _imbalance(manifest_dir: Path, input_rows: int, counts: tuple) -> str | None:
+    sample_count, by_stage, distinct = counts
+    rejected_count = sum(n for reasons in by_stage.values() for n in reasons.values())
+    if sample_count + rejected_count != input_rows or distinct != input_rows:
+        return (f"{manifest_dir}: {input_rows} input rows but {sample_count} samples + "
+                f"{rejected_count} rejected ({distinct} distinct rows)")
+    return None
+
+
+def accounting_problem(manifest_dir: Path) -> str | None:
+    """Whether the manifests on disk still add up to the input rows funnel.json counted."""
+    try:
+        input_rows = json.loads((manifest_dir / "funnel.json").read_text(encoding="utf-8"))["input_rows"]
+        return _imbalance(manifest_dir, input_rows, tally(manifest_dir))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest_dir / 'funnel.json'}: unreadable ({err})"
+    except pl.exceptions.PolarsError as err:
+        return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
+
+
+def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+    report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
+    input_rows = sum(report["rows_by_source"].values())
+    counts = tally(layout.manifest_dir)
+    problem = _imbalance(layout.manifest_dir, input_rows, counts)
+    if problem:
+        raise AccountingError(problem)
+    sample_count, by_stage, _ = counts
+    by_reason: dict[str, int] = {}
+    for reasons in by_stage.values():
+        for reason, count in reasons.items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    rejected_count = sum(by_reason.values())
+
+    stages, remaining = [], input_rows
+    for stage in STAGES:
+        reasons = by_stage.get(stage, {})
+        out = remaining - sum(reasons.values())
+        stages.append({"stage": stage, "in": remaining, "out": out, "rejected": reasons})
+        remaining = out
+    # Rejections from stages not listed (e.g. a future stage) still count in the totals above.
+    return {
+        "name": recipe_name,
+        # Absolute, so a trainer given only this manifest_dir finds the shards.
+        "shards_dir": str(layout.shards_dir.resolve()),
+        "input_rows": input_rows,
+        "rows_by_source": report["rows_by_source"],
+        "file_errors": report["file_errors"],
+        "source_reports": report.get("source_reports", {}),
+        "stages": stages,
+        "samples": sample_count,
+        "rejected": rejected_count,
+        "rejected_by_reason": by_reason,
+    }
+
+
+def write_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+    funnel = compute_funnel(layout, recipe_name)
+    write_json_atomic(layout.funnel_path, funnel)
+    return funnel
+
+
+def funnel_table(funnel: dict) -> Table:
+    table = Table(title=f"funnel: {funnel['name']} ({funnel['input_rows']} input rows)")
+    table.add_column("stage")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("rejected by reason")
+    for stage in funnel["stages"]:
+        kept = f"{stage['out'] / stage['in']:.1%}" if stage["in"] else "-"
+        reasons = ", ".join(
+            f"{r.removeprefix(stage['stage'] + ':')} {n}" for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1])
+        )
+        table.add_row(stage["stage"], str(stage["in"]), str(stage["out"]), kept, reasons or "-")
+    table.caption = f"{funnel['samples']} samples, {funnel['rejected']} rejected"
+    return table
+
+
+def print_funnel(funnel: dict) -> None:
+    console.print(funnel_table(funnel))

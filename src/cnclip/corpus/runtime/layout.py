@@ -1,0 +1,114 @@
+"""Where each stage reads and writes: one place that knows the build's folder layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # recipe.py checks layouts at load time, so this import stays one-way
+    from cnclip.corpus.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BuildLayout:
+    output_dir: Path
+    manifest_dir: Path
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "BuildLayout":
+        return cls(Path(recipe.output_dir), Path(recipe.manifest_dir))
+
+    @property
+    def work(self) -> Path:
+        return self.output_dir / "work"
+
+    # ingest: one Parquet part per input file, schema in manifests/README.md ("candidates")
+    @property
+    def ingest_dir(self) -> Path:
+        return self.work / "ingest"
+
+    # text: normalized parts (every row, with its reason), then accepted/ and rejected/ parts
+    @property
+    def text_dir(self) -> Path:
+        return self.work / "text"
+
+    @property
+    def text_accepted_dir(self) -> Path:
+        return self.text_dir / "accepted"
+
+    @property
+    def text_rejected_dir(self) -> Path:
+        return self.text_dir / "rejected"
+
+    # download: img2dataset's own output folder (tar + parquet + stats per part)
+    @property
+    def download_dir(self) -> Path:
+        return self.work / "download"
+
+    # what img2dataset reads: the text stage's accepted rows, URLs as browsers send them
+    @property
+    def download_input_dir(self) -> Path:
+        return self.work / "download-input"
+
+    @property
+    def hash_dir(self) -> Path:
+        return self.work / "hash"
+
+    @property
+    def dedup_decisions(self) -> Path:
+        return self.work / "dedup" / "decisions.parquet"
+
+    @property
+    def shard_plan(self) -> Path:
+        return self.work / "shard" / "plan.parquet"
+
+    @property
+    def sample_web_dir(self) -> Path:
+        return self.output_dir / "sample_web"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.output_dir / "shards"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.manifest_dir / "samples"
+
+    @property
+    def rejected_dir(self) -> Path:
+        return self.manifest_dir / "rejected"
+
+    @property
+    def funnel_path(self) -> Path:
+        return self.manifest_dir / "funnel.json"
+
+    # every published file's size and SHA-256 (integrity.py)
+    @property
+    def checksums_path(self) -> Path:
+        return self.manifest_dir / "checksums.json"
+
+    # What the build creates in each folder: all that `--fresh` may ever remove (ownership.py).
+    @property
+    def output_entries(self) -> tuple[Path, ...]:
+        return (self.work, self.shards_dir, self.sample_web_dir)
+
+    @property
+    def manifest_entries(self) -> tuple[Path, ...]:
+        return (self.samples_dir, self.rejected_dir, self.funnel_path, self.checksums_path)
+
+    def nesting_problem(self) -> str | None:
+        """Why these folders would destroy each other's files, or None.
+
+        A stage that is redone empties its folders (work/, shards/, samples/, rejected/): a
+        manifest_dir inside the output's work/, shards/ or sample_web/, or an output_dir inside
+        samples/ or rejected/, would be deleted with them (or published inside them).
+        """
+        output, manifests = self.output_dir.resolve(), self.manifest_dir.resolve()
+        for inner, name, outer in ((manifests, "manifest_dir", self.output_entries),
+                                   (output, "output_dir", self.manifest_entries)):
+            for folder in outer:
+                folder = folder.resolve()
+                if inner == folder or folder in inner.parents:
+                    return f"{name} ({inner}) is inside {folder}, which the build empties and rewrites"
+        return None  # otherwise nested or shared folders are fine: their entries do not collide

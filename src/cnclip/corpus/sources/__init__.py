@@ -1,0 +1,99 @@
+"""Source kinds: each turns one recipe source into files of (url, caption_raw, extras) rows.
+
+metadata files are read as they are; the sample web is generated; html sources are crawled and
+warc files are scanned into pair files under work/crawl/ first (one per WARC file, so ingest
+numbers rows per file as for metadata), then read like metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, WarcSource
+from cnclip.corpus.recipe import MetadataSource, SampleWebSource, Source
+from cnclip.corpus.sources.metadata import NeedsLineReader, SourceError, expand_paths, read_metadata_file, read_metadata_lines, reads_lines
+
+__all__ = ["NeedsLineReader", "SourceError", "prepare_source", "read_source_file", "read_source_lines", "reads_lines",
+           "source_inputs"]
+
+_PAIR_COLUMNS = ["url", "caption_raw", "page_url", "alt_source"]
+
+
+def source_inputs(source: Source) -> list[str]:
+    """What a source reads, cheaply listed (no crawl): the files whose change must redo ingest."""
+    if isinstance(source, (MetadataSource, WarcSource)):
+        return expand_paths(source.path)
+    if isinstance(source, HtmlSource) and source.seeds_file:
+        return [source.seeds_file]
+    return []
+
+
+def prepare_source(source: Source, sample_web_dir: Path, crawl_dir: Path, crawl: CrawlSettings
+                   ) -> tuple[list[str], dict | None]:
+    """The files to read for a source, in the order their rows are numbered, and the report of
+    the crawl or scan that made them (None for files read as they are). Outputs that exist are
+    whole (written atomically) and reused, so an interrupted ingest does not crawl again."""
+    if isinstance(source, SampleWebSource):
+        from cnclip.corpus.sources.sample_web import write_sample_web
+
+        return [str(write_sample_web(sample_web_dir / source.name, source.images, source.seed))], None
+    if isinstance(source, HtmlSource):
+        from cnclip.corpus.sources.html import crawl_html
+
+        out = crawl_dir / f"{source.name}.parquet"
+        report_path = out.with_suffix(".report.json")
+        if not (out.exists() and report_path.exists()):
+            _write_report(report_path, crawl_html(source, crawl, out).to_dict())
+        return [str(out)], _read_report(report_path)
+    if isinstance(source, WarcSource):
+        from cnclip.corpus.sources.warc import WarcReport, extract_warc_file
+
+        files = expand_paths(source.path)
+        if not files:
+            raise SourceError(f"source {source.name!r}: path {source.path!r} matches no file")
+        outputs, reports = [], []
+        for index, path in enumerate(files):
+            out = crawl_dir / f"{source.name}-{index:05d}.parquet"
+            report_path = out.with_suffix(".report.json")
+            if not (out.exists() and report_path.exists()):
+                _write_report(report_path, extract_warc_file(path, source, out, WarcReport()).to_dict())
+            outputs.append(str(out))
+            reports.append(_read_report(report_path))
+        return outputs, {"files": reports}
+    files = expand_paths(source.path)
+    if not files:
+        raise SourceError(f"source {source.name!r}: path {source.path!r} matches no file")
+    return files, None
+
+
+def read_source_file(source: Source, path: str) -> pl.LazyFrame:
+    if isinstance(source, SampleWebSource):
+        base = f"http://127.0.0.1:{source.port}/"
+        return pl.scan_parquet(path).select(
+            (pl.lit(base) + pl.col("path")).alias("url"), pl.col("caption").alias("caption_raw"), "case"
+        )
+    if isinstance(source, (HtmlSource, WarcSource)):
+        return pl.scan_parquet(path).select(_PAIR_COLUMNS)
+    assert isinstance(source, MetadataSource)
+    return read_metadata_file(source, path)
+
+
+def read_source_lines(source: Source, path: str) -> pl.LazyFrame:
+    """A text metadata file that failed the fast path, read one record at a time: readable rows
+    plus bad rows (`reason`, `detail` naming the line), in file order."""
+    assert isinstance(source, MetadataSource)
+    return read_metadata_lines(source, path)
+
+
+def _write_report(path: Path, report: dict) -> None:
+    from cnclip._common.atomic import write_json_atomic
+
+    write_json_atomic(path, report)
+
+
+def _read_report(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -1,0 +1,23 @@
+"""The Parquet file a crawl source writes: one row per (image URL, caption) found on a page.
+
+Ingest reads it like a metadata file: `url`, `caption_raw`, then `page_url` and `alt_source`
+(`alt` or `title`) as extra columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import polars as pl
+
+PAIR_SCHEMA = {"url": pl.String, "caption_raw": pl.String, "page_url": pl.String, "alt_source": pl.String}
+
+
+def write_pairs(rows: Iterable[tuple[str, str, str, str]], out_path: str | Path) -> int:
+    """Write (url, caption_raw, page_url, alt_source) rows atomically; returns the row count."""
+    from cnclip.corpus.runtime.state import write_parquet_atomic
+
+    frame = pl.DataFrame(list(rows), schema=PAIR_SCHEMA, orient="row")
+    write_parquet_atomic(frame, Path(out_path))
+    return frame.height

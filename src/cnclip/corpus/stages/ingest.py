@@ -1,0 +1,90 @@
+"""Ingest: every source's rows -> numbered candidate parts under work/ingest/.
+
+A row's identity is (source, row): `row` numbers the rows a source selects (its files in sorted
+order, after `where`), and `uid` packs both into one int64 that travels through every stage, so
+the final accounting is a join. A row ingest cannot read (a bad byte, JSON line or quote in a
+text file; a caption that is not text) still gets its uid and row: it carries `reason` and
+`detail` (the line number) and the text stage passes it to rejected/ as it is.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from cnclip._common.atomic import remove_temporaries
+
+from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip._common.console import stage_progress, warn
+from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.sources import SourceError, prepare_source, read_source_file, read_source_lines, reads_lines
+from cnclip.corpus.runtime.state import write_parquet_atomic
+
+ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
+
+
+def make_uid(source_index: int, row: pl.Expr) -> pl.Expr:
+    return (pl.lit(source_index, pl.Int64) * (1 << ROW_BITS) + row.cast(pl.Int64)).alias("uid")
+
+
+def _numbered(rows: pl.LazyFrame, source_index: int, name: str, offset: int) -> pl.LazyFrame:
+    return rows.with_row_index("row", offset=offset).select(
+        make_uid(source_index, pl.col("row")),
+        pl.lit(name).alias("source"),
+        pl.col("row").cast(pl.Int64),
+        pl.all().exclude("row"),
+    )
+
+
+def _write_part(source, source_index: int, path: str, part, offset: int) -> None:
+    """One file's numbered rows -> its part: by polars in one go, or, for a text file polars
+    cannot read whole, line by line (its bad rows kept as rows with a reason)."""
+    try:
+        write_parquet_atomic(_numbered(read_source_file(source, path), source_index, source.name, offset), part)
+    except SourceError:
+        raise
+    except Exception:  # polars raises several kinds, some only when the sink runs
+        if not reads_lines(source, path):
+            raise
+        write_parquet_atomic(_numbered(read_source_lines(source, path), source_index, source.name, offset), part)
+
+
+def ingest(recipe: Recipe) -> dict:
+    """Write one numbered part per input file (parts already written by an interrupted run are
+    kept); returns rows per source and the files that could not be read."""
+    layout = BuildLayout.of(recipe)
+    out_dir = layout.ingest_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir)
+    rows_by_source: dict[str, int] = {}
+    file_errors: list[str] = []
+    source_reports: dict[str, dict] = {}
+    for source_index, source in enumerate(recipe.sources):
+        files, report = prepare_source(source, layout.sample_web_dir, layout.work / "crawl", recipe.crawl)
+        if report is not None:
+            source_reports[source.name] = report
+        offset = 0
+        readable = 0
+        with stage_progress(f"ingest {source.name}", total=len(files)) as advance:
+            for file_index, path in enumerate(files):
+                part = out_dir / f"{source_index:03d}-{file_index:05d}.parquet"
+                # A part that exists is whole (parts are renamed into place): resume after it.
+                if not part.exists():
+                    try:
+                        _write_part(source, source_index, path, part, offset)
+                    except Exception as err:
+                        # One bad file is reported and skipped: its rows never entered the build.
+                        # (polars read errors surface only when the sink runs, hence the broad catch.)
+                        message = str(err) if isinstance(err, SourceError) else (
+                            f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})")
+                        file_errors.append(message)
+                        warn(message)
+                        advance()
+                        continue
+                offset += pl.scan_parquet(part).select(pl.len()).collect().item()
+                readable += 1
+                advance()
+        if readable == 0:
+            raise SourceError(f"source {source.name!r}: none of its {len(files)} file(s) could be read; "
+                              f"first error: {file_errors[-1]}")
+        rows_by_source[source.name] = offset
+    return {"rows_by_source": rows_by_source, "file_errors": file_errors, "source_reports": source_reports}

@@ -1,0 +1,231 @@
+"""Text stage: normalize captions and filter them before any byte of an image is downloaded.
+
+Per part (parallel): normalization and the per-row filters, as polars expressions.
+Global (lazy polars over all parts): repeated (url, caption) rows collapsed to the first, then
+the caption-frequency cap. Per part again: the split into accepted/ and rejected/ parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import polars as pl
+
+from cnclip._common.atomic import remove_temporaries
+
+from cnclip.corpus.runtime.engine import LocalEngine
+from cnclip.corpus.stages.ingest import ROW_BITS
+from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
+from cnclip.corpus.recipe import Recipe, RecipeError, TextSettings
+from cnclip.corpus.runtime.state import write_parquet_atomic
+
+# Captions that are a camera / app file name or a bare link describe nothing in the image.
+_FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
+_CAMERA_NAME = (
+    r"(?i)^(?:img|dsc[nf]?|pic|pxl|mvimg|vid|screenshot|wechat|mmexport|微信图片|qq图片|截图|截屏|屏幕截图)"
+    r"[_\- ]?\d{3,}[\d_\- ]*$"
+)
+_BARE_URL = r"(?i)^(?:https?://|ftp://|www\.)\S*$"
+_SUPPORTED_URL = r"(?i)^(?:https?|file)://\S"
+_FILE_URL = r"(?i)^\s*file:"
+_COMMON = ["uid", "url", "caption", "reason"]
+
+# Reasons ingest itself gives (a row it could not read, a caption that is not text); such rows
+# arrive with `reason` and `detail` set and keep them.
+INGEST_REASONS = ["ingest:bad_row", "ingest:caption_not_text"]
+PER_ROW_REASONS = [
+    *INGEST_REASONS,
+    "ingest:missing_url",
+    "ingest:local_file_not_allowed",
+    "ingest:unsupported_url",
+    "text:replacement_char",
+    "text:filename_or_url",
+    "text:blacklisted",
+    "text:too_short",
+    "text:too_long",
+    "text:not_chinese",
+]
+GLOBAL_REASONS = ["text:duplicate_pair", "text:repeated_caption"]
+
+
+def load_blacklist(settings: TextSettings) -> list[str]:
+    """Built-in boilerplate phrases (if on) plus the recipe's file, normalized like captions."""
+    lines: list[str] = []
+    if settings.default_blacklist:
+        lines += resources.files("cnclip.corpus").joinpath("data/blacklist.txt").read_text("utf-8").splitlines()
+    if settings.blacklist:
+        try:
+            lines += Path(settings.blacklist).read_text("utf-8").splitlines()
+        except OSError as err:
+            raise RecipeError(f"text.blacklist: cannot read {settings.blacklist!r} ({err.strerror})") from None
+    phrases = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return normalize_phrases(phrases, settings.opencc_config)
+
+
+def cjk_ratio(caption: pl.Expr) -> pl.Expr:
+    """Han characters among all letters (digits, punctuation and spaces do not count)."""
+    letters = caption.str.count_matches(r"\p{L}")
+    han = caption.str.count_matches(r"\p{Han}")
+    return pl.when(letters > 0).then(han / letters).otherwise(0.0)
+
+
+def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bool = False) -> pl.Expr:
+    """The first per-row filter a row fails (null when it passes them all).
+
+    local_files: the recipe lists download.allow_local_files; without it a file:// URL is
+    rejected here (the guard proxy checks the folders of those that pass)."""
+    url, caption = pl.col("url"), pl.col("caption")
+    length = caption.str.len_chars()
+    rules: list[tuple[pl.Expr, str]] = [(url.is_null() | (url == ""), "ingest:missing_url")]
+    if not local_files:
+        rules.append((url.str.contains(_FILE_URL), "ingest:local_file_not_allowed"))
+    rules += [
+        (~url.str.contains(_SUPPORTED_URL), "ingest:unsupported_url"),
+        # U+FFFD survives normalization only where bytes were lost before the caption reached us
+        # (a mis-decoded page, a lossy export): the text is damaged, not merely unusual.
+        (caption.str.contains("\ufffd", literal=True), "text:replacement_char"),
+    ]
+    if settings.reject_filenames:
+        name_like = caption.str.contains(_FILE_NAME) | caption.str.contains(_CAMERA_NAME)
+        rules.append((name_like | caption.str.contains(_BARE_URL), "text:filename_or_url"))
+    if blacklist:
+        rules.append((caption.str.contains_any(blacklist, ascii_case_insensitive=True), "text:blacklisted"))
+    rules += [
+        (length < settings.min_chars, "text:too_short"),
+        (length > settings.max_chars, "text:too_long"),
+        (cjk_ratio(caption) < settings.min_cjk_ratio, "text:not_chinese"),
+    ]
+    condition, reason = rules[0]
+    chain = pl.when(condition).then(pl.lit(reason))
+    for condition, reason in rules[1:]:
+        chain = chain.when(condition).then(pl.lit(reason))
+    return chain.otherwise(pl.lit(None, pl.String)).alias("reason")
+
+
+@dataclass(frozen=True)
+class _NormalizeTask:
+    source_part: Path
+    out_part: Path
+    settings: TextSettings
+    blacklist: tuple[str, ...]
+    local_files: bool = False
+
+
+def normalize_part(task: _NormalizeTask) -> int:
+    """One ingest part -> the same rows with `caption`, the per-row `reason` and `detail`.
+
+    Rows ingest already rejected (a part of a file with bad rows carries `reason` and `detail`)
+    keep ingest's verdict; every other row gets the filters' (detail null)."""
+    frame = pl.read_parquet(task.source_part)
+    caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
+    verdict = per_row_reason(task.settings, list(task.blacklist), task.local_files)
+    if "reason" in frame.columns:
+        verdict = pl.coalesce(pl.col("reason"), verdict).alias("reason")
+    if "detail" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("detail"))
+    frame = frame.with_columns(caption).with_columns(verdict)
+    write_parquet_atomic(frame, task.out_part)
+    return frame.height
+
+
+def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path) -> tuple[Path, Path]:
+    """Duplicate (url, caption) pairs and over-frequent captions, over every part at once."""
+    rows = pl.concat([pl.scan_parquet(p).select(_COMMON) for p in parts]).filter(pl.col("reason").is_null())
+    duplicates_path, repeated_path = out_dir / "duplicate_pairs.parquet", out_dir / "repeated_captions.parquet"
+    if settings.dedup_pairs:
+        first = rows.group_by("url", "caption").agg(pl.col("uid").min().alias("first_uid"))
+        duplicates = rows.join(first, on=["url", "caption"]).filter(pl.col("uid") != pl.col("first_uid"))
+        write_parquet_atomic(duplicates.select("uid", "first_uid"), duplicates_path)
+    else:
+        write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "first_uid": pl.Int64}), duplicates_path)
+    survivors = rows.join(pl.scan_parquet(duplicates_path), on="uid", how="anti")
+    if settings.max_caption_repeats is not None:
+        counts = survivors.group_by("caption").agg(pl.len().alias("caption_count"))
+        write_parquet_atomic(counts.filter(pl.col("caption_count") > settings.max_caption_repeats), repeated_path)
+    else:
+        write_parquet_atomic(pl.DataFrame(schema={"caption": pl.String, "caption_count": pl.UInt32}), repeated_path)
+    return duplicates_path, repeated_path
+
+
+@dataclass(frozen=True)
+class _SplitTask:
+    normalized_part: Path
+    duplicates: Path
+    repeated: Path
+    accepted_part: Path
+    rejected_part: Path
+    max_caption_repeats: int | None
+
+
+def split_part(task: _SplitTask) -> tuple[int, int]:
+    """Apply the global verdicts to one part and write its accepted and rejected rows."""
+    frame = pl.scan_parquet(task.normalized_part)
+    duplicates = pl.scan_parquet(task.duplicates)
+    repeated = pl.scan_parquet(task.repeated)
+    judged = (
+        frame.join(duplicates, on="uid", how="left")
+        .join(repeated, on="caption", how="left")
+        .with_columns(
+            pl.when(pl.col("reason").is_not_null())
+            .then(pl.col("reason"))
+            .when(pl.col("first_uid").is_not_null())
+            .then(pl.lit("text:duplicate_pair"))
+            .when(pl.col("caption_count").is_not_null())
+            .then(pl.lit("text:repeated_caption"))
+            .alias("reason")
+        )
+        .with_columns(
+            pl.when(pl.col("reason") == "text:duplicate_pair")
+            .then(pl.format("same url and caption as row {} of this source", pl.col("first_uid") % (1 << ROW_BITS)))
+            .when(pl.col("reason") == "text:repeated_caption")
+            .then(pl.format("caption occurs {} times (cap {})", "caption_count", pl.lit(task.max_caption_repeats)))
+            .otherwise(pl.col("detail"))
+            .alias("detail")
+        )
+        .rename({"first_uid": "duplicate_of_uid"})
+        .drop("caption_count")
+        .sort("uid")
+        .collect()
+    )
+    accepted = judged.filter(pl.col("reason").is_null()).drop("reason", "detail", "duplicate_of_uid")
+    rejected = judged.filter(pl.col("reason").is_not_null()).with_columns(
+        pl.col("reason").str.split(":").list.first().alias("stage")
+    )
+    # Empty parts are not written (img2dataset cannot read an empty input file); remove stale ones.
+    for frame, path in ((accepted, task.accepted_part), (rejected, task.rejected_part)):
+        if frame.height:
+            write_parquet_atomic(frame, path)
+        else:
+            path.unlink(missing_ok=True)
+    return accepted.height, rejected.height
+
+
+def run_text_stage(recipe: Recipe) -> dict:
+    """Normalize + filter every ingest part (parts done by an interrupted run are kept), then the
+    global steps and the split into accepted/ and rejected/ parts."""
+    layout = BuildLayout.of(recipe)
+    settings = recipe.text
+    blacklist = tuple(load_blacklist(settings))
+    normalized_dir = layout.text_dir / "normalized"
+    for folder in (normalized_dir, layout.text_accepted_dir, layout.text_rejected_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder)
+    engine = LocalEngine(settings.processes)
+    ingest_parts = sorted(layout.ingest_dir.glob("*.parquet"))
+    local_files = bool(recipe.download.allow_local_files)
+    tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist, local_files) for p in ingest_parts]
+    engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter")
+    normalized = [t.out_part for t in tasks]
+    if not normalized:
+        return {"accepted": 0, "rejected": 0}
+    duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir)
+    splits = [
+        _SplitTask(p, duplicates, repeated, layout.text_accepted_dir / p.name, layout.text_rejected_dir / p.name,
+                   settings.max_caption_repeats)
+        for p in normalized
+    ]
+    counts = engine.map_parts(split_part, splits, "text: duplicates + caption cap")
+    return {"accepted": sum(a for a, _ in counts), "rejected": sum(r for _, r in counts)}

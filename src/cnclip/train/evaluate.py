@@ -1,0 +1,142 @@
+"""Evaluation: image<->text retrieval recall (Chinese-CLIP's definitions) and zero-shot classification.
+
+Retrieval: a query is a hit at K when any of its ground-truth targets is among the K most similar
+candidates (cn_clip/eval/evaluation.py). Text->image: each caption is a query against all images.
+Image->text: each image that has a caption is a query against all captions; an image with several
+captions (lines of `{key}.txt`, or samples sharing the image's sha256) is a hit when any of them is
+in the top K. (Images without captions are still text->image candidates.)
+Mean recall is the mean of the six numbers (R@1/5/10 both ways), in percent, as the paper reports.
+
+Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (Chinese-CLIP's
+translations of OpenAI's ImageNet prompts) over a class-name file; samples carry `{key}.cls`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import open_clip
+import torch
+
+from cnclip.train.config import EvalSet
+from cnclip.train.data import DataError, eval_batches
+
+KS = (1, 5, 10)
+# From Chinese-CLIP's cn_clip/eval/imagenet_zeroshot_templates.py (the first of its 80 prompts).
+CHINESE_TEMPLATES = [
+    "{}的照片。", "质量差的{}的照片。", "许多{}的照片。", "{}的雕塑。", "难以看到{}的照片。", "{}的低分辨率照片。",
+    "{}的渲染。", "涂鸦{}。", "{}的糟糕照片。", "{}的裁剪照片。", "{}的纹身。", "{}的刺绣照片。",
+    "很难看到{}的照片。", "{}的明亮照片。", "一张干净的{}的照片。", "一张包含{}的照片。", "{}的深色照片。",
+    "{}的手绘画。", "我的{}的照片。", "一张{}的照片。", "{}的特写照片。", "{}的黑白照片。",
+]
+
+
+def autocast(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_eval_set(model, tokenizer: Callable, patterns: Sequence[str], transform: Callable, *,
+                   device: torch.device, precision: str = "fp32", batch_size: int = 256,
+                   max_samples: Optional[int] = None, origin: str = "eval") -> dict:
+    """Normalized image and caption embeddings, the caption->image map and the class labels."""
+    image_feats, groups, labels, texts, text_image = [], {}, [], [], []
+    with autocast(device, precision):
+        for batch in eval_batches(patterns, transform, batch_size, max_samples, origin):
+            feats = model.encode_image(batch.images.to(device), normalize=True).float()
+            for feat, caps, group, label in zip(feats, batch.captions, batch.groups, batch.labels):
+                if group not in groups:
+                    groups[group] = len(groups)
+                    image_feats.append(feat)
+                    labels.append(label)
+                for cap in caps:
+                    texts.append(cap)
+                    text_image.append(groups[group])
+        text_feats = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float()
+                      for i in range(0, len(texts), batch_size)]
+    if not image_feats:
+        raise DataError(f"{origin}: no readable samples")
+    return {
+        "images": torch.stack(image_feats),
+        "texts": torch.cat(text_feats) if text_feats else torch.empty(0, image_feats[0].shape[0]),
+        "text_image": torch.tensor(text_image, dtype=torch.long),
+        "labels": labels,
+    }
+
+
+def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image: torch.Tensor) -> dict:
+    """Recall@1/5/10 both ways and their mean, in percent (Chinese-CLIP's definitions)."""
+    n_images, n_texts = image_feats.shape[0], text_feats.shape[0]
+    if n_texts == 0:
+        raise DataError("a retrieval set needs captions ({key}.txt lines); this one has none")
+    sims = text_feats @ image_feats.T  # [texts, images]
+    out: dict[str, float] = {}
+    # text -> image: the rank of each caption's own image (only the top 10 are kept, not a full sort).
+    top_images = sims.topk(min(max(KS), n_images), dim=1).indices
+    for k in KS:
+        hits = (top_images[:, :k] == text_image[:, None]).any(dim=1)
+        out[f"text_to_image_R@{k}"] = 100.0 * hits.float().mean().item()
+    # image -> text: any of the image's captions in its top K; the queries are the captioned images.
+    captioned = torch.bincount(text_image, minlength=n_images) > 0
+    top_texts = sims.topk(min(max(KS), n_texts), dim=0).indices.T[captioned]  # [captioned images, K]
+    mine = text_image[top_texts] == torch.arange(n_images)[captioned][:, None]
+    for k in KS:
+        out[f"image_to_text_R@{k}"] = 100.0 * mine[:, :k].any(dim=1).float().mean().item()
+    out["mean_recall"] = sum(out.values()) / len(out)
+    out["images"], out["texts"] = int(image_feats.shape[0]), int(text_feats.shape[0])
+    return out
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a class-name or template file (a DataError when it cannot be read)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+@torch.no_grad()
+def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labels: list, classnames: list[str],
+                     templates: list[str], device: torch.device) -> dict:
+    known = [i for i, label in enumerate(labels) if label is not None]
+    if not known:
+        raise DataError("zero-shot set has no {key}.cls labels")
+    classifier = open_clip.build_zero_shot_classifier(
+        model, tokenizer=tokenizer, classnames=classnames, templates=templates, num_classes_per_batch=32,
+        device=device)
+    logits = image_feats[known].to(device) @ classifier.float()
+    target = torch.tensor([labels[i] for i in known], device=device)
+    out = {}
+    for k in (1, 5):
+        k_eff = min(k, len(classnames))
+        out[f"top{k}"] = 100.0 * (logits.topk(k_eff, dim=1).indices == target[:, None]).any(1).float().mean().item()
+    out["images"] = len(known)
+    return out
+
+
+def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Callable, *, device: torch.device,
+                 precision: str = "fp32", batch_size: int = 256) -> dict:
+    """One configured eval set -> its metrics (keys prefixed by nothing; the caller names the set)."""
+    was_training = model.training
+    model.eval()
+    try:
+        emb = embed_eval_set(model, tokenizer, eval_set.patterns, transform, device=device, precision=precision,
+                             batch_size=batch_size, max_samples=eval_set.max_samples,
+                             origin=f"eval.sets[{eval_set.name}]")
+        if eval_set.kind == "retrieval":
+            if emb["texts"].shape[0] == 0:
+                raise DataError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
+                                 f"{', '.join(eval_set.patterns)}: a retrieval set needs them "
+                                 "(kind: zeroshot evaluates labelled images)")
+            return retrieval_metrics(emb["images"].cpu(), emb["texts"].cpu(), emb["text_image"])
+        templates = read_lines(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
+        return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], read_lines(eval_set.classnames),
+                                templates, device)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,73 @@
+"""What a run is built from: the tokenizer, the model (with its initial weights) and its image
+transforms, from a training config or from a checkpoint alone (eval, export).
+
+Kept apart from loop.py so evaluation and export can rebuild a model without the training loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from cnclip.train import checkpoint as ckpt
+from cnclip.train.config import ConfigError, TrainConfig
+from cnclip.train.data import ShardSet, read_captions
+from cnclip.train.models import create_model, load_clip_weights, load_image_tower, rebuild_model
+from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer, build_corpus_vocab, read_vocab
+
+
+def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
+    """`tokenizer.vocab`: bert-base-chinese | text-tower | corpus | a vocab.txt path."""
+    choice, length = cfg.tokenizer.vocab, cfg.tokenizer.context_length
+    if choice == "bert-base-chinese":
+        return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, length)
+    if choice == "text-tower":
+        if cfg.init.text is None:
+            raise ConfigError("tokenizer.vocab: text-tower needs init.text (an HF directory with vocab.txt)")
+        return ChineseTokenizer.from_file(Path(cfg.init.text) / "vocab.txt", length)
+    if choice == "corpus":
+        saved = Path(cfg.output_dir) / "vocab.txt"
+        if not saved.is_file():  # built once per run directory, so a resumed run gets the same ids
+            if shard_set.manifest_dir is not None:
+                import polars as pl
+
+                captions = pl.scan_parquet(Path(shard_set.manifest_dir) / "samples" / "*.parquet").select(
+                    "caption").collect()["caption"].to_list()
+            else:
+                captions = read_captions(shard_set.shards)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text("\n".join(build_corpus_vocab(captions)) + "\n", encoding="utf-8")
+        return ChineseTokenizer(read_vocab(saved), length)
+    return ChineseTokenizer.from_file(choice, length)
+
+
+def build_model(cfg: TrainConfig, tokenizer: ChineseTokenizer, device: torch.device, initialise: bool = True):
+    model, model_cfg = create_model(
+        cfg.model, vocab_size=tokenizer.vocab_size, workdir=Path(cfg.output_dir),
+        text_init=cfg.init.text if initialise else None, context_length=cfg.tokenizer.context_length,
+        quick_gelu=cfg.quick_gelu)
+    if initialise and cfg.init.image is not None:
+        load_image_tower(model, cfg.init.image)
+    if initialise and cfg.init.clip is not None:
+        load_clip_weights(model, cfg.init.clip)
+    return model.to(device), model_cfg
+
+
+def transforms(model: torch.nn.Module, augment: bool = True):
+    """open_clip's train (RandomResizedCrop) and eval transforms for the model's preprocess config."""
+    cfg = PreprocessCfg(**get_model_preprocess_cfg(model))
+    return image_transform_v2(cfg, is_train=augment), image_transform_v2(cfg, is_train=False)
+
+
+def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],
+                               device: Union[str, torch.device] = "cpu"):
+    """(model, tokenizer, state) from a training checkpoint alone."""
+    state = ckpt.load_checkpoint(path)
+    model = rebuild_model(ckpt.model_config(state), workdir, device)
+    model.load_state_dict(state["model"])
+    tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
+    return model.eval(), tokenizer, state
