@@ -151,7 +151,8 @@ def test_validation_errors_never_repr_the_whole_input():
 
     from pydantic import ValidationError
 
-    from cnclip.corpus.recipe import TextSettings, format_validation_error
+    from cnclip._common.strict import format_validation_error
+    from cnclip.corpus.recipe import TextSettings
 
     shared = [list(range(1000))] * 1000  # what aliases make: one list referenced a thousand times
     with pytest.raises(ValidationError) as err:

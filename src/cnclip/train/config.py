@@ -12,9 +12,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from cnclip.corpus.recipe import read_yaml, validate_mapping
 from cnclip._common.errors import CnclipError
-from cnclip._common.strict import StrictModel
+from cnclip._common.strict import StrictModel, validate_mapping
+from cnclip._common.yaml_loader import read_yaml
 
 
 class ConfigError(CnclipError, ValueError):

@@ -79,6 +79,8 @@ def resolve_train_shards(data: DataSettings) -> ShardSet:
     """The training shards and their sample count, from patterns, a corpus recipe, or a build's
     manifest_dir (its funnel.json names the shards folder)."""
     if data.corpus is not None:
+        # The one place train reads corpus code: data.corpus names a corpus recipe, and only the
+        # corpus's own loader knows where its build puts the shards.
         from cnclip.corpus.recipe import RecipeError, load_recipe
 
         try:

@@ -6,18 +6,17 @@ the file, the key and what is wrong, one per line, and nothing runs.
 
 from __future__ import annotations
 
-import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ByteSize, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_validator
 
 from cnclip._common.errors import CnclipError
-from cnclip._common.strict import StrictModel
+from cnclip._common.strict import StrictModel, validate_mapping
 
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.paths import recipe_path_problems
-from cnclip._common.yaml_loader import read_yaml  # noqa: F401 (src/cnclip/train/config.py reads its YAML through here too)
+from cnclip._common.yaml_loader import read_yaml
 
 # Columns the pipeline owns (the manifests' schemas in manifest_schema.py, the work columns of the
 # download and dedup stages, img2dataset's own parquet columns); a source may not carry extra
@@ -73,6 +72,8 @@ class SampleWebSource(StrictModel):
 
 
 Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource], Field(discriminator="kind")]
+# The `kind` values above: pydantic's error locations name them, the user's key paths do not.
+SOURCE_KINDS = ("metadata", "sample_web", "html", "warc")
 
 
 class TextSettings(StrictModel):
@@ -209,54 +210,10 @@ class Recipe(StrictModel):
         return dumped
 
 
-def _format_location(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ("metadata", "sample_web", "html", "warc") and parts and parts[-1].startswith("["):
-            continue  # pydantic's discriminator tag, not a key the user wrote
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def _short_repr(value: object) -> str:
-    """At most 60 characters, at a cost bounded whatever the input's size (reprlib stops early;
-    a plain repr of a large list would build all of it first)."""
-    return _REPR.repr(value)[:60]
-
-
-def format_validation_error(origin: str, error: ValidationError) -> str:
-    lines = []
-    for err in error.errors():
-        where = _format_location(err["loc"])
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
-            message += f" (got {_short_repr(err['input'])})"
-        lines.append(f"{origin}: {where}: {message}")
-    return "\n".join(lines)
-
-
-def validate_mapping(model: type[BaseModel], data: object, origin: str, error: type[Exception]):
-    """Validate YAML data against a schema; problems become one `error` naming origin and keys."""
-    if not isinstance(data, dict):
-        raise error(f"{origin}: expected a mapping of keys at the top level")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise error(format_validation_error(origin, err)) from None
-
-
 def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True) -> Recipe:
     """Validate recipe data; with `check_paths`, every local file or folder it names must exist
     too (relative to the working directory), so a typo stops the build before any stage runs."""
-    recipe = validate_mapping(Recipe, data, origin, RecipeError)
+    recipe = validate_mapping(Recipe, data, origin, RecipeError, union_tags=SOURCE_KINDS)
     if check_paths:
         problems = recipe_path_problems(recipe)
         if problems:
