@@ -147,7 +147,7 @@ def test_a_busy_sample_web_port_is_a_user_error(tmp_path):
 
 def test_internal_bugs_keep_their_traceback(tmp_path, monkeypatch, small_shards):
     """What the CLIs used to swallow as 'user errors' (OSError, RuntimeError, ValueError) now surfaces."""
-    import cnclip.corpus.cli as corpus_cli
+    import cnclip.corpus.manifests.stats as stats
     import cnclip.corpus.pipeline as pipeline
     import cnclip.train.loop as loop
 
@@ -161,7 +161,7 @@ def test_internal_bugs_keep_their_traceback(tmp_path, monkeypatch, small_shards)
     def io_bug(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")  # no file named: not the user's to fix
 
-    monkeypatch.setattr(corpus_cli, "corpus_stats", io_bug)
+    monkeypatch.setattr(stats, "corpus_stats", io_bug)
     result = runner.invoke(app, ["corpus", "stats", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, OSError)
 

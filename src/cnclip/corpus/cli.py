@@ -1,4 +1,8 @@
-"""`cnclip corpus ...`: a thin Typer layer over cnclip.corpus's Python API."""
+"""`cnclip corpus ...`: a thin Typer layer over cnclip.corpus's Python API.
+
+The pipeline, the manifests and the hashing load polars and numpy; each command imports them when
+it runs, so `cnclip --help` and a recipe error return without loading them.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,21 @@ from typing import Optional
 
 import typer
 
-from cnclip._common.errors import CnclipError
-
-from cnclip.corpus import pipeline
-from cnclip.corpus.manifests.integrity import intact_summary, verify_corpus
 from cnclip._common.console import error
-from cnclip.corpus.ops.eval_hashes import write_eval_hashes
-from cnclip.corpus.recipe import ImageSettings, RecipeError, load_recipe, validate_mapping
-from cnclip.corpus.manifests.stats import corpus_stats, print_stats
+from cnclip._common.errors import CnclipError
+from cnclip._common.strict import validate_mapping
+from cnclip.corpus.recipe import ImageSettings, RecipeError, load_recipe
 
 app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, dedup, shard.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 
 RecipeArg = typer.Argument(..., help="corpus recipe (YAML), e.g. recipes/demo.yaml", exists=False)
+
+
+def _pipeline():
+    from cnclip.corpus import pipeline
+
+    return pipeline
 
 
 def _run(step, recipe_path: Path):
@@ -43,7 +49,7 @@ def build(
 
     Example: cnclip corpus build recipes/demo.yaml
     """
-    _run(lambda r: pipeline.build(r, fresh=fresh), recipe)
+    _run(lambda r: _pipeline().build(r, fresh=fresh), recipe)
 
 
 @app.command()
@@ -52,7 +58,7 @@ def text(recipe: Path = RecipeArg) -> None:
 
     Example: cnclip corpus text recipes/laion-zh.yaml
     """
-    _run(pipeline.run_text, recipe)
+    _run(lambda r: _pipeline().run_text(r), recipe)
 
 
 @app.command()
@@ -66,7 +72,7 @@ def download(
 
     Example: cnclip corpus download recipes/laion-zh.yaml --retry-failed
     """
-    _run(lambda r: pipeline.run_download(r, retry_failed=retry_failed), recipe)
+    _run(lambda r: _pipeline().run_download(r, retry_failed=retry_failed), recipe)
 
 
 @app.command()
@@ -75,7 +81,7 @@ def dedup(recipe: Path = RecipeArg) -> None:
 
     Example: cnclip corpus dedup recipes/laion-zh.yaml
     """
-    _run(pipeline.run_dedup, recipe)
+    _run(lambda r: _pipeline().run_dedup(r), recipe)
 
 
 @app.command("hash-eval")
@@ -91,6 +97,8 @@ def hash_eval(
 
     Example: cnclip corpus hash-eval data/coco-cn/val2014 --out evalsets/coco-cn.parquet
     """
+    from cnclip.corpus.ops.eval_hashes import write_eval_hashes
+
     try:
         settings = validate_mapping(ImageSettings, {"size": size, "resize_mode": resize_mode}, "hash-eval",
                                     RecipeError)
@@ -107,7 +115,7 @@ def shard(recipe: Path = RecipeArg) -> None:
 
     Example: cnclip corpus shard recipes/laion-zh.yaml
     """
-    _run(pipeline.run_shard, recipe)
+    _run(lambda r: _pipeline().run_shard(r), recipe)
 
 
 @app.command()
@@ -123,6 +131,8 @@ def verify(
 
     Example: cnclip corpus verify manifests/demo
     """
+    from cnclip.corpus.manifests.integrity import intact_summary, verify_corpus
+
     problems = verify_corpus(manifest_dir, shards_dir)
     for problem in problems:
         error(problem)
@@ -140,6 +150,8 @@ def stats(
 
     Example: cnclip corpus stats manifests/demo
     """
+    from cnclip.corpus.manifests.stats import corpus_stats, print_stats
+
     try:
         figures = corpus_stats(manifest_dir)
     except CnclipError as err:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from cnclip._common.console import error
 from cnclip._common.errors import CnclipError, disk_errors
-
+from cnclip._common.strict import validate_mapping
 from cnclip.train.config import ConfigError, load_config
 
 app = typer.Typer(help="Train, evaluate and export Chinese CLIP models.", no_args_is_help=True,
@@ -44,13 +44,13 @@ def train(
 
     Example: cnclip train recipes/train-demo.yaml --stage all
     """
-    from cnclip.train.loop import train as run_training
-
     if stage not in ("1", "2", "all"):
         error(f"--stage: expected 1, 2 or all (got {stage!r})")
         raise typer.Exit(2)
     try:
         cfg = load_config(config)
+        from cnclip.train.loop import train as run_training  # torch: only once the config is valid
+
         summary = run_training(cfg, stage=stage, resume=resume, stop_after=stop_after, fresh=fresh)
     except USER_ERRORS as err:
         error(str(err))
@@ -112,8 +112,6 @@ def evaluate(
     import tempfile
 
     import torch
-
-    from cnclip.corpus.recipe import validate_mapping
 
     from cnclip.train.config import EvalSet
     from cnclip.train.evaluate import evaluate_set
