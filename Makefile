@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-fast mutation bench clean
+.PHONY: install demo lint test test-fast mutation bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ demo: $(STAMP)
 	$(BIN)/cnclip corpus stats manifests/demo
 	$(BIN)/cnclip train recipes/train-demo.yaml
 
-test: $(STAMP)
+# pyflakes, bugbear, import order, naming, pycodestyle: configured in pyproject.toml [tool.ruff].
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench tools
+
+test: lint
 	$(BIN)/pytest -q
 
 # While iterating: everything but the end-to-end builds.

@@ -111,12 +111,13 @@ def test_non_utf8_recipe_is_one_line(tmp_path):
     path.write_bytes(data)
     offset = len(BASE.encode()) + len("text: {blacklist: ")
     assert one_line_error(path) == (
-        f"{path}: line {BASE.count(chr(10)) + 1}: recipe is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})")
+        f"{path}: line {BASE.count(chr(10)) + 1}: recipe is not UTF-8 text "
+        f"(byte 0x{data[offset]:02x} at offset {offset})")
 
 
 BOMB = "\n".join(
     ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
 ) + "\n"
 
 
@@ -164,14 +165,16 @@ def test_validation_errors_never_repr_the_whole_input():
     finally:
         tracemalloc.stop()
     assert message.startswith("r.yaml: min_chars: Input should be a valid integer (got [[0, 1, 2, 3, ...], [0")
-    assert message.endswith(")") and len(message) == len("r.yaml: min_chars: Input should be a valid integer (got )") + 60
+    assert message.endswith(")")
+    assert len(message) == len("r.yaml: min_chars: Input should be a valid integer (got )") + 60
     assert peak < 2**20  # a plain repr would first build all of its 4.9 million characters
 
 
 @pytest.mark.parametrize("name", ["", "../escape", "a/b", "a\\b", ".hidden", "a..b", "名字 有空格", "x" * 65, "-x"])
 def test_source_names_are_safe(tmp_path, name):
     path = write(tmp_path, BASE.replace("name: a,", f"name: {name!r},"))
-    assert "sources[0].name: Value error, " in one_line_error(path) and "is not a safe source name" in one_line_error(path)
+    assert "sources[0].name: Value error, " in one_line_error(path)
+    assert "is not a safe source name" in one_line_error(path)
 
 
 def test_safe_source_names_load(tmp_path):

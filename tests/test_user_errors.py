@@ -128,8 +128,8 @@ def test_corpus_user_errors_are_one_line(tmp_path):
     assert (tmp_path / "a-file").read_text() == "mine\n"
     line = one_line_error(runner.invoke(app, ["corpus", "download", metadata_recipe(tmp_path), "--retry-failed"]))
     assert line == "error: r: --retry-failed needs a completed download stage; run it first"
-    line = one_line_error(runner.invoke(app, ["corpus", "hash-eval", str(tmp_path), "--out", str(tmp_path / "h.parquet"),
-                                              "--size", "0"]))
+    line = one_line_error(runner.invoke(app, ["corpus", "hash-eval", str(tmp_path),
+                                              "--out", str(tmp_path / "h.parquet"), "--size", "0"]))
     assert line.startswith("error: hash-eval: size: ")
     line = one_line_error(runner.invoke(app, ["corpus", "hash-eval", str(tmp_path / "none"), "--out",
                                               str(tmp_path / "h.parquet")]))

@@ -31,7 +31,6 @@ from webdataset.tariterators import tarfile_samples
 
 from cnclip._common.errors import CnclipError
 from cnclip._common.mainguard import default_start_method, require_main_guard
-
 from cnclip.train.config import DataSettings
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

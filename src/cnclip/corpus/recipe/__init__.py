@@ -13,10 +13,9 @@ from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_val
 
 from cnclip._common.errors import CnclipError
 from cnclip._common.strict import StrictModel, validate_mapping
-
+from cnclip._common.yaml_loader import read_yaml
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.paths import recipe_path_problems
-from cnclip._common.yaml_loader import read_yaml
 
 # Columns the pipeline owns (the manifests' schemas in manifest_schema.py, the work columns of the
 # download and dedup stages, img2dataset's own parquet columns); a source may not carry extra
@@ -203,7 +202,10 @@ class Recipe(StrictModel):
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""
         value = getattr(self, section)
-        dumped = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
+        if isinstance(value, list):
+            dumped = [v.model_dump(mode="json") for v in value]
+        else:
+            dumped = value.model_dump(mode="json")
         if isinstance(dumped, dict):
             # memory_budget only changes the threads, never what is downloaded.
             dumped = {k: v for k, v in dumped.items() if k not in ("processes", "threads", "memory_budget")}
