@@ -1,12 +1,12 @@
 """`make mutation`: mutmut over the areas in tools/mutation_areas.toml, one area at a time.
 
 Why a driver around mutmut: mutmut 3 copies the source tree into `mutants/` and imports it from
-there, but this repository installs `corpus/` and `train/` as `cnclip.corpus` / `cnclip.train`
-(setuptools package-dir mapping), so mutmut's copy of the repo layout would import the editable
-install's original files instead of the mutants. The driver lays each area out as the installed
-package (`cnclip/`, `cnclip/corpus/`, `cnclip/train/`) in `build/mutation/<area>/`, writes a
-mutmut config naming that area's files and fast tests, runs mutmut there, and prints the kill
-rate and every survivor's diff. Nothing in the working tree is touched.
+there, but the package lives in `src/cnclip/` (an editable install), so a copy of the repository
+layout would leave `src/` in every import path and the tests would import the editable install's
+original files instead of the mutants. The driver lays each area out as the installed package
+(`cnclip/...`, copied from `src/cnclip/`) in `build/mutation/<area>/`, writes a mutmut config
+naming that area's files and fast tests, runs mutmut there, and prints the kill rate and every
+survivor's diff. Nothing in the working tree is touched.
 
     python tools/mutation.py                    # every area
     python tools/mutation.py text dedup         # some areas
@@ -24,14 +24,20 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI (the mutation extra)
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 AREAS = REPO / "tools" / "mutation_areas.toml"
 STAGE = REPO / "build" / "mutation"
-# repository folder -> its place in the installed package (pyproject's package-dir mapping)
-PACKAGE_DIRS = {"cnclip": "cnclip", "corpus": "cnclip/corpus", "train": "cnclip/train"}
+# the folder setuptools finds the package in (pyproject's packages.find); below it, repository
+# paths are the installed layout
+SOURCE_ROOT = "src"
+PACKAGE = "cnclip"
 # what tests read from the repository besides the package and tests/
 ALSO_COPY = ["recipes", "manifests/README.md", "README.md"]
 # mutmut's statuses that count as caught; "suspicious" (an unknown exit code), "no tests" and
@@ -40,9 +46,19 @@ KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
 def installed_path(repo_path: str) -> str:
-    """src/cnclip/corpus/stages/text.py -> cnclip/corpus/text.py: where the file lives in the import layout."""
-    top, _, rest = repo_path.partition("/")
-    return f"{PACKAGE_DIRS[top]}/{rest}"
+    """src/cnclip/corpus/stages/text.py -> cnclip/corpus/stages/text.py: where the file lives in
+    the import layout (what mutmut's only_mutate names)."""
+    path = PurePosixPath(repo_path)
+    if path.parts[:2] != (SOURCE_ROOT, PACKAGE):
+        raise SystemExit(f"{AREAS.name}: {repo_path} is not a file of the package ({SOURCE_ROOT}/{PACKAGE}/...)")
+    return str(path.relative_to(SOURCE_ROOT))
+
+
+def missing_files(areas: dict) -> list[str]:
+    """Area files or tests that are not in the repository: after a move, an area would otherwise
+    mutate nothing (or run no tests) and report 100%."""
+    return [f"{area}: {path}" for area, spec in areas.items() for path in [*spec["files"], *spec["tests"]]
+            if not (REPO / path).is_file()]
 
 
 def lay_out(area: str, spec: dict) -> Path:
@@ -50,19 +66,18 @@ def lay_out(area: str, spec: dict) -> Path:
     root = STAGE / area
     shutil.rmtree(root, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder, target in PACKAGE_DIRS.items():
-        shutil.copytree(REPO / folder, root / target, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(REPO / SOURCE_ROOT / PACKAGE, root / PACKAGE, ignore=ignore)
     shutil.copytree(REPO / "tests", root / "tests", ignore=ignore)
     for path in ALSO_COPY:
         source, target = REPO / path, root / path
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
     mutmut = {
-        "source_paths": ["cnclip"],
+        "source_paths": [PACKAGE],
         "only_mutate": [installed_path(p) for p in spec["files"]],
         "also_copy": sorted({p.split("/")[0] for p in ALSO_COPY}),
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-m", "not slow", "-q"],
-        "pytest_add_cli_args_test_selection": [t for t in spec["tests"] if (REPO / t).exists()],
+        "pytest_add_cli_args_test_selection": list(spec["tests"]),
         "use_git_change_detection": False,
         # polars' thread pool does not survive a fork: workers forked from the process that ran
         # the stats pass hang (every mutant a timeout). A fork server that only collected the
@@ -163,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in args.areas if a not in areas]
     if unknown:
         parser.error(f"unknown area {', '.join(unknown)}; {AREAS.name} has {', '.join(areas)}")
+    missing = missing_files(areas)
+    if missing:
+        parser.error(f"{AREAS.name} names files that do not exist: {'; '.join(missing)}")
     failed = []
     for area in args.areas or list(areas):
         result = run_area(area, areas[area], args.max_children, args.sample, rerun=not args.report)
