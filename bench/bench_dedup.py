@@ -3,7 +3,7 @@ rows planted as copies of earlier rows with 1-4 bits flipped), d = 4.
 
 Each size runs in its own process so its peak memory is its own. Baseline, measured in the same
 run: all-pairs comparison (numpy, vectorized) on 20k rows, extrapolated quadratically.
-Targets (issue 3): 10M rows in < 60 s and < 4 GiB peak, recall 100% of the planted pairs.
+Targets: 10M rows in < 60 s and < 4 GiB peak, recall 100% of the planted pairs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """pHash throughput on one core: cnclip's hash stage vs imagehash.phash(Image.open(path)).
 
-Same 256 px JPEG files for both, decoding included. Target (issue 3): >= 3x.
+Same 256 px JPEG files for both, decoding included. Target: >= 3x.
 """
 
 from __future__ import annotations

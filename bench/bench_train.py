@@ -25,14 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("CNCLIP_QUIET", "1")
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def write_bench_shards(folder: Path, shards: int, per_shard: int, side: int) -> list[str]:
-    from test_train_support import shape_samples, write_shards
+    from shapes import shape_samples, write_shards
 
     return write_shards(folder, shape_samples(shards * per_shard, seed=0, side=side), per_shard=per_shard)
 

@@ -4,8 +4,8 @@ The corpus stages (LocalEngine, img2dataset) start worker processes with 'spawn'
 DataLoader workers wherever the start method is 'spawn' or 'forkserver'. A spawned process runs the
 main script again, as `__mp_main__`, to find the worker function: code outside
 `if __name__ == "__main__":` runs once more in every worker, and a build called there starts a
-build in each of them (in the issue that prompted this: 174 tracebacks and a fight over the sample
-web's port). Python only notices later, and inside the workers.
+build in each of them (one unguarded script's build printed 174 tracebacks, its workers fighting
+over the sample web's port). Python only notices later, and inside the workers.
 
 So before starting any process, `require_main_guard` looks at the main script's top-level frame,
 if one is running: the line it is executing must lie in the body of an

@@ -36,7 +36,7 @@ HTTP_STATUS = "crawl:http_status"  # an archived response that was not a 2xx
 PAGE_ERROR = "crawl:page_error"  # a bug or an input no rule foresaw: the page is skipped, the crawl goes on
 BAD_RECORD = "crawl:bad_record"  # a WARC/WAT record that cannot be read
 
-# Worth another attempt later: the same request may well succeed (issue 5's --retry-failed).
+# Worth another attempt later: the same request may well succeed (what --retry-failed fetches again).
 TRANSIENT = frozenset({DNS_FAILED, CONNECT_FAILED, TIMEOUT, RATE_LIMITED, SERVER_ERROR, HOST_BUSY, TRUNCATED})
 
 MARKER = "cnclip-guard"

@@ -23,7 +23,6 @@ import polars as pl
 from PIL import Image, ImageDraw
 
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.ops.phash import gray32, phash_pixels
 
 # (simplified, traditional, RGB)
@@ -41,33 +40,6 @@ ENGLISH_SHAPES = {"圆形": "circle", "正方形": "square", "三角形": "trian
 REPEATED_CAPTION = "高清壁纸图片大全免费下载"
 IMAGE_SIDE = 128
 DISTINCT_BITS = 12  # pHash bits between any two generated pictures (dedup's default threshold is 4)
-
-# The outcome each case must have after a build with recipes/demo.yaml's settings.
-EXPECTED_REASON = {
-    "plain": None,
-    "traditional": None,
-    "full_width": None,
-    "entities": None,
-    "duplicate_row_first": None,
-    "duplicate_row_again": "text:duplicate_pair",
-    "english": "text:not_chinese",
-    "boilerplate": "text:blacklisted",
-    "file_name": "text:filename_or_url",
-    "bare_url": "text:filename_or_url",
-    "too_short": "text:too_short",
-    "too_long": "text:too_long",
-    "repeated_caption": "text:repeated_caption",
-    "exact_copy": "dedup:exact_duplicate",
-    "near_copy": "dedup:near_duplicate",
-    "missing_file": "download:failed_to_download",
-    "no_ai": "download:failed_to_download",
-    "never_answers": "network:timeout",
-    "html_page": "download:failed_to_resize",
-    "truncated": "download:failed_to_resize",
-    "bomb": "download:failed_to_resize",
-    "tiny": "download:failed_to_resize",
-    "elongated": "download:failed_to_resize",
-}
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ from typing import BinaryIO, Iterator, Optional
 
 from warcio.archiveiterator import ArchiveIterator
 
-from cnclip.corpus.recipe.crawl import WarcSource
-from cnclip.corpus.net.reasons import BAD_RECORD, HTTP_STATUS, NOT_HTML, OPTED_OUT, TOO_LARGE
 from cnclip.corpus.net.politeness import opted_out
+from cnclip.corpus.net.reasons import BAD_RECORD, HTTP_STATUS, NOT_HTML, OPTED_OUT, TOO_LARGE
+from cnclip.corpus.recipe.crawl import WarcSource
 from cnclip.corpus.sources.decode import decode_page
 from cnclip.corpus.sources.extract import LAZY_ATTRIBUTES, caption_of, extract_page, is_html, resolve
-from cnclip.corpus.sources.metadata import SourceError, expand_paths
 from cnclip.corpus.sources.pairs import write_pairs
 
 _OPT_OUT = ("noai", "noimageai")
@@ -205,22 +204,4 @@ def extract_warc_file(path: str, source: WarcSource, out_path: str | Path,
     """One file -> one pairs Parquet (url, caption_raw, page_url, alt_source)."""
     report = report or WarcReport()
     report.pairs += write_pairs(iter_file_rows(path, source, report), out_path)
-    return report
-
-
-def extract_warc(source: WarcSource, out_path: str | Path) -> WarcReport:
-    """All of a source's files (sorted, as ingest numbers them) -> one pairs Parquet."""
-    files = expand_paths(source.path)
-    if not files:
-        raise SourceError(f"source {source.name!r}: path {source.path!r} matches no file")
-    report = WarcReport()
-
-    def rows() -> Iterator[Row]:
-        for path in files:
-            yield from iter_file_rows(path, source, report)
-
-    report.pairs = write_pairs(rows(), out_path)
-    if report.file_errors and report.files == len(report.file_errors) and report.records == 0:
-        raise SourceError(f"source {source.name!r}: none of its {len(files)} file(s) could be read; "
-                          f"first error: {report.file_errors[0]}")
     return report
