@@ -18,6 +18,19 @@ pytestmark = pytest.mark.slow
 IMAGES = 120
 
 
+class SlowSampleWeb(SampleWebServer):
+    """The sample web, pausing `delay` seconds before it handles each request (one per
+    connection: http.server answers HTTP/1.0)."""
+
+    def __init__(self, root: Path, delay: float):
+        super().__init__(root)
+        self.delay = delay
+
+    def finish_request(self, request, client_address) -> None:
+        self.stopping.wait(timeout=self.delay)
+        super().finish_request(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def slow_site(tmp_path_factory):
     import random
@@ -27,7 +40,7 @@ def slow_site(tmp_path_factory):
     for i in range(IMAGES):
         draw_shape((rng.randrange(256), rng.randrange(256), rng.randrange(256)), "圆形", rng).save(root / f"{i}.jpg")
     # 30 ms per answer: slow enough to interrupt the download in its middle.
-    with SampleWebServer(root, delay=0.03) as server:
+    with SlowSampleWeb(root, delay=0.03) as server:
         rows = [(f"{server.base_url}/{i}.jpg", f"第{i}张彩色圆形图片") for i in range(IMAGES)]
         rows += [(f"{server.base_url}/missing-{i}.jpg", f"一张不存在的图片{i}") for i in range(5)]
         listing = root.parent / "listing.parquet"

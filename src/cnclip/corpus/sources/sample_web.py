@@ -242,8 +242,6 @@ class _Handler(BaseHTTPRequestHandler):
             # Never answer: hold the connection until the client gives up or the server stops.
             self.server.stopping.wait(timeout=300)
             return
-        if self.server.delay:
-            self.server.stopping.wait(timeout=self.server.delay)
         headers = {}
         if path.startswith("noai/"):
             path = path.removeprefix("noai/")
@@ -274,9 +272,8 @@ class SampleWebServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root: Path, port: int = 0, delay: float = 0.0):
+    def __init__(self, root: Path, port: int = 0):
         self.root = Path(root).resolve()
-        self.delay = delay  # seconds before each answer: a slow site, for tests
         self.stopping = threading.Event()
         try:
             super().__init__(("127.0.0.1", port), _Handler)
