@@ -16,7 +16,7 @@ import pytest
 
 from cnclip._common.errors import CnclipError
 from cnclip.corpus import build, parse_recipe
-from cnclip.corpus.manifests.schemas import (HASHES, REJECTED, SAMPLES, TABLES, TEXT_ACCEPTED, SchemaError,
+from cnclip.corpus.manifests.schemas import (HASHES, REJECTED, SAMPLES, TABLES, TEXT_ACCEPTED, SchemaError, Table,
                                              reserved_columns)
 from cnclip.corpus.recipe import RecipeError
 from cnclip.corpus.sources.sample_web import SampleWebServer, draw_shape
@@ -55,8 +55,17 @@ def built(tmp_path_factory):
         data = "\n".join(lines).encode() + b"\nhttp://x/\xff.png,\xff\xfe,17,id-7\n"
         (root / "list.csv").write_bytes(data)
         recipe = parse_recipe(recipe_data(root, ["download_score", "_id"]), "test-recipe")
-        funnel = build(recipe, show_funnel=False)
-    return root, recipe, funnel
+        # Which table each file was written through (the stages run inline with 1 process).
+        written, write = {}, Table.write
+
+        def spy(table, frame, path):
+            write(table, frame, path)
+            written[path] = table.name
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Table, "write", spy)
+            funnel = build(recipe, show_funnel=False)
+    return recipe, funnel, written
 
 
 def table_of(relative: str, root: str):
@@ -67,7 +76,7 @@ def table_of(relative: str, root: str):
 
 @pytest.mark.slow
 def test_every_file_a_build_writes_has_its_declared_schema(built):
-    root, recipe, funnel = built
+    recipe, funnel, written = built
     covered, unknown = set(), []
     for folder, name in ((recipe.output_dir, "output_dir"), (recipe.manifest_dir, "manifest_dir")):
         for path in sorted(folder.rglob("*.parquet")):
@@ -79,6 +88,7 @@ def test_every_file_a_build_writes_has_its_declared_schema(built):
                 unknown.append(relative)
                 continue
             table.check_file(path)
+            assert written.get(path) == table.name, relative  # validated when written, as this table
             covered.add(table.name)
     assert unknown == []
     # Every table but the crawl's pairs (no html or warc source here) was written and checked.
@@ -94,7 +104,7 @@ def test_every_file_a_build_writes_has_its_declared_schema(built):
 
 @pytest.mark.slow
 def test_download_prefixed_keep_columns_reach_samples_and_tars(built):
-    root, recipe, funnel = built
+    recipe, funnel, _ = built
     samples = pl.read_parquet(recipe.manifest_dir / "samples" / "*.parquet").sort("row")
     assert samples.columns[-2:] == ["download_score", "_id"]
     assert samples.select("row", "download_score", "_id").rows() == [

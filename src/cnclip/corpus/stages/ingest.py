@@ -71,7 +71,7 @@ def ingest(recipe: Recipe) -> dict:
                 if not part.exists():
                     try:
                         _write_part(source, source_index, path, part, offset)
-                    except SchemaError:
+                    except SchemaError:  # the build's bug, not an unreadable file
                         raise
                     except Exception as err:
                         # One bad file is reported and skipped: its rows never entered the build.
