@@ -86,7 +86,7 @@ class _ShardTask:
     shards_dir: Path
     samples_dir: Path
     image_extension: str
-    keep_columns: dict  # name -> polars type, every source's (manifest_schema.py)
+    keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
 
     @property
     def tar_path(self) -> Path:
