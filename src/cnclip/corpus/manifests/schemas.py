@@ -1,33 +1,189 @@
-"""The manifests' schemas, declared once: every samples/ part has one schema, every rejected/
-part another, so `pl.read_parquet("rejected/*.parquet")`, DuckDB's `read_parquet` and a pyarrow
-dataset read a folder in one line.
+"""Every table the build writes, declared once: the manifests (samples/, rejected/) and the work
+files one stage leaves for the next, each with its columns and their types.
 
-A column that does not apply to a row (a download reject's `duplicate_of`, another source's
-keep_columns) is null. The keep_columns of every source come last, in source order, with the
-type polars unifies them to across sources.
+- Writers go through `Table.write`, which refuses a frame whose columns or types are not its
+  table's (a missing column, a wrong type, a column of another table's): such a frame is a bug in
+  the stage that made it, caught where it is written instead of stages later where it is read.
+- The names a source's `keep_columns` may not take are derived from these tables
+  (`reserved_columns`): a kept column under one of them would shadow the build's column, or be
+  overwritten by it in a join.
+- manifests/README.md's tables are tested against these (tests/test_schemas.py).
+
+Manifests: every samples/ part has one schema, every rejected/ part another, so
+`pl.read_parquet("rejected/*.parquet")`, DuckDB's `read_parquet` and a pyarrow dataset read a
+folder in one line. A column that does not apply to a row (a download reject's `duplicate_of`,
+another source's keep_columns) is null. The keep_columns of every source come last, in source
+order, with the type polars unifies them to across sources.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
+from cnclip.corpus.runtime.state import write_parquet_atomic
+
+Columns = Mapping[str, pl.DataType]
+
+
+class SchemaError(RuntimeError):
+    """A stage wrote a frame its table does not allow: a bug in the build, not in its input, so
+    no CnclipError (the CLI keeps the traceback). The message names the file and the column."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One kind of file the build writes.
+
+    name: where it lies under `root` (a glob for a folder of parts), as errors and
+    manifests/README.md name it. columns: in every file, of these types. optional: in some files
+    only (a part of an input file with unreadable rows), of these types where present.
+    keep_columns: the sources' keep_columns may follow, of any type. ordered: `columns` come
+    first and in this order (a folder reads in one line only when its parts' columns line up).
+    reserves: its column names are the build's (False for a source's own files, whose extra
+    columns are keep columns further on).
+    """
+
+    name: str
+    root: Literal["output_dir", "manifest_dir"]
+    stage: str
+    columns: Columns
+    optional: Columns = field(default_factory=dict)
+    keep_columns: bool = False
+    ordered: bool = False
+    reserves: bool = True
+
+    @property
+    def declared(self) -> dict[str, pl.DataType]:
+        return {**self.columns, **self.optional}
+
+    def problems(self, schema: Columns) -> list[str]:
+        """What in `schema` this table does not allow, one phrase per column."""
+        found = []
+        for name, dtype in self.declared.items():
+            if name not in schema:
+                if name in self.columns:
+                    found.append(f"no column {name!r} (declared {dtype})")
+            elif schema[name] != dtype:
+                found.append(f"column {name!r} is {schema[name]}, declared {dtype}")
+        reserved = reserved_columns()
+        for name in schema:
+            if name in self.declared:
+                continue
+            if not self.keep_columns:
+                found.append(f"column {name!r} is not declared")
+            elif name in reserved:  # the recipe refuses such keep columns: this one leaked from a join
+                found.append(f"column {name!r} is not declared here ({reserved[name]})")
+        first = list(schema)[: len(self.columns)]
+        if self.ordered and not found and first != list(self.columns):
+            found.append(f"columns out of order: {', '.join(first)}")
+        return found
+
+    def validate(self, frame: pl.DataFrame | pl.LazyFrame | Columns, path: Path | str) -> None:
+        """Raise SchemaError naming `path` and the columns that do not match."""
+        schema = frame if isinstance(frame, Mapping) else frame.collect_schema()
+        problems = self.problems(schema)
+        if problems:
+            raise SchemaError(f"{path}: {'; '.join(problems)} (table {self.name} in manifests/schemas.py)")
+
+    def write(self, frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
+        """Validate, then write atomically (state.write_parquet_atomic)."""
+        self.validate(frame, path)
+        write_parquet_atomic(frame, path)
+
+    def check_file(self, path: Path) -> None:
+        """Validate a written file by its footer (tests, and readers that distrust a part)."""
+        self.validate(pl.read_parquet_schema(path), path)
+
+
+_STR, _I64, _I32 = pl.String(), pl.Int64(), pl.Int32()
+
+# What ingest writes before the source's own columns (stages/ingest.py); every later work file of
+# a row starts with these.
+INGEST_COLUMNS: dict[str, pl.DataType] = {
+    "uid": _I64, "source": _STR, "row": _I64, "url": _STR, "caption_raw": _STR,
+}
+# The verdict of a row ingest could not read (sources/rows.py), and of every row after the text filters.
+_VERDICT = {"reason": _STR, "detail": _STR}
+_SIZES = {"width": _I32, "height": _I32, "original_width": _I32, "original_height": _I32}
+
 SAMPLE_SCHEMA: dict[str, pl.DataType] = {
-    "key": pl.String(), "shard": pl.Int64(), "uid": pl.Int64(), "source": pl.String(), "row": pl.Int64(),
-    "url": pl.String(), "caption": pl.String(), "caption_raw": pl.String(),
-    "width": pl.Int32(), "height": pl.Int32(), "original_width": pl.Int32(), "original_height": pl.Int32(),
-    "sha256": pl.String(), "phash": pl.String(),
+    "key": _STR, "shard": _I64, "uid": _I64, "source": _STR, "row": _I64,
+    "url": _STR, "caption": _STR, "caption_raw": _STR, **_SIZES, "sha256": _STR, "phash": _STR,
 }
 REJECTED_SCHEMA: dict[str, pl.DataType] = {
-    "uid": pl.Int64(), "source": pl.String(), "row": pl.Int64(), "url": pl.String(), "caption_raw": pl.String(),
-    "caption": pl.String(), "stage": pl.String(), "reason": pl.String(), "detail": pl.String(),
-    "duplicate_of": pl.String(), "duplicate_of_uid": pl.Int64(),
-    "width": pl.Int32(), "height": pl.Int32(), "original_width": pl.Int32(), "original_height": pl.Int32(),
-    "sha256": pl.String(),
+    **INGEST_COLUMNS, "caption": _STR, "stage": _STR, **_VERDICT,
+    "duplicate_of": _STR, "duplicate_of_uid": _I64, **_SIZES, "sha256": _STR,
 }
-# What ingest writes before the source's own columns (ingest.py).
-_INGEST_COLUMNS = ("uid", "source", "row", "url", "caption_raw")
+# One row per row the dedup stage drops (ops/dedup.py builds them).
+DECISION_SCHEMA: dict[str, pl.DataType] = {
+    "uid": _I64, "reason": _STR, "duplicate_of_uid": _I64, "duplicate_of_eval": _STR, "detail": _STR,
+}
+
+CRAWL_PAIRS = Table("work/crawl/*.parquet", "output_dir", "ingest",
+                    {"url": _STR, "caption_raw": _STR, "page_url": _STR, "alt_source": _STR}, reserves=False)
+INGEST = Table("work/ingest/*.parquet", "output_dir", "ingest", INGEST_COLUMNS, optional=_VERDICT,
+               keep_columns=True)
+TEXT_NORMALIZED = Table("work/text/normalized/*.parquet", "output_dir", "text",
+                        {**INGEST_COLUMNS, "caption": _STR, **_VERDICT}, keep_columns=True)
+TEXT_DUPLICATE_PAIRS = Table("work/text/duplicate_pairs.parquet", "output_dir", "text",
+                             {"uid": _I64, "first_uid": _I64})
+TEXT_REPEATED_CAPTIONS = Table("work/text/repeated_captions.parquet", "output_dir", "text",
+                               {"caption": _STR, "caption_count": pl.UInt32()})
+TEXT_ACCEPTED = Table("work/text/accepted/*.parquet", "output_dir", "text", {**INGEST_COLUMNS, "caption": _STR},
+                      keep_columns=True)
+TEXT_REJECTED = Table("work/text/rejected/*.parquet", "output_dir", "text",
+                      {**INGEST_COLUMNS, "caption": _STR, **_VERDICT, "duplicate_of_uid": _I64, "stage": _STR},
+                      keep_columns=True)
+
+# ---- ATTEMPTS: the download stage's attempts table ----------------------------------------------
+# Declared by the download stage's owner: its Table goes here and into TABLES below, which makes
+# its columns reserved and holds manifests/README.md's table to it like the others'.
+# ---- end ATTEMPTS -------------------------------------------------------------------------------
+
+# img2dataset's own per-part columns (work/download/*.parquet, its output format, not declared
+# here): the stages after the download read them, so a keep column may not take these names.
+IMG2DATASET_COLUMNS = ("uid", "url", "caption", "key", "status", "error_message", *_SIZES, "sha256", "exif")
+
+HASHES = Table("work/hash/*.parquet", "output_dir", "hash", {"uid": _I64, "phash": pl.UInt64()})
+DEDUP_DECISIONS = Table("work/dedup/decisions.parquet", "output_dir", "dedup", DECISION_SCHEMA)
+SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
+    **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
+    "phash": _STR, "shard": _I64, "key": _STR,
+}, keep_columns=True)
+SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, keep_columns=True, ordered=True)
+REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, keep_columns=True, ordered=True)
+
+TABLES: tuple[Table, ...] = (
+    CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
+    HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
+)
+
+# Columns a stage adds to a frame holding the keep columns and drops before writing it.
+TRANSIENT_COLUMNS = {
+    "position": "numbering the shard plan's rows, stages/shard.py",
+    "_line": "numbering a text file's lines in the line reader, sources/rows.py",
+}
+
+
+@functools.cache
+def reserved_columns() -> dict[str, str]:
+    """Each column name the build itself writes or uses -> where, in words (the recipe's error
+    for a keep column of that name: "'phash' is a column the build writes in work/hash/...")."""
+    places: dict[str, list[str]] = {}
+    for table in TABLES:
+        for name in table.declared if table.reserves else ():
+            places.setdefault(name, []).append(table.name)
+    for name in IMG2DATASET_COLUMNS:
+        places.setdefault(name, []).append("img2dataset's work/download/*.parquet")
+    reserved = {name: f"a column the build writes in {', '.join(where)}" for name, where in places.items()}
+    reserved.update({name: f"a column the build uses in memory, {use}" for name, use in TRANSIENT_COLUMNS.items()})
+    return reserved
 
 
 def keep_column_types(ingest_dir: Path) -> dict[str, pl.DataType]:
@@ -37,8 +193,7 @@ def keep_column_types(ingest_dir: Path) -> dict[str, pl.DataType]:
         return {}
     schema = pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed").collect_schema()
     # A column the pipeline itself writes (e.g. a reason or detail set at ingest) is never a keep column.
-    return {name: dtype for name, dtype in schema.items()
-            if name not in _INGEST_COLUMNS and name not in SAMPLE_SCHEMA and name not in REJECTED_SCHEMA}
+    return {name: dtype for name, dtype in schema.items() if name not in reserved_columns()}
 
 
 def conform(frame: pl.DataFrame, base: dict[str, pl.DataType], extras: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -49,5 +204,5 @@ def conform(frame: pl.DataFrame, base: dict[str, pl.DataType], extras: dict[str,
 
 
 def full_schema(base: dict[str, pl.DataType], extras: dict[str, pl.DataType]) -> pl.Schema:
-    """base, then the keep_columns (a keep column never shadows a base one: recipe.py forbids it)."""
+    """base, then the keep_columns (a keep column never shadows a base one: the recipe forbids it)."""
     return pl.Schema({**base, **{k: v for k, v in extras.items() if k not in base}})

@@ -19,16 +19,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from cnclip.corpus.manifests.schemas import DECISION_SCHEMA
 from cnclip.corpus.ops.neardup import group_representatives, near_pairs
 from cnclip.corpus.recipe import DedupSettings
-
-DECISION_SCHEMA = {
-    "uid": pl.Int64,
-    "reason": pl.String,
-    "duplicate_of_uid": pl.Int64,
-    "duplicate_of_eval": pl.String,
-    "detail": pl.String,
-}
 
 
 def _decisions(uids, reason: str, duplicate_of_uid=None, duplicate_of_eval=None, detail: str | None = None,

@@ -17,17 +17,28 @@ from cnclip._common.yaml_loader import read_yaml
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.paths import recipe_path_problems
 
-# Columns the pipeline owns (the manifests' schemas in manifest_schema.py, the work columns of the
-# download and dedup stages, img2dataset's own parquet columns); a source may not carry extra
-# columns under these names, nor under the prefixes below, or they would shadow or be dropped.
-RESERVED_COLUMNS = frozenset(
-    {
-        "uid", "source", "row", "url", "caption", "caption_raw", "stage", "reason", "detail",
-        "key", "shard", "width", "height", "original_width", "original_height", "sha256",
-        "phash", "duplicate_of", "duplicate_of_uid", "status", "error_message", "exif",
-    }
-)
-RESERVED_PREFIXES = ("download_", "_")
+# The column names a source may not keep are the build's own, derived from the declared tables
+# (manifests/schemas.py, imported when first needed: it imports polars and the stages' modules
+# import this one). `RESERVED_COLUMNS` is kept as a name for readers of the set.
+def __getattr__(name: str) -> frozenset[str]:
+    if name == "RESERVED_COLUMNS":
+        from cnclip.corpus.manifests.schemas import reserved_columns
+
+        return frozenset(reserved_columns())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def keep_column_problem(names: list[str]) -> str | None:
+    """Why these keep_columns cannot be kept (each that is a column the build writes or uses,
+    by its index), or None."""
+    from cnclip.corpus.manifests.schemas import reserved_columns
+
+    reserved = reserved_columns()
+    clash = [(index, name) for index, name in enumerate(names) if name in reserved]
+    if not clash:
+        return None
+    where = "; ".join(f"keep_columns[{index}] {name!r} is {reserved[name]}" for index, name in clash)
+    return f"names reserved by the manifests: {', '.join(name for _, name in clash)} ({where})"
 
 
 # Worker processes per stage: more than any one machine has cores is a typo, not a plan.
@@ -53,9 +64,9 @@ class MetadataSource(StrictModel):
     @field_validator("keep_columns")
     @classmethod
     def _no_reserved(cls, value: list[str]) -> list[str]:
-        clash = sorted(n for n in value if n in RESERVED_COLUMNS or n.startswith(RESERVED_PREFIXES))
-        if clash:
-            raise ValueError(f"names reserved by the manifests: {', '.join(clash)}")
+        problem = keep_column_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 

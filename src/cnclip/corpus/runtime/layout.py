@@ -23,7 +23,8 @@ class BuildLayout:
     def work(self) -> Path:
         return self.output_dir / "work"
 
-    # ingest: one Parquet part per input file, schema in manifests/README.md ("candidates")
+    # ingest: one Parquet part per input file; every work file's columns: manifests/schemas.py,
+    # listed in manifests/README.md ("Work files")
     @property
     def ingest_dir(self) -> Path:
         return self.work / "ingest"

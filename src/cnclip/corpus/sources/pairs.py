@@ -11,13 +11,13 @@ from typing import Iterable
 
 import polars as pl
 
-PAIR_SCHEMA = {"url": pl.String, "caption_raw": pl.String, "page_url": pl.String, "alt_source": pl.String}
+from cnclip.corpus.manifests.schemas import CRAWL_PAIRS
+
+PAIR_SCHEMA = CRAWL_PAIRS.columns
 
 
 def write_pairs(rows: Iterable[tuple[str, str, str, str]], out_path: str | Path) -> int:
     """Write (url, caption_raw, page_url, alt_source) rows atomically; returns the row count."""
-    from cnclip.corpus.runtime.state import write_parquet_atomic
-
     frame = pl.DataFrame(list(rows), schema=PAIR_SCHEMA, orient="row")
-    write_parquet_atomic(frame, Path(out_path))
+    CRAWL_PAIRS.write(frame, Path(out_path))
     return frame.height

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import polars as pl
 
-from cnclip.corpus.ops.dedup import DECISION_SCHEMA, find_duplicates
+from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS
+from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.runtime.state import write_parquet_atomic
 from cnclip.corpus.stages.download import scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
@@ -26,11 +26,11 @@ def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame)
 def run_dedup_stage(recipe: Recipe) -> dict:
     layout = BuildLayout.of(recipe)
     if not any(layout.download_dir.glob("*.parquet")):
-        write_parquet_atomic(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
+        DEDUP_DECISIONS.write(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout))
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
     decisions = find_duplicates(rows, recipe.dedup, evals)
-    write_parquet_atomic(decisions, layout.dedup_decisions)
+    DEDUP_DECISIONS.write(decisions, layout.dedup_decisions)
     counts = decisions.group_by("reason").len().sort("reason").rows()
     return {"dropped": dict(counts), "eval_images": evals.height}

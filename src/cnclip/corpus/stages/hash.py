@@ -9,7 +9,7 @@ import polars as pl
 
 from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.runtime.engine import LocalEngine
-from cnclip.corpus.runtime.state import write_parquet_atomic
+from cnclip.corpus.manifests.schemas import HASHES
 
 
 def hash_download_part(paths: tuple[Path, Path, Path]) -> int:
@@ -32,7 +32,7 @@ def hash_download_part(paths: tuple[Path, Path, Path]) -> int:
     frame = pl.DataFrame(
         {"uid": [uid_of[k] for k in keys], "phash": hashes}, schema={"uid": pl.Int64, "phash": pl.UInt64}
     )
-    write_parquet_atomic(frame.sort("uid"), out_path)
+    HASHES.write(frame.sort("uid"), out_path)
     return frame.height
 
 

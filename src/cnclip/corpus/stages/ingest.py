@@ -17,7 +17,7 @@ from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip._common.console import stage_progress, warn
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.sources import SourceError, prepare_source, read_source_file, read_source_lines, reads_lines
-from cnclip.corpus.runtime.state import write_parquet_atomic
+from cnclip.corpus.manifests.schemas import INGEST, SchemaError
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
 
@@ -39,13 +39,13 @@ def _write_part(source, source_index: int, path: str, part, offset: int) -> None
     """One file's numbered rows -> its part: by polars in one go, or, for a text file polars
     cannot read whole, line by line (its bad rows kept as rows with a reason)."""
     try:
-        write_parquet_atomic(_numbered(read_source_file(source, path), source_index, source.name, offset), part)
-    except SourceError:
+        INGEST.write(_numbered(read_source_file(source, path), source_index, source.name, offset), part)
+    except (SourceError, SchemaError):
         raise
     except Exception:  # polars raises several kinds, some only when the sink runs
         if not reads_lines(source, path):
             raise
-        write_parquet_atomic(_numbered(read_source_lines(source, path), source_index, source.name, offset), part)
+        INGEST.write(_numbered(read_source_lines(source, path), source_index, source.name, offset), part)
 
 
 def ingest(recipe: Recipe) -> dict:
@@ -71,6 +71,8 @@ def ingest(recipe: Recipe) -> dict:
                 if not part.exists():
                     try:
                         _write_part(source, source_index, path, part, offset)
+                    except SchemaError:  # the build's bug, not an unreadable file
+                        raise
                     except Exception as err:
                         # One bad file is reported and skipped: its rows never entered the build.
                         # (polars read errors surface only when the sink runs, hence the broad catch.)

@@ -26,9 +26,9 @@ from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.manifests.integrity import write_checksums
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA, SAMPLE_SCHEMA, conform, keep_column_types
+from cnclip.corpus.manifests.schemas import (REJECTED, REJECTED_SCHEMA, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform,
+                                             keep_column_types)
 from cnclip.corpus.recipe import Recipe
-from cnclip.corpus.runtime.state import write_parquet_atomic
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
@@ -75,7 +75,7 @@ def plan_shards(recipe: Recipe) -> int:
         )
         .drop("position")
     )
-    write_parquet_atomic(plan, layout.shard_plan)
+    SHARD_PLAN.write(plan, layout.shard_plan)
     return pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
 
 
@@ -86,7 +86,7 @@ class _ShardTask:
     shards_dir: Path
     samples_dir: Path
     image_extension: str
-    keep_columns: dict  # name -> polars type, every source's (manifest_schema.py)
+    keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
 
     @property
     def tar_path(self) -> Path:
@@ -121,7 +121,7 @@ def write_shard(task: _ShardTask) -> int:
                         }
                     )
             # The manifest goes in first: a shard counts as done only when its tar is in place too.
-            write_parquet_atomic(published, task.manifest_path)
+            SAMPLES.write(published, task.manifest_path)
     finally:
         for tar in sources.values():
             tar.close()
@@ -148,7 +148,7 @@ def write_rejects(layout: BuildLayout, keep_columns: dict) -> list[Path]:
     for part in sorted(layout.text_rejected_dir.glob("*.parquet")):
         frame = pl.scan_parquet(part).join(keys, on="duplicate_of_uid", how="left").collect()
         written.append(layout.rejected_dir / f"text-{part.name}")
-        write_parquet_atomic(_ordered(frame, keep_columns), written[-1])
+        REJECTED.write(_ordered(frame, keep_columns), written[-1])
     accepted = scan_accepted(layout)
     downloads = scan_attempts(layout.download_dir) if _has_downloads(layout) else None
     reported = downloads.select("uid") if downloads is not None else pl.LazyFrame(schema={"uid": pl.Int64})
@@ -184,7 +184,7 @@ def write_rejects(layout: BuildLayout, keep_columns: dict) -> list[Path]:
     for stage in ("download", "dedup"):
         part = rejects.filter(pl.col("stage") == stage)
         written.append(layout.rejected_dir / f"{stage}.parquet")
-        write_parquet_atomic(_ordered(part, keep_columns), written[-1])
+        REJECTED.write(_ordered(part, keep_columns), written[-1])
     return written
 
 
@@ -200,7 +200,7 @@ def run_shard_stage(recipe: Recipe) -> dict:
         total = (pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
                  if layout.shard_plan.exists() else plan_shards(recipe))
     else:
-        write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "key": pl.String}), layout.shard_plan)
+        SHARD_PLAN.write(pl.DataFrame(schema=SHARD_PLAN.columns), layout.shard_plan)
     count = -(-total // recipe.shard.samples_per_shard)
     keep_columns = keep_column_types(layout.ingest_dir)
     tasks = [

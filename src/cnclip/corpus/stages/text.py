@@ -20,7 +20,8 @@ from cnclip.corpus.stages.ingest import ROW_BITS
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
 from cnclip.corpus.recipe import Recipe, RecipeError, TextSettings
-from cnclip.corpus.runtime.state import write_parquet_atomic
+from cnclip.corpus.manifests.schemas import (TEXT_ACCEPTED, TEXT_DUPLICATE_PAIRS, TEXT_NORMALIZED, TEXT_REJECTED,
+                                             TEXT_REPEATED_CAPTIONS)
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
@@ -127,7 +128,7 @@ def normalize_part(task: _NormalizeTask) -> int:
     if "detail" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.String).alias("detail"))
     frame = frame.with_columns(caption).with_columns(verdict)
-    write_parquet_atomic(frame, task.out_part)
+    TEXT_NORMALIZED.write(frame, task.out_part)
     return frame.height
 
 
@@ -138,15 +139,16 @@ def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path
     if settings.dedup_pairs:
         first = rows.group_by("url", "caption").agg(pl.col("uid").min().alias("first_uid"))
         duplicates = rows.join(first, on=["url", "caption"]).filter(pl.col("uid") != pl.col("first_uid"))
-        write_parquet_atomic(duplicates.select("uid", "first_uid"), duplicates_path)
+        TEXT_DUPLICATE_PAIRS.write(duplicates.select("uid", "first_uid"), duplicates_path)
     else:
-        write_parquet_atomic(pl.DataFrame(schema={"uid": pl.Int64, "first_uid": pl.Int64}), duplicates_path)
+        TEXT_DUPLICATE_PAIRS.write(pl.DataFrame(schema=TEXT_DUPLICATE_PAIRS.columns), duplicates_path)
     survivors = rows.join(pl.scan_parquet(duplicates_path), on="uid", how="anti")
     if settings.max_caption_repeats is not None:
         counts = survivors.group_by("caption").agg(pl.len().alias("caption_count"))
-        write_parquet_atomic(counts.filter(pl.col("caption_count") > settings.max_caption_repeats), repeated_path)
+        TEXT_REPEATED_CAPTIONS.write(counts.filter(pl.col("caption_count") > settings.max_caption_repeats),
+                                     repeated_path)
     else:
-        write_parquet_atomic(pl.DataFrame(schema={"caption": pl.String, "caption_count": pl.UInt32}), repeated_path)
+        TEXT_REPEATED_CAPTIONS.write(pl.DataFrame(schema=TEXT_REPEATED_CAPTIONS.columns), repeated_path)
     return duplicates_path, repeated_path
 
 
@@ -195,9 +197,10 @@ def split_part(task: _SplitTask) -> tuple[int, int]:
         pl.col("reason").str.split(":").list.first().alias("stage")
     )
     # Empty parts are not written (img2dataset cannot read an empty input file); remove stale ones.
-    for frame, path in ((accepted, task.accepted_part), (rejected, task.rejected_part)):
+    for frame, path, table in ((accepted, task.accepted_part, TEXT_ACCEPTED),
+                               (rejected, task.rejected_part, TEXT_REJECTED)):
         if frame.height:
-            write_parquet_atomic(frame, path)
+            table.write(frame, path)
         else:
             path.unlink(missing_ok=True)
     return accepted.height, rejected.height
