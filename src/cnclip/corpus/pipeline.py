@@ -12,7 +12,6 @@ output_dir (see ownership.py).
 from __future__ import annotations
 
 import contextlib
-import glob
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +28,7 @@ from cnclip.corpus.stages.hash import run_hash_stage
 from cnclip.corpus.stages.dedup import run_dedup_stage
 from cnclip.corpus.stages.ingest import ingest
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files
+from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip._common.console import info, warn
@@ -51,25 +51,11 @@ def _recipe(recipe: Recipe | str | Path) -> Recipe:
 
 
 def _file_listing(paths: list[str]) -> list:
-    listing = []
-    for path in paths:
-        local = Path(path)
-        stat = local.stat() if local.exists() else None
-        listing.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
-    return listing
+    return input_listing(paths)
 
 
 def _eval_listing(paths: list[str]) -> list:
-    """Each evaluation set with every file it reads (a folder's files, recursively; a glob's
-    matches): the folder's or the pattern's own stat misses an image rewritten inside it."""
-    listing = []
-    for path in paths:
-        if Path(path).is_dir():
-            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
-        else:
-            files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        listing.append([path, _file_listing(files)])
-    return listing
+    return eval_listing(paths)
 
 
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
