@@ -1,0 +1,109 @@
+"""Storage through fsspec (runtime/storage.py) and part commits (runtime/commit.py), on a local
+folder and on s3:// served by moto on 127.0.0.1: a part is trusted only once it is whole."""
+
+import io
+
+import boto3
+import polars as pl
+import pytest
+from s3_server import s3, s3_bucket  # noqa: F401
+
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import (committed_parts, committed_path, discard_uncommitted, is_committed,
+                                          marker_of, remove_part, write_parquet_part, write_part)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A folder to write under: a local one, or a fresh bucket on the test S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+def objects(bucket_url: str) -> list[str]:
+    """Every key in a bucket, as S3 itself lists it (not through the code under test)."""
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket_url.removeprefix("s3://"))
+    return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+def crashed_write(url: str, data: bytes) -> None:
+    """A part whose writer died after its bytes, before its commit: the object alone."""
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def test_files_round_trip_list_and_remove(root):
+    storage.write_text(storage.join(root, "a.json"), '{"a": 1}')
+    storage.write_bytes(storage.join(root, "sub", "b.bin"), b"\x00\x01")
+    assert storage.read_text(storage.join(root, "a.json")) == '{"a": 1}'
+    assert storage.read_bytes(storage.join(root, "sub", "b.bin")) == b"\x00\x01"
+    assert storage.exists(storage.join(root, "a.json")) and not storage.exists(storage.join(root, "c.json"))
+    assert storage.is_dir(storage.join(root, "sub"))
+    assert storage.list_files(root) == [storage.join(root, "a.json")]
+    assert storage.list_files(root, recursive=True) == [storage.join(root, "a.json"),
+                                                        storage.join(root, "sub", "b.bin")]
+    assert storage.list_files(storage.join(root, "*.json")) == [storage.join(root, "a.json")]
+    with storage.open_file(storage.join(root, "sub", "b.bin")) as handle:
+        assert handle.read() == b"\x00\x01"
+    storage.remove(storage.join(root, "sub"))
+    storage.remove(storage.join(root, "never-there"))  # no error
+    assert storage.list_files(root, recursive=True) == [storage.join(root, "a.json")]
+
+
+def test_a_remote_part_without_its_marker_is_not_read(s3_bucket):
+    folder = f"{s3_bucket}/parts"
+    write_part(f"{folder}/000.parquet", b"whole")
+    crashed_write(f"{folder}/001.parquet", b"half")
+    assert objects(s3_bucket) == ["parts/.000.parquet.committed", "parts/000.parquet", "parts/001.parquet"]
+    assert committed_parts(folder, ".parquet") == [f"{folder}/000.parquet"]
+    assert is_committed(f"{folder}/000.parquet") and not is_committed(f"{folder}/001.parquet")
+    write_part(f"{folder}/001.parquet", b"whole now")
+    assert committed_parts(folder, ".parquet") == [f"{folder}/000.parquet", f"{folder}/001.parquet"]
+    assert storage.read_bytes(f"{folder}/001.parquet") == b"whole now"
+
+
+def test_a_marker_does_not_vouch_for_a_rewrite_that_crashed(s3_bucket):
+    part = f"{s3_bucket}/parts/000.parquet"
+    write_part(part, b"first")
+    with pytest.raises(RuntimeError), committed_path(part) as staged:
+        staged.write_bytes(b"sec")
+        raise RuntimeError("writer died")
+    assert not is_committed(part)
+    assert committed_parts(f"{s3_bucket}/parts") == []
+    assert ".000.parquet.committed" not in " ".join(objects(s3_bucket))
+
+
+def test_a_local_rewrite_that_crashed_leaves_the_previous_part(tmp_path):
+    part = tmp_path / "parts" / "000.parquet"
+    write_part(part, b"first")
+    with pytest.raises(RuntimeError), committed_path(part) as staged:
+        staged.write_bytes(b"sec")
+        raise RuntimeError("writer died")
+    assert part.read_bytes() == b"first"
+    assert sorted(p.name for p in part.parent.iterdir()) == ["000.parquet"]  # no marker, no temporary
+    assert committed_parts(part.parent) == [str(part)]
+
+
+def test_discarding_uncommitted_keeps_exactly_the_whole_parts(s3_bucket):
+    folder = f"{s3_bucket}/parts"
+    write_part(f"{folder}/000.tar", b"whole")
+    crashed_write(f"{folder}/001.tar", b"half")
+    crashed_write(marker_of(f"{folder}/002.tar"), b'{"size": 4}')  # a marker whose part was removed
+    discard_uncommitted(folder)
+    assert objects(s3_bucket) == ["parts/.000.tar.committed", "parts/000.tar"]
+
+
+def test_removing_a_part_uncommits_it(root):
+    part = storage.join(root, "000.bin")
+    write_part(part, b"x")
+    remove_part(part)
+    assert committed_parts(root) == [] and not storage.exists(part) and not storage.exists(marker_of(part))
+
+
+def test_a_parquet_part_written_remotely_reads_back_row_for_row(s3_bucket):
+    frame = pl.DataFrame({"uid": [3, 1, 2], "caption": ["猫", "狗", None]})
+    write_parquet_part(frame.lazy(), f"{s3_bucket}/samples/part-0.parquet")
+    assert committed_parts(f"{s3_bucket}/samples", ".parquet") == [f"{s3_bucket}/samples/part-0.parquet"]
+    back = pl.read_parquet(io.BytesIO(storage.read_bytes(f"{s3_bucket}/samples/part-0.parquet")))
+    assert back.equals(frame)
