@@ -30,6 +30,7 @@ from cnclip.corpus.stages.ingest import ingest
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files
 from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.publish import publish, publishes_remotely
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip._common.console import info, warn
 from cnclip.corpus.recipe import Recipe, load_recipe
@@ -163,6 +164,10 @@ def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
         state = stage_states(recipe)["shard"]
         _reopen_if_damaged(BuildLayout.of(recipe), state)
         funnel = _run_stage(state, lambda: run_shard_stage(recipe))
+        if publishes_remotely(recipe):
+            summary = publish(recipe)
+            info(f"publish: {summary['uploaded']} file(s) uploaded, {summary['unchanged']} unchanged -> "
+                 f"{summary['shards_dir']}, {summary['manifest_dir']}")
     if show_funnel:
         print_funnel(funnel)
     return funnel

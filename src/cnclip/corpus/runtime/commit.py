@@ -20,6 +20,7 @@ from typing import IO, Iterator
 
 from cnclip._common.atomic import atomic_path, remove_temporaries
 from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.fingerprints import file_version
 
 MARKER_SUFFIX = ".committed"
 
@@ -47,8 +48,27 @@ def is_committed(path: str | Path) -> bool:
     return storage.exists(marker_of(path)) and storage.exists(path)
 
 
-def _mark(path: str, size: int) -> None:
-    storage.write_bytes(marker_of(path), json.dumps({"size": size}).encode())
+def _mark(path: str, note: dict) -> None:
+    storage.write_bytes(marker_of(path), json.dumps(note, sort_keys=True).encode())
+
+
+def read_marker(path: str | Path) -> dict | None:
+    """What the marker of the part at `path` records (its size, and what the committer added),
+    or None when the part is not committed by a marker."""
+    try:
+        return json.loads(storage.read_bytes(marker_of(path)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def upload(local: Path, path: str, note: dict | None = None) -> None:
+    """Commit a whole local file as the part at URL `path`, its marker recording `note` too."""
+    storage.remove(marker_of(path))  # the old marker must not vouch for the bytes about to come
+    fs, stripped = storage.filesystem(path)
+    fs.put_file(str(local), stripped)
+    # The version the store gave these bytes: a later rewrite by anyone else changes it.
+    version = file_version(fs.info(stripped))
+    _mark(path, {**(note or {}), "size": local.stat().st_size, "version": version})
 
 
 @contextmanager
@@ -62,14 +82,12 @@ def committed_path(path: str | Path) -> Iterator[Path]:
             yield tmp
         return
     path = str(path)
-    storage.remove(marker_of(path))  # the old marker must not vouch for the bytes about to come
+    storage.remove(marker_of(path))  # uncommitted from the start: a crash below leaves no vouching marker
     staging = Path(tempfile.mkdtemp(prefix="cnclip-part-"))
     try:
         local = staging / Path(path).name
         yield local
-        fs, stripped = storage.filesystem(path)
-        fs.put_file(str(local), stripped)
-        _mark(path, local.stat().st_size)
+        upload(local, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
