@@ -8,6 +8,7 @@ Import the fixtures into a test module: `from s3_server import s3, s3_bucket  # 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -41,6 +42,7 @@ def s3():
     at it for the whole session (and restored after)."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -2,6 +2,7 @@
 folder and on s3:// served by moto on 127.0.0.1: a part is trusted only once it is whole."""
 
 import io
+import tarfile
 
 import boto3
 import polars as pl
@@ -107,3 +108,40 @@ def test_a_parquet_part_written_remotely_reads_back_row_for_row(s3_bucket):
     assert committed_parts(f"{s3_bucket}/samples", ".parquet") == [f"{s3_bucket}/samples/part-0.parquet"]
     back = pl.read_parquet(io.BytesIO(storage.read_bytes(f"{s3_bucket}/samples/part-0.parquet")))
     assert back.equals(frame)
+
+
+def test_an_eval_set_on_s3_hashes_as_its_local_copy(s3_bucket, tmp_path):
+    """Decontamination must not depend on where the evaluation set lives: a remote folder (read
+    recursively), a remote tar glob and a remote pHash list give the local copy's ids and hashes."""
+    from loopback_routes import jpeg_bytes
+
+    from cnclip.corpus.ops.eval_hashes import EvalSetError, load_eval_hashes, write_eval_hashes
+    from cnclip.corpus.recipe import ImageSettings
+
+    images = {"a.jpg": jpeg_bytes(40, (200, 30, 30)), "sub/b.png": jpeg_bytes(56, (30, 30, 200))}
+    local = tmp_path / "evals"
+    for name, data in images.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+        crashed_write(f"{s3_bucket}/evals/{name}", data)  # plain objects, as a user uploads them
+    crashed_write(f"{s3_bucket}/evals/notes.txt", b"not an image")
+    with tarfile.open(tmp_path / "e-0.tar", "w") as tar:
+        tar.add(local / "a.jpg", "k0.jpg")
+    crashed_write(f"{s3_bucket}/tars/e-0.tar", (tmp_path / "e-0.tar").read_bytes())
+    settings = ImageSettings(size=32)
+    write_eval_hashes(str(local), tmp_path / "list.parquet", settings)
+    crashed_write(f"{s3_bucket}/list.parquet", (tmp_path / "list.parquet").read_bytes())
+
+    def hashes(path):
+        return load_eval_hashes([path], settings)["phash"].to_list()
+
+    def ids(path):
+        return load_eval_hashes([path], settings)["id"].str.replace(f"{path}:", "", literal=True).to_list()
+
+    assert ids(f"{s3_bucket}/evals") == ids(str(local)) == ["a.jpg", "sub/b.png"]
+    assert hashes(f"{s3_bucket}/evals") == hashes(str(local))
+    assert ids(f"{s3_bucket}/tars/e-*.tar") == ids(str(tmp_path / "e-*.tar")) == ["e-0.tar/k0"]
+    assert hashes(f"{s3_bucket}/tars/e-*.tar") == hashes(str(local))[:1]
+    assert hashes(f"{s3_bucket}/list.parquet") == hashes(str(local))
+    with pytest.raises(EvalSetError, match=f"^{s3_bucket}/none-\\*.tar: no such folder, tar or glob of tars$"):
+        load_eval_hashes([f"{s3_bucket}/none-*.tar"], settings)
