@@ -3,13 +3,14 @@
 The fixtures point every AWS client of this process (and of the worker processes it spawns,
 through the environment) at it: explicit dummy credentials, an explicit endpoint, instance
 metadata and the user's ~/.aws files switched off, so nothing here can reach a real AWS address.
-Import the fixtures into a test module: `from s3_server import s3, s3_bucket  # noqa: F401`.
+Import the fixtures into a test module: `from s3_server import loopback_only, s3, s3_bucket  # noqa: F401`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 
 import pytest
@@ -60,10 +61,41 @@ def s3():
             server.stop()
 
 
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
 @pytest.fixture
-def s3_bucket(s3):
+def loopback_only(monkeypatch):
+    """Refuse (and record) every TCP connection this process opens to anything but loopback, for
+    the test's duration: a client that fell back to a real endpoint or to instance metadata
+    (169.254.169.254) fails the test instead of leaving the machine."""
+    attempts: list = []
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refused(sock, address) -> bool:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOOPBACK:
+            attempts.append(address[:2])
+            return True
+        return False
+
+    def guarded_connect(sock, address):
+        if refused(sock, address):
+            raise ConnectionRefusedError(f"test: no connection to {address[0]} (loopback only)")
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        return 111 if refused(sock, address) else connect_ex(sock, address)  # ECONNREFUSED
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    yield attempts
+    assert attempts == [], f"connections attempted outside loopback: {attempts}"
+
+
+@pytest.fixture
+def s3_bucket(s3, loopback_only):
     """A fresh, empty bucket on the test server (one per test, so tests never see each other's
-    objects): its s3:// URL."""
+    objects): its s3:// URL. Nothing but loopback is reachable meanwhile."""
     import s3fs
 
     name = f"cnclip-test-{uuid.uuid4().hex[:12]}"

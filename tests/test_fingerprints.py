@@ -9,7 +9,7 @@ import boto3
 import polars as pl
 import pytest
 import s3fs
-from s3_server import s3, s3_bucket  # noqa: F401
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus.pipeline import STAGES, run_text, stage_states
 from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing

@@ -10,7 +10,7 @@ import tarfile
 import boto3
 import polars as pl
 import pytest
-from s3_server import s3, s3_bucket  # noqa: F401
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus import build
 from cnclip.corpus.recipe import RecipeError, parse_recipe

@@ -7,7 +7,7 @@ import tarfile
 import boto3
 import polars as pl
 import pytest
-from s3_server import s3, s3_bucket  # noqa: F401
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import (committed_parts, committed_path, discard_uncommitted, is_committed,
@@ -145,3 +145,16 @@ def test_an_eval_set_on_s3_hashes_as_its_local_copy(s3_bucket, tmp_path):
     assert hashes(f"{s3_bucket}/list.parquet") == hashes(str(local))
     with pytest.raises(EvalSetError, match=f"^{s3_bucket}/none-\\*.tar: no such folder, tar or glob of tars$"):
         load_eval_hashes([f"{s3_bucket}/none-*.tar"], settings)
+
+
+def test_the_s3_tests_cannot_reach_any_other_address(s3_bucket, loopback_only):
+    """The guard the S3 fixtures hold: instance metadata and a real endpoint are refused."""
+    import socket
+
+    for address in (("169.254.169.254", 80), ("52.216.0.1", 443)):
+        with socket.socket() as sock, pytest.raises(ConnectionRefusedError, match="loopback only"):
+            sock.connect(address)
+    assert loopback_only == [("169.254.169.254", 80), ("52.216.0.1", 443)]
+    loopback_only.clear()
+    write_part(f"{s3_bucket}/x.bin", b"x")  # the test server itself is reachable
+    assert storage.read_bytes(f"{s3_bucket}/x.bin") == b"x"
