@@ -158,3 +158,60 @@ def test_the_s3_tests_cannot_reach_any_other_address(s3_bucket, loopback_only):
     loopback_only.clear()
     write_part(f"{s3_bucket}/x.bin", b"x")  # the test server itself is reachable
     assert storage.read_bytes(f"{s3_bucket}/x.bin") == b"x"
+
+
+@pytest.fixture
+def remote_recipe(make_recipe, tmp_path, s3_bucket):
+    """A recipe publishing to the test bucket (work under tmp_path), its one source local."""
+    pl.DataFrame({"url": ["http://127.0.0.1/a.jpg"], "caption": ["一只猫在草地上睡觉"]}).write_parquet(tmp_path / "in.parquet")
+
+    def make(name="test", output="corpus", manifests="manifests"):
+        return make_recipe([{"name": "m", "kind": "metadata", "path": str(tmp_path / "in.parquet")}], name=name,
+                           output_dir=f"{s3_bucket}/{output}", manifest_dir=f"{s3_bucket}/{manifests}",
+                           work_dir=str(tmp_path / "scratch"))
+
+    return make
+
+
+def test_a_prefix_holding_the_users_files_is_refused_before_anything_is_written(remote_recipe, s3_bucket, tmp_path):
+    from cnclip.corpus.pipeline import run_text
+    from cnclip.corpus.runtime.ownership import OwnershipError
+
+    crashed_write(f"{s3_bucket}/manifests/notes.txt", b"mine")
+    with pytest.raises(OwnershipError) as refused:
+        run_text(remote_recipe())
+    assert str(refused.value) == (f"{s3_bucket}/manifests: already holds files this build did not write "
+                                  "(notes.txt); choose an empty or new folder")
+    assert objects(s3_bucket) == ["manifests/notes.txt"] and not (tmp_path / "scratch").exists()
+
+
+def test_another_recipe_cannot_publish_into_a_claimed_prefix(remote_recipe, s3_bucket):
+    from cnclip.corpus.pipeline import run_text
+    from cnclip.corpus.runtime.ownership import OwnershipError
+
+    run_text(remote_recipe())
+    assert objects(s3_bucket) == ["corpus/.cnclip-build.json", "manifests/.cnclip-build.json"]
+    with pytest.raises(OwnershipError, match=f"^{s3_bucket}/corpus: holds the build of recipe 'test', not 'other'; "):
+        run_text(remote_recipe(name="other"))
+    run_text(remote_recipe())  # the same recipe again: its own prefixes
+
+
+def test_clean_removes_what_was_published_and_not_the_users_files(remote_recipe, s3_bucket, tmp_path):
+    from cnclip.corpus.pipeline import clean, run_text
+
+    recipe = remote_recipe()
+    run_text(recipe)
+    write_part(f"{s3_bucket}/corpus/shards/00000.tar", b"tar")
+    write_part(f"{s3_bucket}/manifests/samples/00000.parquet", b"part")
+    storage.write_text(f"{s3_bucket}/manifests/funnel.json", "{}")
+    crashed_write(f"{s3_bucket}/corpus/notes.txt", b"added by the user later")
+    clean(recipe)
+    assert objects(s3_bucket) == ["corpus/notes.txt"]
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_a_manifest_prefix_inside_the_output_prefix_is_the_builds_own(remote_recipe, s3_bucket):
+    from cnclip.corpus.pipeline import run_text
+
+    run_text(remote_recipe(manifests="corpus/manifests"))
+    assert objects(s3_bucket) == ["corpus/.cnclip-build.json", "corpus/manifests/.cnclip-build.json"]

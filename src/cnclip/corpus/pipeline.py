@@ -31,6 +31,7 @@ from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, une
 from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.publish import publish, publishes_remotely
+from cnclip.corpus.runtime.published_ownership import check_published, claim_published, remove_published
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip._common.console import info, warn
 from cnclip.corpus.recipe import Recipe, load_recipe
@@ -92,7 +93,12 @@ def _owned(recipe: Recipe) -> Iterator[None]:
 
     An output folder the system will not let us create (a file in its path, no permission) is a
     one-line DiskError here, before any stage runs."""
+    remote = publishes_remotely(recipe)
+    if remote:
+        check_published(recipe)
     with disk_errors(), owned_build(BuildLayout.of(recipe), recipe.name):
+        if remote:
+            claim_published(recipe)
         yield
 
 
@@ -203,10 +209,12 @@ def clean(recipe: Recipe | str | Path) -> None:
     record) and nothing else; files of the user's beside them are left alone."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
-    if not has_marker(layout):
-        return  # nothing here was made by a build
-    with build_lock(recipe.output_dir):
-        remove_owned(layout, recipe.name, forget=True)
+    local = has_marker(layout)  # otherwise nothing local was made by a build
+    with build_lock(layout.output_dir) if local else contextlib.nullcontext():
+        if publishes_remotely(recipe):
+            remove_published(recipe)
+        if local:
+            remove_owned(layout, recipe.name, forget=True)
 
 
 def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:
