@@ -2,6 +2,7 @@
 folder and on s3:// served by moto on 127.0.0.1: a part is trusted only once it is whole."""
 
 import io
+import json
 import tarfile
 
 import boto3
@@ -215,3 +216,67 @@ def test_a_manifest_prefix_inside_the_output_prefix_is_the_builds_own(remote_rec
 
     run_text(remote_recipe(manifests="corpus/manifests"))
     assert objects(s3_bucket) == ["corpus/.cnclip-build.json", "corpus/manifests/.cnclip-build.json"]
+
+
+def staged_build(layout, samples_parts: int) -> None:
+    """What the shard stage leaves locally, in miniature: a tar, its sizes, manifest parts, the
+    funnel and checksums.json recording them."""
+    from cnclip.corpus.manifests.integrity import write_checksums
+
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    (layout.shards_dir / "00000.tar").write_bytes(b"tar bytes")
+    (layout.shards_dir / "sizes.json").write_text('{"00000.tar": 1}')
+    published = [layout.shards_dir / "00000.tar", layout.shards_dir / "sizes.json"]
+    for index in range(samples_parts):
+        part = layout.samples_dir / f"{index:05d}.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"uid": [index]}).write_parquet(part)
+        published.append(part)
+    layout.funnel_path.write_text(json.dumps({"shards_dir": str(layout.shards_dir.resolve()), "samples": 1}))
+    write_checksums(layout.manifest_dir, layout.shards_dir, [*published, layout.funnel_path])
+
+
+def test_manifests_published_beside_local_shards_name_them_and_verify(make_recipe, tmp_path, s3_bucket):
+    """manifest_dir on S3, output_dir local: only the manifests are uploaded; the record names the
+    local shards, and a changed local tar is a problem of the published corpus."""
+    from cnclip.corpus.runtime.layout import BuildLayout
+    from cnclip.corpus.runtime.publish import publish, published_problems
+
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": f"{s3_bucket}/in.parquet"}],
+                         manifest_dir=f"{s3_bucket}/manifests", work_dir=str(tmp_path / "scratch"))
+    layout = BuildLayout.of(recipe)
+    assert layout.manifest_dir == tmp_path / "scratch" / "manifests" and layout.output_dir == tmp_path / "out"
+    staged_build(layout, samples_parts=1)
+    assert publish(recipe)["uploaded"] == 2  # samples/00000.parquet and funnel.json
+    assert objects(s3_bucket) == ["manifests/.funnel.json.committed", "manifests/checksums.json",
+                                  "manifests/funnel.json", "manifests/samples/.00000.parquet.committed",
+                                  "manifests/samples/00000.parquet"]
+    record = json.loads(storage.read_text(f"{s3_bucket}/manifests/checksums.json"))
+    assert record["shards_dir"] == str(layout.shards_dir.resolve())
+    assert json.loads(storage.read_text(f"{s3_bucket}/manifests/funnel.json"))["shards_dir"] == record["shards_dir"]
+    assert published_problems(f"{s3_bucket}/manifests") == []
+    (layout.shards_dir / "00000.tar").write_bytes(b"tar bytez")
+    problems = published_problems(f"{s3_bucket}/manifests")
+    assert len(problems) == 1 and problems[0].startswith(f"{layout.shards_dir.resolve()}/00000.tar: 9 bytes")
+
+
+def test_a_republish_removes_its_own_stale_parts_and_reports_foreign_ones(make_recipe, tmp_path, s3_bucket, capsys):
+    from cnclip.corpus.runtime.layout import BuildLayout
+    from cnclip.corpus.runtime.publish import publish, published_problems
+
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": f"{s3_bucket}/in.parquet"}],
+                         output_dir=f"{s3_bucket}/corpus", manifest_dir=f"{s3_bucket}/manifests",
+                         work_dir=str(tmp_path / "scratch"))
+    layout = BuildLayout.of(recipe)
+    staged_build(layout, samples_parts=2)
+    assert publish(recipe)["uploaded"] == 5
+    crashed_write(f"{s3_bucket}/manifests/samples/99999.parquet", b"someone else's")
+    (layout.samples_dir / "00001.parquet").unlink()
+    staged_build(layout, samples_parts=1)
+    summary = publish(recipe)
+    assert (summary["uploaded"], summary["unchanged"], summary["removed"]) == (0, 4, 1)
+    assert "manifests/samples/00001.parquet" not in objects(s3_bucket)
+    assert "manifests/samples/99999.parquet" in objects(s3_bucket)
+    assert (f"{s3_bucket}/manifests/samples/99999.parquet: not part of this corpus; remove it"
+            in capsys.readouterr().err)
+    assert published_problems(f"{s3_bucket}/manifests") == []  # an uncommitted part is no part
