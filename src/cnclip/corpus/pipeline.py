@@ -12,7 +12,6 @@ output_dir (see ownership.py).
 from __future__ import annotations
 
 import contextlib
-import glob
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +28,10 @@ from cnclip.corpus.stages.hash import run_hash_stage
 from cnclip.corpus.stages.dedup import run_dedup_stage
 from cnclip.corpus.stages.ingest import ingest
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files
+from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.publish import publish, publishes_remotely
+from cnclip.corpus.runtime.published_ownership import check_published, claim_published, remove_published
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip._common.console import info, warn
 from cnclip.corpus.recipe import Recipe, load_recipe
@@ -51,25 +53,11 @@ def _recipe(recipe: Recipe | str | Path) -> Recipe:
 
 
 def _file_listing(paths: list[str]) -> list:
-    listing = []
-    for path in paths:
-        local = Path(path)
-        stat = local.stat() if local.exists() else None
-        listing.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
-    return listing
+    return input_listing(paths)
 
 
 def _eval_listing(paths: list[str]) -> list:
-    """Each evaluation set with every file it reads (a folder's files, recursively; a glob's
-    matches): the folder's or the pattern's own stat misses an image rewritten inside it."""
-    listing = []
-    for path in paths:
-        if Path(path).is_dir():
-            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
-        else:
-            files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        listing.append([path, _file_listing(files)])
-    return listing
+    return eval_listing(paths)
 
 
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
@@ -105,7 +93,12 @@ def _owned(recipe: Recipe) -> Iterator[None]:
 
     An output folder the system will not let us create (a file in its path, no permission) is a
     one-line DiskError here, before any stage runs."""
+    remote = publishes_remotely(recipe)
+    if remote:
+        check_published(recipe)
     with disk_errors(), owned_build(BuildLayout.of(recipe), recipe.name):
+        if remote:
+            claim_published(recipe)
         yield
 
 
@@ -177,6 +170,10 @@ def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
         state = stage_states(recipe)["shard"]
         _reopen_if_damaged(BuildLayout.of(recipe), state)
         funnel = _run_stage(state, lambda: run_shard_stage(recipe))
+        if publishes_remotely(recipe):
+            summary = publish(recipe)
+            info(f"publish: {summary['uploaded']} file(s) uploaded, {summary['unchanged']} unchanged -> "
+                 f"{summary['shards_dir']}, {summary['manifest_dir']}")
     if show_funnel:
         print_funnel(funnel)
     return funnel
@@ -212,10 +209,12 @@ def clean(recipe: Recipe | str | Path) -> None:
     record) and nothing else; files of the user's beside them are left alone."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
-    if not has_marker(layout):
-        return  # nothing here was made by a build
-    with build_lock(recipe.output_dir):
-        remove_owned(layout, recipe.name, forget=True)
+    local = has_marker(layout)  # otherwise nothing local was made by a build
+    with build_lock(layout.output_dir) if local else contextlib.nullcontext():
+        if publishes_remotely(recipe):
+            remove_published(recipe)
+        if local:
+            remove_owned(layout, recipe.name, forget=True)
 
 
 def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:

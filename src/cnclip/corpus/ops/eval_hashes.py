@@ -22,6 +22,7 @@ from cnclip._common.errors import CnclipError
 
 from cnclip.corpus.ops.phash import IMAGE_EXTENSIONS, from_hex, iter_tar_images, phash_bytes, to_hex
 from cnclip.corpus.recipe import ImageSettings
+from cnclip.corpus.runtime import storage
 
 _METADATA_KEY = b"cnclip.eval_hashes"
 
@@ -39,8 +40,32 @@ def _resizer(image: ImageSettings):
     )
 
 
+def _iter_remote_images(path: str) -> Iterator[tuple[str, bytes]]:
+    """iter_eval_images of an fsspec URL: the same ids, files read through fsspec (a tar is
+    copied to a local temporary file first, as the tar reader streams a local file)."""
+    import tempfile
+
+    if storage.is_dir(path):
+        for name in storage.list_files(path, recursive=True):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield name.removeprefix(path.rstrip("/") + "/"), storage.read_bytes(name)
+        return
+    tars = storage.list_files(path)
+    if not tars:
+        raise EvalSetError(f"{path}: no such folder, tar or glob of tars")
+    for tar in tars:
+        with tempfile.TemporaryDirectory(prefix="cnclip-eval-") as scratch:
+            local = Path(scratch) / "set.tar"
+            local.write_bytes(storage.read_bytes(tar))
+            for key, data in iter_tar_images(local):
+                yield f"{tar.rpartition('/')[2]}/{key}", data
+
+
 def iter_eval_images(path: str) -> Iterator[tuple[str, bytes]]:
     """(id, bytes) from a folder of images (recursive), or WebDataset tars (a path or a glob)."""
+    if storage.is_url(path):
+        yield from _iter_remote_images(path)
+        return
     folder = Path(path)
     if folder.is_dir():
         for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
@@ -91,7 +116,7 @@ def write_eval_hashes(path: str, out: Path, image: ImageSettings) -> int:
 def read_eval_hashes(path: str, image: ImageSettings) -> pl.DataFrame:
     """A pHash list written by write_eval_hashes; refuses one made with other image settings."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid (not Parquet) is a ValueError
         raise EvalSetError(f"{path}: cannot read the pHash list ({str(err).splitlines()[0] if str(err) else err!r})"
                            ) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ByteSize, Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
 from cnclip._common.errors import CnclipError
 from cnclip._common.strict import StrictModel, validate_mapping
@@ -164,10 +164,28 @@ class ShardSettings(StrictModel):
     processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
 
 
+def _location(value: object) -> Path | str:
+    """A local folder as a Path; an fsspec URL (s3://bucket/prefix) kept as text, which a Path
+    would collapse (`s3:/bucket`)."""
+    from cnclip.corpus.runtime.storage import is_url
+
+    if isinstance(value, str) and is_url(value):
+        return value.rstrip("/")
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise ValueError("expected a folder path or a URL")
+
+
+# A folder the build publishes into: a local path or an fsspec URL (staged under work_dir).
+Location = Annotated[Union[Path, str], PlainValidator(_location)]
+
+
 class Recipe(StrictModel):
     name: str
-    output_dir: Path
-    manifest_dir: Path
+    output_dir: Location
+    manifest_dir: Location
+    # Work files (and a staged copy of what is published) when output_dir or manifest_dir is a URL.
+    work_dir: Optional[Path] = None
     sources: list[Source] = Field(min_length=1)
     text: TextSettings = Field(default_factory=TextSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
@@ -204,11 +222,36 @@ class Recipe(StrictModel):
     def _folders_apart(cls, value: Path, info: ValidationInfo) -> Path:
         from cnclip.corpus.runtime.layout import BuildLayout
 
-        if "output_dir" in info.data:
+        from cnclip.corpus.runtime.storage import is_url
+
+        if "output_dir" in info.data and not (is_url(value) or is_url(info.data["output_dir"])):
             problem = BuildLayout(info.data["output_dir"], value).nesting_problem()
             if problem:
                 raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _local_work_dir(self) -> "Recipe":
+        """Work files stay on a local disk: a URL output needs a local folder for them."""
+        from cnclip.corpus.runtime.storage import is_url
+
+        from cnclip.corpus.runtime.layout import BuildLayout
+
+        remote = [key for key in ("output_dir", "manifest_dir") if is_url(getattr(self, key))]
+        if not remote:
+            if self.work_dir is not None:
+                raise ValueError("work_dir is only for a URL output_dir or manifest_dir; work files go in "
+                                 "<output_dir>/work")
+            return self
+        if self.work_dir is None or is_url(str(self.work_dir)):
+            raise ValueError(f"{remote[0]} is a URL: set work_dir to a local folder for the work files "
+                             "(they are not written to object stores yet)")
+        if remote == ["output_dir"]:
+            raise ValueError("output_dir is a URL: manifest_dir must be one too (the manifests name the shards)")
+        problem = BuildLayout.of(self).nesting_problem()
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""

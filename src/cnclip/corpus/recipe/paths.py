@@ -43,6 +43,8 @@ def _source_path_problem(key: str, path: str) -> str | None:
 
 def _eval_set_problem(key: str, path: str) -> str | None:
     """An evaluation set: a folder, a tar or pHash list, or a glob of tars that matches something."""
+    if _is_url(path):
+        return None  # listed (and reported if empty) when its stage reads it, as a source URL is
     if glob.has_magic(path):
         return None if glob.glob(path) else f"{key}: the glob {_shown(path)} matches nothing"
     return None if Path(path).exists() else f"{key}: no such file or folder {_shown(path)}"

@@ -17,7 +17,9 @@ class BuildLayout:
 
     @classmethod
     def of(cls, recipe: Recipe) -> "BuildLayout":
-        return cls(Path(recipe.output_dir), Path(recipe.manifest_dir))
+        from cnclip.corpus.runtime.publish import local_roots  # a URL output is staged under work_dir
+
+        return cls(*local_roots(recipe))
 
     @property
     def work(self) -> Path:

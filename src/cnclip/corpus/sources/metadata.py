@@ -9,6 +9,7 @@ row with `reason` and `detail`, so ingest numbers and accounts for it like any o
 from __future__ import annotations
 
 import glob
+import io
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +17,7 @@ import polars as pl
 from cnclip._common.errors import CnclipError
 
 from cnclip.corpus.recipe import MetadataSource
+from cnclip.corpus.runtime import storage
 from cnclip.corpus.sources.rows import CAPTION_NOT_TEXT, HeaderError, read_delimited_lines, read_json_lines
 
 _FORMATS_BY_SUFFIX = {
@@ -44,11 +46,8 @@ _STRINGIFIED_JSON = r"(?s)^(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|f
 
 def expand_paths(path: str) -> list[str]:
     """A path, glob or fsspec URL -> the sorted list of files it names."""
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
-
-        fs, _, paths = fsspec.core.get_fs_token_paths(path)
-        return sorted(fs.unstrip_protocol(p) for p in paths)
+    if storage.is_url(path):
+        return storage.list_files(path)  # the same listing the ingest fingerprint records
     local = path.removeprefix("file://")
     if glob.has_magic(local):
         return sorted(p for p in glob.glob(local, recursive=True) if Path(p).is_file())
@@ -65,18 +64,26 @@ def file_format(path: str, declared: str) -> str:
     return _FORMATS_BY_SUFFIX[suffix]
 
 
+def _readable(path: str) -> str | io.BytesIO:
+    """What polars is handed: a local path as it is; a remote file's bytes, fetched through
+    fsspec, so it is read with the same driver, endpoint and credentials as it was listed with
+    (polars' own object-store client has its own, and would look for cloud credentials itself)."""
+    return io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+
+
 def scan_file(path: str, fmt: str) -> pl.LazyFrame:
+    source = _readable(path)
     if fmt == "parquet":
-        return pl.scan_parquet(path)
+        return pl.scan_parquet(source)
     if fmt == "jsonl":
-        return pl.scan_ndjson(path, infer_schema_length=10_000)
+        return pl.scan_ndjson(source, infer_schema_length=10_000)
     separator = "\t" if fmt == "tsv" else ","
     # Everything as text: captions like "1984" must not become integers, and a bad number in an
     # unused column must not fail the file.
     options = dict(separator=separator, infer_schema=False, quote_char='"', truncate_ragged_lines=True)
     if path.endswith((".gz", ".zst")):
-        return pl.read_csv(path, **options).lazy()
-    return pl.scan_csv(path, **options)
+        return pl.read_csv(source, **options).lazy()
+    return pl.scan_csv(source, **options)
 
 
 def reads_lines(source: object, path: str) -> bool:

@@ -1,0 +1,102 @@
+"""What a build owns where it publishes to a URL: the ownership markers of ownership.py, on an
+object store.
+
+A URL `output_dir` and `manifest_dir` each get `.cnclip-build.json` naming the recipe and the
+entries a publish creates there (`shards`; `samples`, `rejected`, `funnel.json`,
+`checksums.json`). A prefix without a marker that already holds anything is the user's, and a
+prefix marked by another recipe is that recipe's: the build refuses either before it runs a stage
+or writes a byte. `clean` removes the entries a marker records, and the marker, nothing else.
+(The build lock stays local, on work_dir: two machines publishing to one prefix are not stopped.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.ownership import MARKER, OwnershipError
+
+if TYPE_CHECKING:
+    from cnclip.corpus.recipe import Recipe
+
+_OUTPUT_ENTRIES = ["shards"]
+_MANIFEST_ENTRIES = ["samples", "rejected", "funnel.json", "checksums.json"]
+
+
+def published_entries(recipe: "Recipe") -> dict[str, list[str]]:
+    """Each URL folder a publish writes into -> the names it creates there (both, if one)."""
+    entries: dict[str, list[str]] = {}
+    for folder, names in ((recipe.output_dir, _OUTPUT_ENTRIES), (recipe.manifest_dir, _MANIFEST_ENTRIES)):
+        if storage.is_url(folder):
+            owned = entries.setdefault(str(folder), [])
+            owned += [name for name in names if name not in owned]
+    return entries
+
+
+def _read_marker(folder: str) -> dict | None:
+    path = storage.join(folder, MARKER)
+    try:
+        marker = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise OwnershipError(f"{path}: unreadable build marker ({err}); remove it only if this folder is "
+                             "a cnclip build") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("owns"), list):
+        raise OwnershipError(f"{path}: not a cnclip build marker (no 'owns' list)")
+    return marker
+
+
+def _top_level(folder: str) -> list[str]:
+    """The names directly under a URL folder (objects and sub-prefixes); none if it is not there."""
+    fs, stripped = storage.filesystem(folder)
+    try:
+        return sorted(name.rstrip("/").rpartition("/")[2] for name in fs.ls(stripped, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def check_published(recipe: "Recipe") -> None:
+    """Refuse, before anything is written, URL folders that hold what this build did not write."""
+    entries = published_entries(recipe)
+    for folder in entries:
+        marker = _read_marker(folder)
+        if marker is not None:
+            if marker.get("recipe") != recipe.name:
+                raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
+                                     f"{recipe.name!r}; give this recipe its own output_dir and manifest_dir")
+            continue
+        # A manifest_dir nested in output_dir is checked on its own.
+        ours = {MARKER} | {other[len(folder) + 1:].split("/", 1)[0] for other in entries
+                           if other.startswith(folder + "/")}
+        foreign = [name for name in _top_level(folder) if name not in ours]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OwnershipError(f"{folder}: already holds files this build did not write ({shown}); "
+                                 "choose an empty or new folder")
+
+
+def claim_published(recipe: "Recipe") -> None:
+    """Write the markers (after check_published): from now on the entries are this build's."""
+    for folder, names in published_entries(recipe).items():
+        marker = _read_marker(folder)
+        if marker is None or sorted(marker["owns"]) != sorted(names):
+            storage.write_text(storage.join(folder, MARKER),
+                               json.dumps({"tool": "cnclip", "recipe": recipe.name, "owns": names}))
+
+
+def remove_published(recipe: "Recipe") -> None:
+    """Remove what this recipe's markers record, then the markers; another recipe's: nothing."""
+    markers = {folder: _read_marker(folder) for folder in published_entries(recipe)}
+    for folder, marker in markers.items():
+        if marker is not None and marker.get("recipe") != recipe.name:
+            raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
+                                 f"{recipe.name!r}; nothing removed")
+    for folder, marker in markers.items():
+        if marker is None:
+            continue
+        for name in marker["owns"]:
+            if name and "/" not in name and name not in (".", "..", MARKER):  # a hand-edited marker never widens it
+                storage.remove(storage.join(folder, name))
+        storage.remove(storage.join(folder, MARKER))

@@ -1,0 +1,160 @@
+"""Where a build reads and writes: a local path or an fsspec URL (s3://, gs://, hdfs://, memory://).
+
+Every helper takes either form, so a stage does not care where its files live. Local paths are
+handed to the local filesystem (and local writes to the one atomic writer, _common/atomic.py);
+anything with a scheme other than file:// goes through fsspec, whose driver for the scheme (s3fs
+for s3://) must be installed. Credentials and endpoints come from the driver's usual settings
+(for s3fs: AWS_* environment variables, ~/.aws, FSSPEC_S3_* config), never from the recipe.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+from pathlib import Path
+from typing import IO, Any
+
+from cnclip._common.atomic import write_text_atomic
+
+
+def is_url(path: str | Path) -> bool:
+    """Whether `path` names a remote file (anything with a scheme but file://)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | Path) -> str:
+    """A local path with any file:// prefix removed."""
+    return str(path).removeprefix("file://")
+
+
+def filesystem(path: str | Path) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL and the URL's path as that filesystem names it.
+
+    The filesystem's listing cache is dropped first: a listing kept from earlier in this process
+    would hide a part rewritten since (a stale ETag fingerprints a changed input as unchanged)."""
+    import fsspec
+
+    fs, stripped = fsspec.core.url_to_fs(str(path))
+    fs.invalidate_cache()
+    return fs, stripped
+
+
+def join(folder: str | Path, *names: str) -> str:
+    """`folder/name/...` for a local folder or a URL (a URL keeps its scheme and `/`)."""
+    if is_url(folder):
+        return "/".join([str(folder).rstrip("/"), *names])
+    return str(Path(local_path(folder), *names))
+
+
+def open_file(path: str | Path, mode: str = "rb", compression: str | None = None) -> IO:
+    """An open file for reading (or, remote only, writing in place: see commit.py for parts)."""
+    if not is_url(path):
+        return open(local_path(path), mode)  # noqa: SIM115 - the caller closes it
+    import fsspec
+
+    return fsspec.open(str(path), mode, compression=compression).open()
+
+
+def read_bytes(path: str | Path) -> bytes:
+    if not is_url(path):
+        return Path(local_path(path)).read_bytes()
+    fs, stripped = filesystem(path)
+    return fs.cat_file(stripped)
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a whole small file (a record, a manifest): locally through the atomic writer; on an
+    object store one PUT, which readers see whole or not at all."""
+    if not is_url(path):
+        from cnclip._common.atomic import atomic_path
+
+        with atomic_path(local_path(path)) as tmp:
+            tmp.write_bytes(data)
+        return
+    fs, stripped = filesystem(path)
+    fs.pipe_file(stripped, data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    if not is_url(path):
+        write_text_atomic(local_path(path), text)
+        return
+    write_bytes(path, text.encode("utf-8"))
+
+
+def exists(path: str | Path) -> bool:
+    if not is_url(path):
+        return Path(local_path(path)).exists()
+    fs, stripped = filesystem(path)
+    return fs.exists(stripped)
+
+
+def is_dir(path: str | Path) -> bool:
+    if not is_url(path):
+        return Path(local_path(path)).is_dir()
+    fs, stripped = filesystem(path)
+    return fs.isdir(stripped)
+
+
+def remove(path: str | Path) -> None:
+    """Remove a file or a folder with everything in it; a path that is not there is no error."""
+    if not is_url(path):
+        import shutil
+
+        local = Path(local_path(path))
+        if local.is_dir():
+            shutil.rmtree(local)
+        else:
+            local.unlink(missing_ok=True)
+        return
+    fs, stripped = filesystem(path)
+    if fs.exists(stripped):
+        fs.rm(stripped, recursive=True)
+
+
+def list_files(path: str | Path, recursive: bool = False) -> list[str]:
+    """The files a folder holds (recursively if asked), or a glob's matches, sorted, named as
+    given (a URL keeps its scheme); a path that is one file lists itself; nothing there: []."""
+    return [name for name, _ in list_infos(path, recursive)]
+
+
+def list_infos(path: str | Path, recursive: bool = False) -> list[tuple[str, dict]]:
+    """list_files with each file's info (size, and mtime or ETag: whatever the filesystem says),
+    from one listing call per folder or glob: an object store answers it without a HEAD per file."""
+    if not is_url(path):
+        return _local_infos(local_path(path), recursive)
+    fs, stripped = filesystem(path)
+    if _glob.has_magic(stripped):
+        found = fs.glob(stripped, detail=True)
+    elif fs.isdir(stripped):
+        found = fs.find(stripped, detail=True) if recursive else fs.ls(stripped, detail=True)
+        found = found if isinstance(found, dict) else {entry["name"]: entry for entry in found}
+    else:
+        try:
+            found = {stripped: fs.info(stripped)}
+        except FileNotFoundError:
+            return []
+    files = [(fs.unstrip_protocol(name), info) for name, info in found.items() if info.get("type") == "file"]
+    return sorted(files)
+
+
+def _local_infos(path: str, recursive: bool) -> list[tuple[str, dict]]:
+    local = Path(path)
+    if _glob.has_magic(path):
+        names = [p for p in _glob.glob(path, recursive=True) if Path(p).is_file()]
+    elif local.is_dir():
+        names = [str(p) for p in (local.rglob("*") if recursive else local.iterdir()) if p.is_file()]
+    else:
+        names = [path] if local.is_file() else []
+    return sorted((name, _local_info(name)) for name in names)
+
+
+def _local_info(path: str) -> dict:
+    """A local file's size and mtime in nanoseconds (fsspec's local info rounds mtime to a float
+    of seconds; the exact value keeps a rewrite within the same microsecond visible)."""
+    stat = Path(path).stat()
+    return {"name": path, "type": "file", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
