@@ -9,7 +9,9 @@ import polars as pl
 from cnclip.corpus.ops.dedup import DECISION_SCHEMA, find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.stage import Stage, StageContext, tree_listing
 from cnclip.corpus.runtime.state import write_parquet_atomic
 from cnclip.corpus.stages.download import scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
@@ -34,3 +36,43 @@ def run_dedup_stage(recipe: Recipe) -> dict:
     write_parquet_atomic(decisions, layout.dedup_decisions)
     counts = decisions.group_by("reason").len().sort("reason").rows()
     return {"dropped": dict(counts), "eval_images": evals.height}
+
+
+# Rows dropped as duplicates, with their download's sizes; `duplicate_of` names the kept
+# sample's key, or the evaluation image the row overlaps.
+_DROPPED = """
+SELECT a.*, t.width, t.height, t.original_width, t.original_height, t.sha256, 'dedup' AS stage,
+       d.reason, d.detail, d.duplicate_of_uid, COALESCE(k.duplicate_of, d.duplicate_of_eval) AS duplicate_of
+FROM accepted a
+JOIN attempts t ON a.uid = t.uid
+JOIN decisions d ON a.uid = d.uid
+LEFT JOIN keys k ON d.duplicate_of_uid = k.duplicate_of_uid
+"""
+
+
+class DedupStage(Stage):
+    """Downloads + hashes + accepted captions -> one decisions file; covers the dedup settings
+    and every evaluation file (folders listed recursively)."""
+
+    name = "dedup"
+    needs = ("text", "download", "hash")
+    sections = ("dedup",)
+
+    def extra(self, recipe: Recipe) -> list:
+        return [tree_listing(recipe.dedup.eval_images)]
+
+    def outputs(self, layout: BuildLayout) -> tuple:
+        return (layout.dedup_decisions.parent,)
+
+    def run(self, context: StageContext) -> dict:
+        return run_dedup_stage(context.recipe)
+
+    def report(self, summary: dict) -> str:
+        return f"dedup: dropped {summary['dropped'] or 'nothing'}"
+
+    def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:
+        if tables["attempts"] is None:  # nothing downloaded: nothing to drop (and no decisions read)
+            return [("dedup.parquet", engine.scan([], {"uid": pl.Int64}))]
+        dropped = engine.sql(_DROPPED, accepted=tables["accepted"], attempts=tables["attempts"],
+                             decisions=engine.scan([layout.dedup_decisions]), keys=tables["keys"])
+        return [("dedup.parquet", dropped)]
