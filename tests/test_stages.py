@@ -350,3 +350,30 @@ def test_the_shard_plan_gives_the_rows_polars_gave(make_recipe, tmp_path, seed, 
     assert plan_shards(recipe) == expected.height > 0
     plan = pl.read_parquet(layout.shard_plan).with_columns(hex_digits(pl.col("phash")).alias("phash"))
     assert plan.select(expected.columns).rows() == expected.rows()
+
+
+@pytest.mark.slow
+def test_every_stage_of_a_real_build_runs_on_the_given_engine(make_recipe, tmp_path, monkeypatch):
+    """Three local images (two the same bytes) through img2dataset, hashing, dedup and shards:
+    every per-part map is the given engine's, and no stage builds one of its own."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (48, 40), colour).save(photos / f"{name}.png")
+    (photos / "c.png").write_bytes((photos / "a.png").read_bytes())
+    metadata = tmp_path / "rows.parquet"
+    pl.DataFrame({"url": [f"file://{photos / n}.png" for n in "abc"],
+                  "caption": ["一只红色的小猫咪", "一只蓝色的小狗狗", "又一只红色的小猫"]}).write_parquet(metadata)
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": str(metadata)}],
+                         download={"allow_local_files": [str(photos)]}, text={"processes": None},
+                         shard={"processes": None})
+    engine = CountingEngine()
+    monkeypatch.setattr(engine_module.LocalEngine, "__init__",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a stage built its own engine")))
+    funnel = pipeline.build(recipe, show_funnel=False, engine=engine)
+    assert (funnel["samples"], funnel["rejected_by_reason"]) == (2, {"dedup:exact_duplicate": 1})
+    assert [d for d, _ in engine.maps] == ["text: normalize + filter", "text: duplicates + caption cap",
+                                           "hash: pHash of stored images", "shard: write tars", "shard: checksums"]
+    assert all(processes is None for _, processes in engine.maps)  # no stage setting: the engine's own

@@ -164,10 +164,11 @@ def _remove_stage_outputs(recipe: Recipe) -> None:
     folders (a declared output elsewhere is never touched)."""
     layout = BuildLayout.of(recipe)
     roots = [layout.output_dir.resolve(), layout.manifest_dir.resolve()]
-    for name, state in reversed(list(_states_of(recipe, STAGES).items())):
+    for stage in reversed(STAGES):
+        state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
         for output in state.outputs:
-            inside = any(root == output.resolve() or root in output.resolve().parents for root in roots)
-            if not inside:
+            where = output.resolve()
+            if not any(root == where or root in where.parents for root in roots):
                 continue
             if output.is_dir() and not output.is_symlink():
                 shutil.rmtree(output)

@@ -25,12 +25,13 @@ def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame)
                                                                how="left")
 
 
-def run_dedup_stage(recipe: Recipe) -> dict:
+def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
+    """`engine`: the build's, whose tables the duplicate search reads (polars frames locally)."""
     layout = BuildLayout.of(recipe)
     if not any(layout.download_dir.glob("*.parquet")):
         write_parquet_atomic(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
-    rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout))
+    rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
     decisions = find_duplicates(rows, recipe.dedup, evals)
     write_parquet_atomic(decisions, layout.dedup_decisions)
@@ -65,7 +66,7 @@ class DedupStage(Stage):
         return (layout.dedup_decisions.parent,)
 
     def run(self, context: StageContext) -> dict:
-        return run_dedup_stage(context.recipe)
+        return run_dedup_stage(context.recipe, context.engine)
 
     def report(self, summary: dict) -> str:
         return f"dedup: dropped {summary['dropped'] or 'nothing'}"
