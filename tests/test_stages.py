@@ -377,3 +377,23 @@ def test_every_stage_of_a_real_build_runs_on_the_given_engine(make_recipe, tmp_p
     assert [d for d, _ in engine.maps] == ["text: normalize + filter", "text: duplicates + caption cap",
                                            "hash: pHash of stored images", "shard: write tars", "shard: checksums"]
     assert all(processes is None for _, processes in engine.maps)  # no stage setting: the engine's own
+
+
+def test_shard_numbers_past_five_digits_keep_every_digit(make_recipe, tmp_path):
+    """LPAD cuts longer strings to its width; zfill (the key before SQL) never did."""
+    recipe = make_recipe([{"name": "m", "kind": "metadata", "path": str(tmp_path / "none-*.parquet")}],
+                         shard={"samples_per_shard": 1})
+    layout = BuildLayout.of(recipe)
+    for folder in (layout.text_accepted_dir, layout.download_dir, layout.dedup_decisions.parent):
+        folder.mkdir(parents=True)
+    uids = pl.int_range(0, 100_002, eager=True).cast(pl.Int64).alias("uid")
+    pl.DataFrame([uids, uids.cast(pl.String).alias("caption")]).write_parquet(layout.text_accepted_dir / "a.parquet")
+    pl.DataFrame([uids, uids.cast(pl.String).alias("key"), pl.repeat("success", len(uids), eager=True).alias("status"),
+                  pl.repeat(None, len(uids), dtype=pl.String, eager=True).alias("error_message")]
+                 ).with_columns(width=32, height=32, original_width=32, original_height=32, sha256=pl.lit("s")
+                                ).write_parquet(layout.download_dir / "00000.parquet")
+    pl.DataFrame(schema={"uid": pl.Int64}).write_parquet(layout.dedup_decisions)
+    assert plan_shards(recipe) == 100_002
+    plan = pl.read_parquet(layout.shard_plan, columns=["uid", "shard", "key"])
+    assert plan.row(0) == (0, 0, "000000") and plan.row(99_999) == (99_999, 99_999, "999990")
+    assert plan.rows()[-2:] == [(100_000, 100_000, "1000000"), (100_001, 100_001, "1000010")]

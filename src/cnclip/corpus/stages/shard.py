@@ -61,6 +61,9 @@ def write_attempts(layout: BuildLayout) -> Path | None:
     reason and detail of a failure, sizes, sha256. None before any download part exists."""
     if not _has_downloads(layout):
         return None
+    path = _attempts_path(layout)
+    if path.exists():  # the stage's folder is emptied whenever the download stage changed
+        return path
     attempts = scan_attempts(layout.download_dir)
     failed = with_failure_reasons(attempts.filter(pl.col("status") != "success"))
     table = pl.concat(
@@ -73,26 +76,28 @@ def write_attempts(layout: BuildLayout) -> Path | None:
         pl.col("error_message").str.strip_chars().alias("detail"),
         "width", "height", "original_width", "original_height", "sha256",
     )
-    path = _attempts_path(layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(table, path)
     return path
 
 
 # The kept rows in uid order (source order, then row order), numbered into shards and keys:
-# shard `s`, position `p` within it -> key zfill(s, 5) + zfill(p, digits).
+# shard `s`, position `p` within it -> key zfill(s, 5) + zfill(p, digits). (LPAD cuts a longer
+# string to the width, so shard numbers of 6 digits and more are taken as they are.)
 _PLAN = """
-SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard,
-       LPAD(CAST(CAST(FLOOR(position / {per_shard}) AS BIGINT) AS VARCHAR), 5, '0')
-         || LPAD(CAST(position % {per_shard} AS VARCHAR), {digits}, '0') AS key
+SELECT *, CASE WHEN shard < 100000 THEN LPAD(CAST(shard AS STRING), 5, '0') ELSE CAST(shard AS STRING) END
+          || LPAD(CAST(position % {per_shard} AS STRING), {digits}, '0') AS key
 FROM (
-  SELECT a.*, t.download_key, t.download_tar, t.width, t.height, t.original_width, t.original_height, t.sha256,
-         h.phash, ROW_NUMBER() OVER (ORDER BY a.uid) - 1 AS position
-  FROM accepted a
-  JOIN attempts t ON a.uid = t.uid
-  LEFT ANTI JOIN dropped d ON a.uid = d.uid
-  LEFT JOIN hashes h ON a.uid = h.uid
-  WHERE t.status = 'success'
+  SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard
+  FROM (
+    SELECT a.*, t.download_key, t.download_tar, t.width, t.height, t.original_width, t.original_height,
+           t.sha256, h.phash, ROW_NUMBER() OVER (ORDER BY a.uid) - 1 AS position
+    FROM accepted a
+    JOIN attempts t ON a.uid = t.uid
+    LEFT ANTI JOIN dropped d ON a.uid = d.uid
+    LEFT JOIN hashes h ON a.uid = h.uid
+    WHERE t.status = 'success'
+  )
 )
 ORDER BY uid
 """
