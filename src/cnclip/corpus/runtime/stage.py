@@ -104,9 +104,9 @@ def stage_states(recipe: Recipe, stages: Sequence[Stage]) -> dict[str, StageStat
     states: dict[str, StageState] = {}
     previous: str | None = None
     for stage in stages:
-        print_ = fingerprint(previous if previous is not None else stage.name, *stage.covers(recipe))
-        states[stage.name] = StageState(layout.work, stage.name, print_, tuple(stage.outputs(layout)))
-        previous = print_
+        digest = fingerprint(previous if previous is not None else stage.name, *stage.covers(recipe))
+        states[stage.name] = StageState(layout.work, stage.name, digest, tuple(stage.outputs(layout)))
+        previous = digest
     return states
 
 
