@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.pipeline import STAGES, stage_states
+from cnclip.corpus.pipeline import STAGE_NAMES as STAGES, stage_states
 import cnclip._common.atomic as atomic_module
 from cnclip._common.atomic import remove_temporaries, temporary_name
 from cnclip.corpus.runtime.state import StageState, fingerprint, write_parquet_atomic
@@ -312,7 +312,7 @@ def test_a_changed_crawl_setting_redoes_everything(prints):
 
 
 def test_a_new_hash_version_redoes_hashes_and_what_follows(prints, monkeypatch):
-    from cnclip.corpus import pipeline
+    from cnclip.corpus.stages import hash as pipeline  # HASH_VERSION lives with the hash stage
 
     before = prints()
     monkeypatch.setattr(pipeline, "HASH_VERSION", "phash-v2")

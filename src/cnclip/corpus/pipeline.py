@@ -1,4 +1,9 @@
-"""The corpus build as a Python API: one function per stage, and `build` that runs them all.
+"""The corpus build as a Python API: the ordered list of stages, `build` that runs them all, and
+one entry point per group of stages.
+
+Every stage follows one contract (runtime/stage.py) and lives in its module under stages/;
+STAGES below is the one list that build, resume (fingerprints chained through it), `clean`, the
+funnel and the rejected/ manifests iterate. Adding a stage is its module and one entry here.
 
 Stages are resumable (see state.py): rerunning a recipe after a crash skips completed stages,
 resumes the interrupted one from its last whole part, and redoes any stage whose settings (or
@@ -6,42 +11,44 @@ whose upstream stage's outputs) changed. A finished shard stage is verified agai
 checksums first and redone for whatever is missing or changed. `fresh=True` starts over.
 
 Every entry point writes only into folders this recipe's build owns, one build at a time per
-output_dir (see ownership.py).
+output_dir (see ownership.py), and builds the engine of the recipe's `engine:` block once
+(unless handed one), with every stage's state computed once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
-
-import polars as pl
+from typing import Iterator, Sequence
 
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
 
+from cnclip.corpus.stages.download import DownloadStage
 from cnclip.corpus.stages.download import retry_failed as retry_transient_failures
-from cnclip.corpus.stages.download import run_download_stage
 from cnclip.corpus.manifests.funnel import print_funnel
-from cnclip.corpus.stages.hash import run_hash_stage
-from cnclip.corpus.stages.dedup import run_dedup_stage
-from cnclip.corpus.stages.ingest import ingest
-from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files
-from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
+from cnclip.corpus.stages.hash import HashStage
+from cnclip.corpus.stages.dedup import DedupStage
+from cnclip.corpus.stages.ingest import IngestStage
+from cnclip.corpus.runtime.engine import Engine, make_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.publish import publish, publishes_remotely
 from cnclip.corpus.runtime.published_ownership import check_published, claim_published, remove_published
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
-from cnclip._common.console import info, warn
+from cnclip._common.console import info
 from cnclip.corpus.recipe import Recipe, load_recipe
-from cnclip.corpus.stages.shard import run_shard_stage, scan_accepted
-from cnclip.corpus.sources import source_inputs
-from cnclip.corpus.runtime.state import StageState, fingerprint, write_parquet_atomic
-from cnclip.corpus.stages.text import run_text_stage
+from cnclip.corpus.stages.shard import ShardStage
+from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.runtime.stage import stage_states as _states_of
+from cnclip.corpus.runtime.state import StageState
+from cnclip.corpus.runtime.fingerprints import input_listing as _file_listing  # noqa: F401 (kept importable here)
+from cnclip.corpus.stages.text import TextStage
 
-STAGES = ("ingest", "text", "download", "hash", "dedup", "shard")
-HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
+STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), ShardStage()]
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 class StageOrderError(CnclipError, RuntimeError):
@@ -52,39 +59,20 @@ def _recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def _file_listing(paths: list[str]) -> list:
-    return input_listing(paths)
-
-
-def _eval_listing(paths: list[str]) -> list:
-    return eval_listing(paths)
+def funnel_stages() -> list[str]:
+    """The stages the funnel has a row for, in pipeline order."""
+    return [stage.name for stage in STAGES if stage.in_funnel]
 
 
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
     """Each stage's record, fingerprinted by its settings and everything upstream of it."""
-    layout = BuildLayout.of(recipe)
-    inputs = [_file_listing(source_inputs(s)) for s in recipe.sources]
-    blacklist = _file_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
-    evals = _eval_listing(recipe.dedup.eval_images)
-    prints: dict[str, str] = {}
-    prints["ingest"] = fingerprint("ingest", recipe.settings("sources"), recipe.settings("crawl"), inputs)
-    # Whether file:// URLs pass the text stage depends on download.allow_local_files being set.
-    local_files = ["allow_local_files"] if recipe.download.allow_local_files else []
-    prints["text"] = fingerprint(prints["ingest"], recipe.settings("text"), blacklist, *local_files)
-    prints["download"] = fingerprint(prints["text"], recipe.settings("image"), recipe.settings("download"))
-    prints["hash"] = fingerprint(prints["download"], HASH_VERSION)
-    prints["dedup"] = fingerprint(prints["hash"], recipe.settings("dedup"), evals)
-    prints["shard"] = fingerprint(prints["dedup"], recipe.settings("shard"), str(recipe.manifest_dir))
-    outputs = {
-        "ingest": (layout.ingest_dir, layout.work / "crawl"),
-        "text": (layout.text_dir,),
-        "download": (layout.download_dir, layout.work / "download-retry"),
-        "hash": (layout.hash_dir,),
-        "dedup": (layout.dedup_decisions.parent,),
-        "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                  layout.checksums_path, layout.shard_plan.parent),
-    }
-    return {stage: StageState(layout.work, stage, prints[stage], outputs[stage]) for stage in STAGES}
+    return _states_of(recipe, STAGES)
+
+
+def _context(recipe: Recipe, engine: Engine | None) -> StageContext:
+    """One per build: the engine (the recipe's unless handed one) and every stage's state."""
+    return StageContext(recipe, BuildLayout.of(recipe), engine or make_engine(recipe.engine), list(STAGES),
+                        _states_of(recipe, STAGES))
 
 
 @contextlib.contextmanager
@@ -102,30 +90,41 @@ def _owned(recipe: Recipe) -> Iterator[None]:
         yield
 
 
-def _run_stage(state: StageState, run: Callable[[], dict]) -> dict:
+def _run_stage(context: StageContext, stage: Stage) -> dict:
+    state = context.states[stage.name]
+    stage.prepare(context, state)
     if state.complete:
         info(f"{state.stage}: up to date, skipped")
-        return state.summary
-    with disk_errors():  # an unwritable output folder or a full disk: one line, not a traceback
-        if state.begin():
-            info(f"{state.stage}: resuming")
-        summary = run()
-        state.finish(summary)
+        summary = state.summary
+    else:
+        with disk_errors():  # an unwritable output folder or a full disk: one line, not a traceback
+            if state.begin():
+                info(f"{state.stage}: resuming")
+            summary = stage.run(context)
+            state.finish(summary)
+    line = stage.report(summary)
+    if line:
+        info(line)
     return summary
 
 
-def run_text(recipe: Recipe | str | Path) -> dict:
+def _run_stages(context: StageContext, names: Sequence[str]) -> dict:
+    """The named stages, in list order; returns the last one's summary."""
+    summary: dict = {}
+    for stage in context.stages:
+        if stage.name in names:
+            summary = _run_stage(context, stage)
+    return summary
+
+
+def run_text(recipe: Recipe | str | Path, engine: Engine | None = None) -> dict:
     """Ingest every source and run the text stage (normalize, filter, collapse, cap)."""
     recipe = _recipe(recipe)
     with _owned(recipe):
-        states = stage_states(recipe)
-        _run_stage(states["ingest"], lambda: ingest(recipe))
-        summary = _run_stage(states["text"], lambda: run_text_stage(recipe))
-    info(f"text: {summary['accepted']} rows accepted, {summary['rejected']} rejected")
-    return summary
+        return _run_stages(_context(recipe, engine), ("ingest", "text"))
 
 
-def run_download(recipe: Recipe | str | Path, retry_failed: bool = False) -> dict:
+def run_download(recipe: Recipe | str | Path, retry_failed: bool = False, engine: Engine | None = None) -> dict:
     """Download the rows the text stage accepted, with img2dataset behind the network guard.
 
     retry_failed: after a completed download, fetch again only the rows that failed for a
@@ -134,79 +133,70 @@ def run_download(recipe: Recipe | str | Path, retry_failed: bool = False) -> dic
     recipe = _recipe(recipe)
     require_main_guard("cnclip.corpus.run_download")
     with _owned(recipe):
-        states = stage_states(recipe)
-        if retry_failed:
-            if not states["download"].complete:
-                raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
-            summary = retry_transient_failures(recipe, states["download"].summary)
-            states["download"].finish(summary)
-            # New parts to hash; dedup over everything again; shards planned afresh.
-            states["hash"].reopen()
-            states["dedup"].reopen()
-            states["shard"].discard()
-        else:
-            summary = _run_stage(states["download"], lambda: run_download_stage(recipe))
-    info(f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}")
+        context = _context(recipe, engine)
+        if not retry_failed:
+            return _run_stages(context, ("download",))
+        states = context.states
+        if not states["download"].complete:
+            raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
+        summary = retry_transient_failures(recipe, states["download"].summary)
+        states["download"].finish(summary)
+        # New parts to hash; dedup over everything again; shards planned afresh.
+        states["hash"].reopen()
+        states["dedup"].reopen()
+        states["shard"].discard()
+    info(DownloadStage().report(summary))
     return summary
 
 
-def run_dedup(recipe: Recipe | str | Path) -> dict:
+def run_dedup(recipe: Recipe | str | Path, engine: Engine | None = None) -> dict:
     """pHash every downloaded image, then drop exact, near and (optionally) caption duplicates."""
     recipe = _recipe(recipe)
-    layout = BuildLayout.of(recipe)
     with _owned(recipe):
-        states = stage_states(recipe)
-        _run_stage(states["hash"], lambda: run_hash_stage(layout.download_dir, layout.hash_dir,
-                                                          recipe.dedup.processes))
-        summary = _run_stage(states["dedup"], lambda: run_dedup_stage(recipe))
-    info(f"dedup: dropped {summary['dropped'] or 'nothing'}")
-    return summary
+        return _run_stages(_context(recipe, engine), ("hash", "dedup"))
 
 
-def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True) -> dict:
+def _publish(recipe: Recipe) -> None:
+    """Where output_dir and manifest_dir are URLs: upload what the shard stage wrote under work_dir
+    (only what is missing or changed there), checksums.json last."""
+    if publishes_remotely(recipe):
+        summary = publish(recipe)
+        info(f"publish: {summary['uploaded']} file(s) uploaded, {summary['unchanged']} unchanged -> "
+             f"{summary['shards_dir']}, {summary['manifest_dir']}")
+
+
+def run_shard(recipe: Recipe | str | Path, show_funnel: bool = True, engine: Engine | None = None) -> dict:
     """Write the final shards and manifests; returns the funnel (also in <manifest_dir>/funnel.json)."""
     recipe = _recipe(recipe)
     with _owned(recipe):
-        state = stage_states(recipe)["shard"]
-        _reopen_if_damaged(BuildLayout.of(recipe), state)
-        funnel = _run_stage(state, lambda: run_shard_stage(recipe))
-        if publishes_remotely(recipe):
-            summary = publish(recipe)
-            info(f"publish: {summary['uploaded']} file(s) uploaded, {summary['unchanged']} unchanged -> "
-                 f"{summary['shards_dir']}, {summary['manifest_dir']}")
+        funnel = _run_stages(_context(recipe, engine), ("shard",))
+        _publish(recipe)
     if show_funnel:
         print_funnel(funnel)
     return funnel
 
 
-def _reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
-    """Before a finished shard stage is called up to date: a published file that is missing or
-    changed is removed and the stage resumed, which rewrites just those (and the small files
-    written at its end); without a checksums record the stage is redone."""
-    if not state.complete:
-        return
-    try:
-        record = read_checksums(layout.manifest_dir)
-        recorded = record["files"]
-        problems, damaged = damaged_files(layout.manifest_dir, layout.shards_dir, record=record)
-    except ValueError as err:
-        warn(f"{err}; redoing the shard stage")
+def _remove_stage_outputs(recipe: Recipe) -> None:
+    """Every stage's outputs and record, last stage first, where they lie inside the build's own
+    folders (a declared output elsewhere is never touched)."""
+    layout = BuildLayout.of(recipe)
+    roots = [layout.output_dir.resolve(), layout.manifest_dir.resolve()]
+    for stage in reversed(STAGES):
+        state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
+        for output in state.outputs:
+            where = output.resolve()
+            if not any(root == where or root in where.parents for root in roots):
+                continue
+            if output.is_dir() and not output.is_symlink():
+                shutil.rmtree(output)
+            elif output.exists() or output.is_symlink():
+                output.unlink()
         state.discard()
-        return
-    for problem in unexpected_files(layout.manifest_dir, layout.shards_dir, recorded):
-        warn(f"{problem}; remove it: readers would take it for part of the corpus")
-    if problems:
-        for problem in problems:
-            warn(problem)
-        info(f"shard: rewriting {len(damaged)} damaged file(s)")
-        for path in damaged:
-            path.unlink(missing_ok=True)
-        state.reopen()
 
 
 def clean(recipe: Recipe | str | Path) -> None:
-    """Remove what a recipe's build created (work files, shards, manifests: what its markers
-    record) and nothing else; files of the user's beside them are left alone."""
+    """Remove what a recipe's build created (every stage's outputs, then what its markers record:
+    work files, shards, manifests) and nothing else; files of the user's beside them are left alone."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
     local = has_marker(layout)  # otherwise nothing local was made by a build
@@ -214,22 +204,29 @@ def clean(recipe: Recipe | str | Path) -> None:
         if publishes_remotely(recipe):
             remove_published(recipe)
         if local:
+            remove_owned(layout, recipe.name, forget=False)  # refuses another recipe's folders first
+            _remove_stage_outputs(recipe)
             remove_owned(layout, recipe.name, forget=True)
 
 
-def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False) -> dict:
-    """Every stage in order (resuming an interrupted build); returns the funnel."""
+def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False,
+          engine: Engine | None = None) -> dict:
+    """Every stage of STAGES in order (resuming an interrupted build) on one engine (the recipe's
+    `engine:` block unless one is given); returns the funnel."""
     recipe = _recipe(recipe)
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
     with _owned(recipe):
         if fresh:
             remove_owned(BuildLayout.of(recipe), recipe.name)
+            _remove_stage_outputs(recipe)
         started = time.monotonic()
-        run_text(recipe)
-        run_download(recipe)
-        run_dedup(recipe)
-        funnel = run_shard(recipe, show_funnel=show_funnel)
+        context = _context(recipe, engine)
+        for stage in context.stages:
+            _run_stage(context, stage)
+        _publish(recipe)
+        funnel = json.loads(context.layout.funnel_path.read_text(encoding="utf-8"))
+    if show_funnel:
+        print_funnel(funnel)
     info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "
          f"{recipe.manifest_dir}")
     return funnel
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import polars as pl
 from rich.table import Table
@@ -15,10 +16,10 @@ from rich.table import Table
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
 
+from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip._common.console import console
 
-STAGES = ["ingest", "text", "download", "dedup", "shard"]
 
 
 class AccountingError(CnclipError, RuntimeError):
@@ -32,18 +33,26 @@ def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
     return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
 
 
-def tally(manifest_dir: Path) -> tuple[int, dict[str, dict[str, int]], int]:
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet"))
+
+
+def tally(manifest_dir: Path, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
     """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
-    samples = scan_manifest(manifest_dir / "samples", ["uid"])
-    rejected = scan_manifest(manifest_dir / "rejected", ["uid", "stage", "reason"])
+    engine = engine or default_engine()
+    samples = engine.scan(_parts(manifest_dir / "samples"), {"uid": pl.Int64})
+    rejected = engine.scan(_parts(manifest_dir / "rejected"), {"uid": pl.Int64, "stage": pl.String,
+                                                               "reason": pl.String})
+    sample_count = engine.rows(engine.sql("SELECT COUNT(*) FROM samples", samples=samples))[0][0]
+    counts = engine.rows(engine.sql(
+        "SELECT stage, reason, COUNT(*) FROM rejected GROUP BY stage, reason ORDER BY stage, reason",
+        rejected=rejected))
     by_stage: dict[str, dict[str, int]] = {}
-    sample_count = samples.select(pl.len()).collect().item() if samples is not None else 0
-    if rejected is not None:
-        counts = rejected.group_by("stage", "reason").agg(pl.len()).sort("stage", "reason").collect()
-        for stage, reason, count in counts.rows():
-            by_stage.setdefault(stage, {})[reason] = count
-    ids = [f.select("uid") for f in (samples, rejected) if f is not None]
-    distinct = pl.concat(ids).select(pl.col("uid").n_unique()).collect().item() if ids else 0
+    for stage, reason, count in counts:
+        by_stage.setdefault(stage, {})[reason] = count
+    distinct = engine.rows(engine.sql(
+        "SELECT COUNT(DISTINCT uid) FROM (SELECT uid FROM samples UNION ALL SELECT uid FROM rejected)",
+        samples=samples, rejected=rejected))[0][0]
     return sample_count, by_stage, distinct
 
 
@@ -67,10 +76,16 @@ def accounting_problem(manifest_dir: Path) -> str | None:
         return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
 
 
-def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
+def compute_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] | None = None,
+                   engine: Engine | None = None) -> dict:
+    """The funnel, one row per stage of `stages` (default: the pipeline's stages shown in it)."""
+    if stages is None:
+        from cnclip.corpus.pipeline import funnel_stages
+
+        stages = funnel_stages()
     report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
     input_rows = sum(report["rows_by_source"].values())
-    counts = tally(layout.manifest_dir)
+    counts = tally(layout.manifest_dir, engine)
     problem = _imbalance(layout.manifest_dir, input_rows, counts)
     if problem:
         raise AccountingError(problem)
@@ -81,11 +96,11 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
             by_reason[reason] = by_reason.get(reason, 0) + count
     rejected_count = sum(by_reason.values())
 
-    stages, remaining = [], input_rows
-    for stage in STAGES:
+    rows, remaining = [], input_rows
+    for stage in stages:
         reasons = by_stage.get(stage, {})
         out = remaining - sum(reasons.values())
-        stages.append({"stage": stage, "in": remaining, "out": out, "rejected": reasons})
+        rows.append({"stage": stage, "in": remaining, "out": out, "rejected": reasons})
         remaining = out
     # Rejections from stages not listed (e.g. a future stage) still count in the totals above.
     return {
@@ -96,15 +111,16 @@ def compute_funnel(layout: BuildLayout, recipe_name: str) -> dict:
         "rows_by_source": report["rows_by_source"],
         "file_errors": report["file_errors"],
         "source_reports": report.get("source_reports", {}),
-        "stages": stages,
+        "stages": rows,
         "samples": sample_count,
         "rejected": rejected_count,
         "rejected_by_reason": by_reason,
     }
 
 
-def write_funnel(layout: BuildLayout, recipe_name: str) -> dict:
-    funnel = compute_funnel(layout, recipe_name)
+def write_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] | None = None,
+                 engine: Engine | None = None) -> dict:
+    funnel = compute_funnel(layout, recipe_name, stages, engine)
     write_json_atomic(layout.funnel_path, funnel)
     return funnel
 

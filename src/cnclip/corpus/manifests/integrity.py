@@ -16,7 +16,7 @@ from pathlib import Path
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
 
-from cnclip.corpus.runtime.engine import LocalEngine
+from cnclip.corpus.runtime.engine import Engine, default_engine
 
 CHECKSUMS = "checksums.json"
 _SHARDS = "shards/"  # recorded names under this prefix live in shards_dir, the rest in manifest_dir
@@ -39,9 +39,11 @@ def record_name(path: Path, manifest_dir: Path, shards_dir: Path) -> str:
     return path.relative_to(manifest_dir).as_posix()
 
 
-def write_checksums(manifest_dir: Path, shards_dir: Path, published: list[Path], processes: int = 1) -> None:
+def write_checksums(manifest_dir: Path, shards_dir: Path, published: list[Path], processes: int | None = None,
+                    engine: Engine | None = None) -> None:
     """Record every published file (written last: the record describes finished files)."""
-    digests = LocalEngine(processes).map_parts(file_digest, published, "shard: checksums")
+    engine = engine or default_engine()
+    digests = engine.map_parts(file_digest, published, "shard: checksums", processes)
     files = {
         record_name(path, manifest_dir, shards_dir): {"size": size, "sha256": sha}
         for path, (size, sha) in zip(published, digests)

@@ -43,6 +43,8 @@ def keep_column_problem(names: list[str]) -> str | None:
 
 # Worker processes per stage: more than any one machine has cores is a typo, not a plan.
 MAX_PROCESSES = 1024
+# A stage's own `processes` wins over engine.processes for that stage's per-part maps.
+_STAGE_PROCESSES = "worker processes for this stage (default: engine.processes)"
 
 
 class RecipeError(CnclipError, ValueError):
@@ -96,7 +98,7 @@ class TextSettings(StrictModel):
     opencc_config: Optional[str] = "t2s"
     reject_filenames: bool = True
     dedup_pairs: bool = True
-    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
+    processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
 
     @model_validator(mode="after")
     def _lengths(self) -> "TextSettings":
@@ -156,12 +158,19 @@ class DedupSettings(StrictModel):
     text: bool = False
     text_max_distance: int = Field(default=12, ge=0, le=32)
     eval_images: list[str] = Field(default_factory=list)
-    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
+    processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
 
 
 class ShardSettings(StrictModel):
     samples_per_shard: int = Field(default=10_000, ge=1, le=1_000_000)
-    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES)
+    processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
+
+
+class EngineSettings(StrictModel):
+    """Where the stages' per-part maps and global steps run (runtime/engine.py)."""
+
+    kind: Literal["local"] = "local"
+    processes: int = Field(default=2, ge=1, le=MAX_PROCESSES, description="worker processes of each per-part map")
 
 
 def _location(value: object) -> Path | str:
@@ -193,6 +202,7 @@ class Recipe(StrictModel):
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Recipe":

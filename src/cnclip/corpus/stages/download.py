@@ -19,7 +19,9 @@ import polars as pl
 from cnclip._common.atomic import remove_temporaries
 from cnclip._common.mainguard import require_main_guard
 
+from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.runtime.state import write_parquet_atomic
 from cnclip.corpus.net.uri import to_uri
 from cnclip._common.console import info, stage_progress
@@ -248,3 +250,42 @@ def retry_failed(recipe: Recipe, previous: dict) -> dict:
     guard = _img2dataset(recipe, url_list=str(retry_input), incremental_mode="extend")
     return {"by_status": _statuses(layout.download_dir), "retries": previous.get("retries", 0) + 1,
             "retried": rows.height, "guard": guard}
+
+
+# Accepted rows img2dataset never reported, and those whose latest attempt failed (its reason
+# and the stripped message come with the attempts table).
+_NOT_ATTEMPTED = """
+SELECT a.*, 'download' AS stage, 'download:not_attempted' AS reason,
+       'img2dataset reported no status for this row' AS detail
+FROM accepted a {unreported}
+"""
+_FAILED = """
+SELECT a.*, 'download' AS stage, t.reason, t.detail FROM accepted a JOIN attempts t ON a.uid = t.uid
+WHERE t.status <> 'success'
+"""
+
+
+class DownloadStage(Stage):
+    """Accepted rows -> img2dataset's parts (images in tars, a parquet of results per part);
+    covers the image and download settings."""
+
+    name = "download"
+    needs = ("text",)
+    sections = ("image", "download")
+
+    def outputs(self, layout: BuildLayout) -> tuple:
+        return (layout.download_dir, _retry_dir(layout.download_dir))
+
+    def run(self, context: StageContext) -> dict:
+        return run_download_stage(context.recipe)
+
+    def report(self, summary: dict) -> str:
+        return f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}"
+
+    def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:
+        accepted, attempts = tables["accepted"], tables["attempts"]
+        if attempts is None:
+            return [("download.parquet", engine.sql(_NOT_ATTEMPTED.format(unreported=""), accepted=accepted))]
+        unreported = "LEFT ANTI JOIN attempts t ON a.uid = t.uid"
+        query = f"{_NOT_ATTEMPTED.format(unreported=unreported)} UNION ALL {_FAILED}"
+        return [("download.parquet", engine.sql(query, accepted=accepted, attempts=attempts))]

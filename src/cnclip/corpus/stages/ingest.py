@@ -14,10 +14,13 @@ import polars as pl
 from cnclip._common.atomic import remove_temporaries
 
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.fingerprints import input_listing
+from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip._common.console import stage_progress, warn
 from cnclip.corpus.recipe import Recipe
-from cnclip.corpus.sources import SourceError, prepare_source, read_source_file, read_source_lines, reads_lines
 from cnclip.corpus.manifests.schemas import INGEST, SchemaError
+from cnclip.corpus.sources import (SourceError, prepare_source, read_source_file, read_source_lines, reads_lines,
+                                   source_inputs)
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
 
@@ -90,3 +93,19 @@ def ingest(recipe: Recipe) -> dict:
                               f"first error: {file_errors[-1]}")
         rows_by_source[source.name] = offset
     return {"rows_by_source": rows_by_source, "file_errors": file_errors, "source_reports": source_reports}
+
+
+class IngestStage(Stage):
+    """Sources -> numbered candidate parts; covers the sources, crawl settings and input files."""
+
+    name = "ingest"
+    sections = ("sources", "crawl")
+
+    def extra(self, recipe: Recipe) -> list:
+        return [[input_listing(source_inputs(s)) for s in recipe.sources]]
+
+    def outputs(self, layout: BuildLayout) -> tuple:
+        return (layout.ingest_dir, layout.work / "crawl")
+
+    def run(self, context: StageContext) -> dict:
+        return ingest(context.recipe)

@@ -14,6 +14,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import polars as pl
 import webdataset as wds
@@ -21,62 +22,103 @@ import webdataset as wds
 from cnclip._common.atomic import atomic_path, remove_temporaries, write_json_atomic
 
 from cnclip.corpus.stages.download import scan_attempts, with_failure_reasons
-from cnclip.corpus.runtime.engine import LocalEngine
+from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.ops.phash import hex_digits
-from cnclip.corpus.manifests.integrity import write_checksums
+from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.manifests.schemas import (REJECTED, REJECTED_SCHEMA, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform,
-                                             keep_column_types)
+                                             full_schema, keep_column_types)
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.runtime.state import StageState, write_parquet_atomic
+from cnclip._common.console import info, warn
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
 
 
-def scan_accepted(layout: BuildLayout) -> pl.LazyFrame:
-    parts = sorted(layout.text_accepted_dir.glob("*.parquet"))
-    if not parts:
-        return pl.LazyFrame(schema={"uid": pl.Int64, "source": pl.String, "row": pl.Int64, "url": pl.String,
-                                    "caption_raw": pl.String, "caption": pl.String})
-    return pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed")
+_ACCEPTED_SCHEMA = {"uid": pl.Int64, "source": pl.String, "row": pl.Int64, "url": pl.String,
+                    "caption_raw": pl.String, "caption": pl.String}
+
+
+def scan_accepted(layout: BuildLayout, engine: Engine | None = None) -> Table:
+    """The text stage's accepted rows, every source's keep columns included."""
+    engine = engine or default_engine()
+    return engine.scan(sorted(layout.text_accepted_dir.glob("*.parquet")), _ACCEPTED_SCHEMA)
 
 
 def _has_downloads(layout: BuildLayout) -> bool:
     return any(layout.download_dir.glob("*.parquet"))
 
 
-def plan_shards(recipe: Recipe) -> int:
-    """Assign every kept sample its final shard and key; returns the number of samples."""
-    layout = BuildLayout.of(recipe)
-    per_shard = recipe.shard.samples_per_shard
-    digits = len(str(per_shard - 1))
-    successes = scan_attempts(layout.download_dir).filter(pl.col("status") == "success").select(
+def _attempts_path(layout: BuildLayout) -> Path:
+    return layout.shard_plan.parent / "attempts.parquet"
+
+
+def write_attempts(layout: BuildLayout) -> Path | None:
+    """img2dataset's per-row results (the latest attempt of each row) as one table of this stage
+    that the relational steps read: uid, the member key and tar holding its image, status,
+    reason and detail of a failure, sizes, sha256. None before any download part exists."""
+    if not _has_downloads(layout):
+        return None
+    path = _attempts_path(layout)
+    if path.exists():  # the stage's folder is emptied whenever the download stage changed
+        return path
+    attempts = scan_attempts(layout.download_dir)
+    failed = with_failure_reasons(attempts.filter(pl.col("status") != "success"))
+    table = pl.concat(
+        [attempts.filter(pl.col("status") == "success").with_columns(pl.lit(None, pl.String).alias("reason")), failed]
+    ).select(
         "uid",
         pl.col("key").alias("download_key"),
         pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"),
+        "status", "reason",
+        pl.col("error_message").str.strip_chars().alias("detail"),
         "width", "height", "original_width", "original_height", "sha256",
     )
-    hashes = pl.scan_parquet(layout.hash_dir / "*.parquet").select("uid", hex_digits(pl.col("phash")).alias("phash"))
-    dropped = pl.scan_parquet(layout.dedup_decisions).select("uid")
-    plan = (
-        scan_accepted(layout)
-        .join(successes, on="uid", how="inner")
-        .join(dropped, on="uid", how="anti")
-        .join(hashes, on="uid", how="left")
-        .sort("uid")
-        .with_row_index("position")
-        .with_columns((pl.col("position") // per_shard).cast(pl.Int64).alias("shard"))
-        .with_columns(
-            (
-                pl.col("shard").cast(pl.String).str.zfill(5)
-                + (pl.col("position") % per_shard).cast(pl.String).str.zfill(digits)
-            ).alias("key")
-        )
-        .drop("position")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(table, path)
+    return path
+
+
+# The kept rows in uid order (source order, then row order), numbered into shards and keys:
+# shard `s`, position `p` within it -> key zfill(s, 5) + zfill(p, digits). (LPAD cuts a longer
+# string to the width, so shard numbers of 6 digits and more are taken as they are.)
+_PLAN = """
+SELECT *, CASE WHEN shard < 100000 THEN LPAD(CAST(shard AS STRING), 5, '0') ELSE CAST(shard AS STRING) END
+          || LPAD(CAST(position % {per_shard} AS STRING), {digits}, '0') AS key
+FROM (
+  SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard
+  FROM (
+    SELECT a.*, t.download_key, t.download_tar, t.width, t.height, t.original_width, t.original_height,
+           t.sha256, h.phash, ROW_NUMBER() OVER (ORDER BY a.uid) - 1 AS position
+    FROM accepted a
+    JOIN attempts t ON a.uid = t.uid
+    LEFT ANTI JOIN dropped d ON a.uid = d.uid
+    LEFT JOIN hashes h ON a.uid = h.uid
+    WHERE t.status = 'success'
+  )
+)
+ORDER BY uid
+"""
+
+
+def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
+    """Assign every kept sample its final shard and key; returns the number of samples."""
+    engine = engine or default_engine()
+    layout = BuildLayout.of(recipe)
+    per_shard = recipe.shard.samples_per_shard
+    attempts = write_attempts(layout)
+    plan = engine.sql(
+        _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1))),
+        accepted=scan_accepted(layout, engine),
+        attempts=engine.scan([attempts]),
+        dropped=engine.scan([layout.dedup_decisions]),
+        hashes=engine.scan(sorted(layout.hash_dir.glob("*.parquet")), {"uid": pl.Int64, "phash": pl.UInt64}),
     )
-    SHARD_PLAN.write(plan, layout.shard_plan)
-    return pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
+    engine.write(plan, layout.shard_plan, SHARD_PLAN)
+    return engine.rows(engine.sql("SELECT COUNT(*) FROM plan", plan=engine.scan([layout.shard_plan])))[0][0]
 
 
 @dataclass(frozen=True)
@@ -99,7 +141,8 @@ class _ShardTask:
 
 def write_shard(task: _ShardTask) -> int:
     """One output tar and its manifest part, each written under a temporary name then renamed."""
-    rows = pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard).collect()
+    rows = (pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard)
+            .with_columns(hex_digits(pl.col("phash")).alias("phash")).collect())
     published = conform(rows, SAMPLE_SCHEMA, task.keep_columns)
     sources: dict[str, tarfile.TarFile] = {}
     try:
@@ -128,68 +171,41 @@ def write_shard(task: _ShardTask) -> int:
     return rows.height
 
 
-def _ordered(frame: pl.DataFrame, keep_columns: dict) -> pl.DataFrame:
-    return conform(frame, REJECTED_SCHEMA, keep_columns).sort("uid")
+def _key_of_kept(layout: BuildLayout, engine: Engine) -> Table:
+    return engine.sql("SELECT uid AS duplicate_of_uid, key AS duplicate_of FROM plan",
+                      plan=engine.scan([layout.shard_plan]))
 
 
-def _key_of_kept(layout: BuildLayout) -> pl.LazyFrame:
-    return pl.scan_parquet(layout.shard_plan).select(
-        pl.col("uid").alias("duplicate_of_uid"), pl.col("key").alias("duplicate_of")
-    )
-
-
-def write_rejects(layout: BuildLayout, keep_columns: dict) -> list[Path]:
-    """rejected/: text-stage rejects, download failures (and rows img2dataset never reported),
-    dedup drops; `duplicate_of` names the kept sample's key (or the evaluation image). Every
-    part has the one rejected schema; download.parquet and dedup.parquet are written even with
-    0 rows, so the folder is never empty."""
-    keys = _key_of_kept(layout)
+def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None = None,
+                  stages: Sequence[Stage] | None = None) -> list[Path]:
+    """rejected/: the reject tables of every stage of the pipeline's list, in its order (text-stage
+    rejects, download failures and rows img2dataset never reported, dedup drops); `duplicate_of`
+    names the kept sample's key (or the evaluation image). Every part has the one rejected schema,
+    sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty."""
+    engine = engine or default_engine()
+    if stages is None:
+        from cnclip.corpus.pipeline import STAGES as stages
+    attempts = write_attempts(layout)
+    tables = {
+        "accepted": scan_accepted(layout, engine),
+        "keys": _key_of_kept(layout, engine),
+        "attempts": engine.scan([attempts]) if attempts else None,
+    }
+    schema = full_schema(REJECTED_SCHEMA, keep_columns)
     written = []
-    for part in sorted(layout.text_rejected_dir.glob("*.parquet")):
-        frame = pl.scan_parquet(part).join(keys, on="duplicate_of_uid", how="left").collect()
-        written.append(layout.rejected_dir / f"text-{part.name}")
-        REJECTED.write(_ordered(frame, keep_columns), written[-1])
-    accepted = scan_accepted(layout)
-    downloads = scan_attempts(layout.download_dir) if _has_downloads(layout) else None
-    reported = downloads.select("uid") if downloads is not None else pl.LazyFrame(schema={"uid": pl.Int64})
-    frames = [
-        accepted.join(reported, on="uid", how="anti").with_columns(
-            pl.lit("download").alias("stage"),
-            pl.lit("download:not_attempted").alias("reason"),
-            pl.lit("img2dataset reported no status for this row").alias("detail"),
-        )
-    ]
-    if downloads is not None:
-        failed = with_failure_reasons(downloads.filter(pl.col("status") != "success")).select(
-            "uid",
-            pl.lit("download").alias("stage"),
-            "reason",
-            pl.col("error_message").str.strip_chars().alias("detail"),
-        )
-        frames.append(accepted.join(failed, on="uid", how="inner"))
-        decisions = pl.scan_parquet(layout.dedup_decisions)
-        dropped = (
-            accepted.join(downloads.select("uid", "width", "height", "original_width", "original_height", "sha256"),
-                          on="uid")
-            .join(decisions, on="uid", how="inner")
-            .join(keys, on="duplicate_of_uid", how="left")
-            .with_columns(
-                pl.lit("dedup").alias("stage"),
-                pl.coalesce("duplicate_of", "duplicate_of_eval").alias("duplicate_of"),
-            )
-            .drop("duplicate_of_eval")
-        )
-        frames.append(dropped)
-    rejects = pl.concat(frames, how="diagonal_relaxed").collect()
-    for stage in ("download", "dedup"):
-        part = rejects.filter(pl.col("stage") == stage)
-        written.append(layout.rejected_dir / f"{stage}.parquet")
-        REJECTED.write(_ordered(part, keep_columns), written[-1])
+    for stage in stages:
+        for name, table in stage.rejects(layout, engine, tables):
+            written.append(layout.rejected_dir / name)
+            engine.write(engine.sql("SELECT * FROM rejects ORDER BY uid", rejects=table), written[-1], schema, check=REJECTED)
     return written
 
 
-def run_shard_stage(recipe: Recipe) -> dict:
-    """Plan, write every shard not yet written, the rejects and sizes.json; returns the funnel."""
+def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequence[Stage] | None = None) -> dict:
+    """Plan, write every shard not yet written, the rejects and sizes.json; returns the funnel.
+    `stages`: the pipeline's list (whose rejects and funnel rows are written)."""
+    engine = engine or make_engine(recipe.engine)
+    if stages is None:
+        from cnclip.corpus.pipeline import STAGES as stages
     layout = BuildLayout.of(recipe)
     for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,7 @@ def run_shard_stage(recipe: Recipe) -> dict:
     if _has_downloads(layout):
         # The plan is deterministic; one left by an interrupted run of this stage is whole.
         total = (pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
-                 if layout.shard_plan.exists() else plan_shards(recipe))
+                 if layout.shard_plan.exists() else plan_shards(recipe, engine))
     else:
         SHARD_PLAN.write(pl.DataFrame(schema=SHARD_PLAN.columns), layout.shard_plan)
     count = -(-total // recipe.shard.samples_per_shard)
@@ -209,15 +225,62 @@ def run_shard_stage(recipe: Recipe) -> dict:
         for shard in range(count)
     ]
     todo = [t for t in tasks if not (t.tar_path.exists() and t.manifest_path.exists())]
-    LocalEngine(recipe.shard.processes).map_parts(write_shard, todo, "shard: write tars")
-    rejects = write_rejects(layout, keep_columns)
+    engine.map_parts(write_shard, todo, "shard: write tars", recipe.shard.processes)
+    rejects = write_rejects(layout, keep_columns, engine, stages)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
     sizes = {
         t.tar_path.name: pl.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
     }
     write_json_atomic(layout.shards_dir / "sizes.json", sizes)
-    funnel = write_funnel(layout, recipe.name)
+    funnel = write_funnel(layout, recipe.name, [s.name for s in stages if s.in_funnel], engine)
     published = [t.tar_path for t in tasks] + [layout.shards_dir / "sizes.json"]
     published += [t.manifest_path for t in tasks] + rejects + [layout.funnel_path]
-    write_checksums(layout.manifest_dir, layout.shards_dir, published, recipe.shard.processes)
+    write_checksums(layout.manifest_dir, layout.shards_dir, published, recipe.shard.processes, engine)
     return funnel
+
+
+def reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
+    """Before a finished shard stage is called up to date: a published file that is missing or
+    changed is removed and the stage resumed, which rewrites just those (and the small files
+    written at its end); without a checksums record the stage is redone."""
+    if not state.complete:
+        return
+    try:
+        record = read_checksums(layout.manifest_dir)
+        recorded = record["files"]
+        problems, damaged = damaged_files(layout.manifest_dir, layout.shards_dir, record=record)
+    except ValueError as err:
+        warn(f"{err}; redoing the shard stage")
+        state.discard()
+        return
+    for problem in unexpected_files(layout.manifest_dir, layout.shards_dir, recorded):
+        warn(f"{problem}; remove it: readers would take it for part of the corpus")
+    if problems:
+        for problem in problems:
+            warn(problem)
+        info(f"shard: rewriting {len(damaged)} damaged file(s)")
+        for path in damaged:
+            path.unlink(missing_ok=True)
+        state.reopen()
+
+
+class ShardStage(Stage):
+    """Plan + tars + samples/ + rejected/ + funnel.json + checksums.json; covers the shard
+    settings and where the manifests go."""
+
+    name = "shard"
+    needs = ("text", "download", "hash", "dedup")
+    sections = ("shard",)
+
+    def extra(self, recipe: Recipe) -> list:
+        return [str(recipe.manifest_dir)]
+
+    def outputs(self, layout: BuildLayout) -> tuple:
+        return (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
+                layout.checksums_path, layout.shard_plan.parent)
+
+    def prepare(self, context: StageContext, state: StageState) -> None:
+        reopen_if_damaged(context.layout, state)
+
+    def run(self, context: StageContext) -> dict:
+        return run_shard_stage(context.recipe, context.engine, context.stages)

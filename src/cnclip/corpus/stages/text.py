@@ -15,13 +15,15 @@ import polars as pl
 
 from cnclip._common.atomic import remove_temporaries
 
-from cnclip.corpus.runtime.engine import LocalEngine
+from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
 from cnclip.corpus.stages.ingest import ROW_BITS
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
 from cnclip.corpus.recipe import Recipe, RecipeError, TextSettings
 from cnclip.corpus.manifests.schemas import (TEXT_ACCEPTED, TEXT_DUPLICATE_PAIRS, TEXT_NORMALIZED, TEXT_REJECTED,
                                              TEXT_REPEATED_CAPTIONS)
+from cnclip.corpus.runtime.fingerprints import input_listing
+from cnclip.corpus.runtime.stage import Stage, StageContext
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
@@ -132,23 +134,35 @@ def normalize_part(task: _NormalizeTask) -> int:
     return frame.height
 
 
-def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path) -> tuple[Path, Path]:
+# The global steps, in SQL every engine runs (runtime/engine.py). `rows`: the rows that passed
+# the per-row filters. A row repeating an earlier (url, caption) points at the first one.
+_DUPLICATE_PAIRS = """
+SELECT r.uid, f.first_uid FROM rows r
+JOIN (SELECT url, caption, MIN(uid) AS first_uid FROM rows GROUP BY url, caption) f
+  ON r.url = f.url AND r.caption = f.caption
+WHERE r.uid <> f.first_uid
+"""
+# The cap counts the rows left after pair collapsing.
+_REPEATED_CAPTIONS = """
+SELECT caption, COUNT(*) AS caption_count FROM rows r LEFT ANTI JOIN duplicates d ON r.uid = d.uid
+GROUP BY caption HAVING COUNT(*) > {cap}
+"""
+
+
+def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path,
+                        engine: Engine | None = None) -> tuple[Path, Path]:
     """Duplicate (url, caption) pairs and over-frequent captions, over every part at once."""
-    rows = pl.concat([pl.scan_parquet(p).select(_COMMON) for p in parts]).filter(pl.col("reason").is_null())
+    engine = engine or default_engine()
+    rows = engine.sql(f"SELECT {', '.join(_COMMON)} FROM parts WHERE reason IS NULL", parts=engine.scan(parts))
     duplicates_path, repeated_path = out_dir / "duplicate_pairs.parquet", out_dir / "repeated_captions.parquet"
-    if settings.dedup_pairs:
-        first = rows.group_by("url", "caption").agg(pl.col("uid").min().alias("first_uid"))
-        duplicates = rows.join(first, on=["url", "caption"]).filter(pl.col("uid") != pl.col("first_uid"))
-        TEXT_DUPLICATE_PAIRS.write(duplicates.select("uid", "first_uid"), duplicates_path)
-    else:
-        TEXT_DUPLICATE_PAIRS.write(pl.DataFrame(schema=TEXT_DUPLICATE_PAIRS.columns), duplicates_path)
-    survivors = rows.join(pl.scan_parquet(duplicates_path), on="uid", how="anti")
+    pairs = engine.sql(_DUPLICATE_PAIRS, rows=rows) if settings.dedup_pairs else engine.scan([], TEXT_DUPLICATE_PAIRS.columns)
+    engine.write(pairs, duplicates_path, TEXT_DUPLICATE_PAIRS)
     if settings.max_caption_repeats is not None:
-        counts = survivors.group_by("caption").agg(pl.len().alias("caption_count"))
-        TEXT_REPEATED_CAPTIONS.write(counts.filter(pl.col("caption_count") > settings.max_caption_repeats),
-                                     repeated_path)
+        repeated = engine.sql(_REPEATED_CAPTIONS.format(cap=int(settings.max_caption_repeats)), rows=rows,
+                              duplicates=engine.scan([duplicates_path]))
+        engine.write(repeated, repeated_path, TEXT_REPEATED_CAPTIONS)
     else:
-        TEXT_REPEATED_CAPTIONS.write(pl.DataFrame(schema=TEXT_REPEATED_CAPTIONS.columns), repeated_path)
+        engine.write(engine.scan([], TEXT_REPEATED_CAPTIONS.columns), repeated_path, TEXT_REPEATED_CAPTIONS)
     return duplicates_path, repeated_path
 
 
@@ -206,9 +220,10 @@ def split_part(task: _SplitTask) -> tuple[int, int]:
     return accepted.height, rejected.height
 
 
-def run_text_stage(recipe: Recipe) -> dict:
+def run_text_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     """Normalize + filter every ingest part (parts done by an interrupted run are kept), then the
-    global steps and the split into accepted/ and rejected/ parts."""
+    global steps and the split into accepted/ and rejected/ parts. `engine`: the build's (called
+    alone, the recipe's engine block is built)."""
     layout = BuildLayout.of(recipe)
     settings = recipe.text
     blacklist = tuple(load_blacklist(settings))
@@ -216,19 +231,50 @@ def run_text_stage(recipe: Recipe) -> dict:
     for folder in (normalized_dir, layout.text_accepted_dir, layout.text_rejected_dir):
         folder.mkdir(parents=True, exist_ok=True)
         remove_temporaries(folder)
-    engine = LocalEngine(settings.processes)
+    engine = engine or make_engine(recipe.engine)
+    processes = settings.processes
     ingest_parts = sorted(layout.ingest_dir.glob("*.parquet"))
     local_files = bool(recipe.download.allow_local_files)
     tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist, local_files) for p in ingest_parts]
-    engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter")
+    engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter",
+                      processes)
     normalized = [t.out_part for t in tasks]
     if not normalized:
         return {"accepted": 0, "rejected": 0}
-    duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir)
+    duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir, engine)
     splits = [
         _SplitTask(p, duplicates, repeated, layout.text_accepted_dir / p.name, layout.text_rejected_dir / p.name,
                    settings.max_caption_repeats)
         for p in normalized
     ]
-    counts = engine.map_parts(split_part, splits, "text: duplicates + caption cap")
+    counts = engine.map_parts(split_part, splits, "text: duplicates + caption cap", processes)
     return {"accepted": sum(a for a, _ in counts), "rejected": sum(r for _, r in counts)}
+
+
+class TextStage(Stage):
+    """Ingest parts -> text/accepted/ and text/rejected/ parts (ingest's unreadable rows included)."""
+
+    name = "text"
+    needs = ("ingest",)
+    sections = ("text",)
+
+    def extra(self, recipe: Recipe) -> list:
+        blacklist = input_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
+        # Whether file:// URLs pass depends on download.allow_local_files being set.
+        return [blacklist, *(["allow_local_files"] if recipe.download.allow_local_files else [])]
+
+    def outputs(self, layout: BuildLayout) -> tuple:
+        return (layout.text_dir,)
+
+    def run(self, context: StageContext) -> dict:
+        return run_text_stage(context.recipe, context.engine)
+
+    def report(self, summary: dict) -> str:
+        return f"text: {summary['accepted']} rows accepted, {summary['rejected']} rejected"
+
+    def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:
+        """One rejected/ part per text part (ingest's rejects among them), naming the kept
+        sample a duplicate pair repeats."""
+        named = "SELECT r.*, k.duplicate_of FROM part r LEFT JOIN keys k ON r.duplicate_of_uid = k.duplicate_of_uid"
+        return [(f"text-{part.name}", engine.sql(named, part=engine.scan([part]), keys=tables["keys"]))
+                for part in sorted(layout.text_rejected_dir.glob("*.parquet"))]
