@@ -11,7 +11,8 @@ import pytest
 import s3fs
 from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
-from cnclip.corpus.pipeline import STAGES, run_text, stage_states
+from cnclip.corpus.pipeline import STAGE_NAMES as STAGES
+from cnclip.corpus.pipeline import run_text, stage_states
 from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
 
 

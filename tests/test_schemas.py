@@ -135,7 +135,7 @@ def test_a_keep_column_the_build_writes_is_a_one_line_error_naming_it(tmp_path):
     ("duplicate_of_eval", "writes in work/dedup/decisions.parquet"),
     ("download_key", "writes in work/shard/plan.parquet"),
     ("status", "writes in img2dataset's work/download/*.parquet"),
-    ("position", "uses in memory, numbering the shard plan's rows"),
+    ("position", "writes in work/shard/plan.parquet"),
     ("_line", "uses in memory, numbering a text file's lines"),
 ])
 def test_work_file_and_in_memory_columns_are_refused_too(tmp_path, name, where):

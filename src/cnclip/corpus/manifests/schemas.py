@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -96,6 +96,13 @@ class Table:
         self.validate(frame, path)
         write_parquet_atomic(frame, path)
 
+    def with_keep_columns(self, keep_columns: Columns) -> "Table":
+        """This table with the build's keep columns declared after its own, of their types: what a
+        manifest part of this build holds exactly (null where a row has no value)."""
+        if not self.keep_columns:
+            raise ValueError(f"table {self.name} takes no keep columns")
+        return replace(self, columns=dict(full_schema(dict(self.columns), dict(keep_columns))))
+
     def check_file(self, path: Path) -> None:
         """Validate a written file by its footer (tests, and readers that distrust a part)."""
         self.validate(pl.read_parquet_schema(path), path)
@@ -154,7 +161,7 @@ HASHES = Table("work/hash/*.parquet", "output_dir", "hash", {"uid": _I64, "phash
 DEDUP_DECISIONS = Table("work/dedup/decisions.parquet", "output_dir", "dedup", DECISION_SCHEMA)
 SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
     **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
-    "phash": _STR, "shard": _I64, "key": _STR,
+    "phash": pl.UInt64(), "position": _I64, "shard": _I64, "key": _STR,
 }, keep_columns=True)
 SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, keep_columns=True, ordered=True)
 REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, keep_columns=True, ordered=True)
@@ -166,7 +173,6 @@ TABLES: tuple[Table, ...] = (
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.
 TRANSIENT_COLUMNS = {
-    "position": "numbering the shard plan's rows, stages/shard.py",
     "_line": "numbering a text file's lines in the line reader, sources/rows.py",
 }
 

@@ -54,12 +54,11 @@ class Engine(Protocol):
     def sql(self, query: str, **tables: Table) -> Table:
         """The query over the tables, each registered under its keyword's name."""
 
-    def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None,
-              check: FileSchema | None = None) -> None:
+    def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
         """The table as one Parquet file, whole or not at all. `schema`: exactly those columns, in
-        that order and of those types (null where the table lacks one); a declared table of
-        manifests/schemas.py casts to its columns and is checked. `check`: the declared table the
-        file must match (refused with SchemaError before anything is written)."""
+        that order and of those types (null where the table lacks one); or a declared table of
+        manifests/schemas.py: its columns cast so, any others (keep columns) after them, and the
+        result checked against the table (SchemaError before anything is written)."""
 
     def rows(self, table: Table) -> list[tuple]:
         """A small result (counts, a summary) on the driver, as tuples."""
@@ -109,15 +108,15 @@ class LocalEngine:
 
         return pl.SQLContext(tables).execute(query, eager=False)
 
-    def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None,
-              check: FileSchema | None = None) -> None:
+    def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
         import polars as pl
 
         from cnclip.corpus.runtime.state import write_parquet_atomic
 
         extra: list[str] = []
+        check = None
         if schema is not None and not isinstance(schema, Mapping):  # a declared table: keep columns follow
-            check, schema = check or schema, schema.columns
+            check, schema = schema, schema.columns
             extra = [name for name in table.collect_schema().names() if name not in schema]
         if schema is not None:
             present = set(table.collect_schema().names())

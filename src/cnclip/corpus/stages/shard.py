@@ -27,8 +27,8 @@ from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.manifests.schemas import (REJECTED, REJECTED_SCHEMA, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform,
-                                             full_schema, keep_column_types)
+from cnclip.corpus.manifests.schemas import (REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform,
+                                             keep_column_types)
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.runtime.state import StageState, write_parquet_atomic
@@ -191,12 +191,12 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
         "keys": _key_of_kept(layout, engine),
         "attempts": engine.scan([attempts]) if attempts else None,
     }
-    schema = full_schema(REJECTED_SCHEMA, keep_columns)
+    schema = REJECTED.with_keep_columns(keep_columns)
     written = []
     for stage in stages:
         for name, table in stage.rejects(layout, engine, tables):
             written.append(layout.rejected_dir / name)
-            engine.write(engine.sql("SELECT * FROM rejects ORDER BY uid", rejects=table), written[-1], schema, check=REJECTED)
+            engine.write(engine.sql("SELECT * FROM rejects ORDER BY uid", rejects=table), written[-1], schema)
     return written
 
 
