@@ -90,7 +90,7 @@ def stage_states(recipe: Recipe) -> dict[str, StageState]:
     outputs = {
         "ingest": (layout.ingest_dir, layout.work / "crawl"),
         "text": (layout.text_dir,),
-        "download": (layout.download_dir, layout.work / "download-retry"),
+        "download": (layout.download_dir, layout.download_input_dir),
         "hash": (layout.hash_dir,),
         "dedup": (layout.dedup_decisions.parent,),
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,

@@ -51,3 +51,18 @@ def conform(frame: pl.DataFrame, base: dict[str, pl.DataType], extras: dict[str,
 def full_schema(base: dict[str, pl.DataType], extras: dict[str, pl.DataType]) -> pl.Schema:
     """base, then the keep_columns (a keep column never shadows a base one: recipe.py forbids it)."""
     return pl.Schema({**base, **{k: v for k, v in extras.items() if k not in base}})
+
+
+# --- ATTEMPTS: work/download/attempts.parquet, what the download stage made of each row --------
+# One row per attempted input row (its latest attempt: a --retry-failed round replaces the
+# rows it retried), written by stages/download_attempts.py from img2dataset's per-part results;
+# hash, dedup, shard and --retry-failed read only this. `tar` is the img2dataset part holding the
+# image, relative to work/download/, and `key` its member's name there (`{key}.{encode_format}`);
+# both are null unless status is success. `reason` is null for a success, else a reason code
+# (network:*, politeness:*, download:*) and `detail` img2dataset's error message.
+ATTEMPTS_SCHEMA: dict[str, pl.DataType] = {
+    "uid": pl.Int64(), "part": pl.Int64(), "tar": pl.String(), "key": pl.String(), "status": pl.String(),
+    "reason": pl.String(), "detail": pl.String(),
+    "width": pl.Int32(), "height": pl.Int32(), "original_width": pl.Int32(), "original_height": pl.Int32(),
+    "sha256": pl.String(),
+}

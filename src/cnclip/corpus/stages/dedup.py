@@ -11,7 +11,7 @@ from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.state import write_parquet_atomic
-from cnclip.corpus.stages.download import scan_attempts
+from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
 
@@ -25,7 +25,7 @@ def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame)
 
 def run_dedup_stage(recipe: Recipe) -> dict:
     layout = BuildLayout.of(recipe)
-    if not any(layout.download_dir.glob("*.parquet")):
+    if not has_attempts(layout.download_dir):
         write_parquet_atomic(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout))

@@ -3,7 +3,8 @@ checksums.json recording every one of them (integrity.py).
 
 Samples are ordered by uid (source order, then row order) whatever order img2dataset's threads
 finished in, so the same inputs give the same keys and the same tar bytes. Each output shard is
-written by its own task, reading image bytes straight out of img2dataset's tars by member; a tar
+written by its own task, reading image bytes straight out of img2dataset's tars by the member the
+attempts table names (download_attempts.py); a tar
 and its manifest part are renamed into place when whole, so an interrupted stage resumes after
 the last complete shard.
 """
@@ -20,7 +21,7 @@ import webdataset as wds
 
 from cnclip._common.atomic import atomic_path, remove_temporaries, write_json_atomic
 
-from cnclip.corpus.stages.download import scan_attempts, with_failure_reasons
+from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 from cnclip.corpus.runtime.engine import LocalEngine
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.ops.phash import hex_digits
@@ -43,7 +44,7 @@ def scan_accepted(layout: BuildLayout) -> pl.LazyFrame:
 
 
 def _has_downloads(layout: BuildLayout) -> bool:
-    return any(layout.download_dir.glob("*.parquet"))
+    return has_attempts(layout.download_dir)
 
 
 def plan_shards(recipe: Recipe) -> int:
@@ -54,7 +55,7 @@ def plan_shards(recipe: Recipe) -> int:
     successes = scan_attempts(layout.download_dir).filter(pl.col("status") == "success").select(
         "uid",
         pl.col("key").alias("download_key"),
-        pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"),
+        (pl.lit(f"{layout.download_dir}/") + pl.col("tar")).alias("download_tar"),
         "width", "height", "original_width", "original_height", "sha256",
     )
     hashes = pl.scan_parquet(layout.hash_dir / "*.parquet").select("uid", hex_digits(pl.col("phash")).alias("phash"))
@@ -160,12 +161,8 @@ def write_rejects(layout: BuildLayout, keep_columns: dict) -> list[Path]:
         )
     ]
     if downloads is not None:
-        failed = with_failure_reasons(downloads.filter(pl.col("status") != "success")).select(
-            "uid",
-            pl.lit("download").alias("stage"),
-            "reason",
-            pl.col("error_message").str.strip_chars().alias("detail"),
-        )
+        failed = downloads.filter(pl.col("status") != "success").select(
+            "uid", pl.lit("download").alias("stage"), "reason", "detail")
         frames.append(accepted.join(failed, on="uid", how="inner"))
         decisions = pl.scan_parquet(layout.dedup_decisions)
         dropped = (
