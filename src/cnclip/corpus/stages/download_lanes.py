@@ -17,6 +17,8 @@ inputs, after them; a resumed run reuses it and redoes only the parts without im
 from __future__ import annotations
 
 import collections
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,6 @@ import polars as pl
 
 from cnclip._common.atomic import atomic_path
 from cnclip.corpus.net.policy import GuardConfig
-from cnclip.corpus.runtime.engine import LocalEngine
 from cnclip.corpus.runtime.state import write_parquet_atomic
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
@@ -128,13 +129,22 @@ def run_lane(task: LaneTask) -> dict[str, int]:
         return policy.stats()
 
 
+def lane_tasks(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig) -> list[LaneTask]:
+    lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
+    return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config) for lane, parts in lanes]
+
+
 def run_lanes(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig,
               processes: int) -> dict[str, int]:
-    """Every lane of the plan on the engine, one lane per worker; the guard's counts summed."""
+    """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
+    counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
+    it loads, and the installed opener is process-wide, so neither may come from the caller's
+    process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
     Path(arguments["output_folder"]).mkdir(parents=True, exist_ok=True)
-    lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
-    tasks = [LaneTask(lane, tuple(parts), str(input_dir), arguments, config) for lane, parts in lanes]
+    tasks = lane_tasks(plan, input_dir, arguments, config)
     totals: collections.Counter = collections.Counter()
-    for stats in LocalEngine(processes).map_parts(run_lane, tasks, "download: img2dataset lanes"):
-        totals.update(stats)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
+        for stats in pool.map(run_lane, tasks):
+            totals.update(stats)
     return dict(sorted(totals.items()))
