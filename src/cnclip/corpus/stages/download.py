@@ -77,6 +77,9 @@ def sent_rows(layout: BuildLayout, uids: pl.LazyFrame | None = None) -> pl.DataF
 
 
 def img2dataset_arguments(recipe: Recipe) -> dict:
+    """The recipe as img2dataset.download's arguments. Each lane builds img2dataset's downloader
+    from them (download_lanes.py); url_list, processes_count, distributor and incremental_mode are
+    what a plain img2dataset run of the same rows would take (the bench runs one)."""
     layout = BuildLayout.of(recipe)
     image, download = recipe.image, recipe.download
     return dict(
