@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import polars as pl
 
@@ -81,8 +84,9 @@ class LaneTask:
     lane: int
     parts: tuple[int, ...]
     input_dir: str
-    arguments: dict  # img2dataset_arguments(recipe) with the stage's overrides
+    arguments: dict  # img2dataset_arguments(recipe)
     config: GuardConfig
+    parent: Optional[int] = None  # the build's pid, when the lane runs in a worker of its own
 
 
 def _downloader(arguments: dict):
@@ -111,11 +115,25 @@ def _downloader(arguments: dict):
     )
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A lane outliving a killed build would go on writing parts the resumed build writes too."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_lane(task: LaneTask) -> dict[str, int]:
     """One worker: the guarded opener installed, then each part not yet done (img2dataset
     retries a part that raised once, as its max_shard_retry default)."""
     from cnclip.corpus.net.opener import guarded_urlopen
 
+    if task.parent is not None:
+        _exit_with_parent(task.parent)
     downloader = _downloader(task.arguments)
     output = Path(task.arguments["output_folder"])
     with guarded_urlopen(task.config) as policy:
@@ -141,7 +159,7 @@ def run_lanes(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: Guar
     it loads, and the installed opener is process-wide, so neither may come from the caller's
     process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
     Path(arguments["output_folder"]).mkdir(parents=True, exist_ok=True)
-    tasks = lane_tasks(plan, input_dir, arguments, config)
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     totals: collections.Counter = collections.Counter()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
