@@ -113,3 +113,14 @@ def test_per_host_limits_hold_across_worker_processes_and_the_table_names_each_i
         with tarfile.open(layout.download_dir / tar_name) as tar:
             member = Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read()))
         assert member.size == (32, 32)  # the resized image, where the table says it is
+
+
+def test_a_lane_whose_build_is_gone_exits(monkeypatch):
+    """A killed build's lane must not go on writing the parts its resumed run writes."""
+    from cnclip.corpus.stages import download_lanes
+
+    exited = threading.Event()
+    monkeypatch.setattr(download_lanes.os, "getppid", lambda: 1)  # reparented: the build is gone
+    monkeypatch.setattr(download_lanes.os, "_exit", lambda code: exited.set())
+    download_lanes._exit_with_parent(parent=4242)
+    assert exited.wait(10)
