@@ -243,7 +243,7 @@ def downloads(layout, rows, name="00000.parquet"):
                 "width": pl.Int64, "height": pl.Int64, "original_width": pl.Int64, "original_height": pl.Int64,
                 "sha256": pl.String})
     write(frame, layout.download_dir / name)
-    write_attempts(layout.download_dir)
+    write_attempts(layout.download_dir)  # img2dataset's results read once, as the download stage does
 
 
 def decisions(layout, rows):
