@@ -13,6 +13,7 @@ from rich.console import Console
 from cnclip.corpus.manifests.funnel import AccountingError, compute_funnel, funnel_table, print_funnel, write_funnel
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA
+from cnclip.corpus.stages.download_attempts import write_attempts
 from cnclip.corpus.stages.shard import write_rejects
 
 REJECTED_FIELDS = list(REJECTED_SCHEMA)
@@ -242,6 +243,7 @@ def downloads(layout, rows, name="00000.parquet"):
                 "width": pl.Int64, "height": pl.Int64, "original_width": pl.Int64, "original_height": pl.Int64,
                 "sha256": pl.String})
     write(frame, layout.download_dir / name)
+    write_attempts(layout.download_dir)  # img2dataset's results read once, as the download stage does
 
 
 def decisions(layout, rows):

@@ -12,6 +12,7 @@ from cnclip.corpus.ops.dedup import (DECISION_SCHEMA, eval_overlaps, exact_dupli
                                      near_duplicates, text_duplicates)
 from cnclip.corpus.ops.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
 from cnclip.corpus.recipe import DedupSettings
+from cnclip.corpus.stages.download_attempts import write_attempts
 from cnclip.corpus.stages.dedup import scan_dedup_input
 
 
@@ -142,6 +143,7 @@ def test_scan_dedup_input_joins_successes_hashes_and_captions(tmp_path):
                   "original_width": [1, None, 1], "original_height": [1, None, 1], "sha256": ["a", None, "c"]},
                  schema_overrides={"width": pl.Int64, "height": pl.Int64, "original_width": pl.Int64,
                                    "original_height": pl.Int64}).write_parquet(download / "00000.parquet")
+    write_attempts(download)  # img2dataset's results read once, as the download stage does
     pl.DataFrame({"uid": [1], "phash": [9]}, schema={"uid": pl.Int64, "phash": pl.UInt64}
                  ).write_parquet(hashes / "00000.parquet")
     accepted = pl.LazyFrame({"uid": [1, 2, 3], "caption": ["甲", "乙", "丙"], "url": ["u1", "u2", "u3"]})

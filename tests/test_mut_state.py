@@ -299,7 +299,7 @@ def test_stage_records_and_outputs(make_recipe, tmp_path):
     assert {s: states[s].outputs for s in STAGES} == {
         "ingest": (layout.ingest_dir, layout.work / "crawl"),
         "text": (layout.text_dir,),
-        "download": (layout.download_dir, layout.work / "download-retry"),
+        "download": (layout.download_dir, layout.download_input_dir),
         "hash": (layout.hash_dir,),
         "dedup": (layout.dedup_decisions.parent,),
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,

@@ -148,10 +148,18 @@ TEXT_REJECTED = Table("work/text/rejected/*.parquet", "output_dir", "text",
                       {**INGEST_COLUMNS, "caption": _STR, **_VERDICT, "duplicate_of_uid": _I64, "stage": _STR},
                       keep_columns=True)
 
-# ---- ATTEMPTS: the download stage's attempts table ----------------------------------------------
-# Declared by the download stage's owner: its Table goes here and into TABLES below, which makes
-# its columns reserved and holds manifests/README.md's table to it like the others'.
-# ---- end ATTEMPTS -------------------------------------------------------------------------------
+# The attempts table: what the download stage made of each row.
+# One row per attempted input row (its latest attempt: a --retry-failed round replaces the
+# rows it retried), written by stages/download_attempts.py from img2dataset's per-part results;
+# hash, dedup, shard and --retry-failed read only this. `tar` is the img2dataset part holding the
+# image, relative to work/download/, and `key` its member's name there (`{key}.{encode_format}`);
+# both are null unless status is success. `reason` is null for a success, else a reason code
+# (network:*, politeness:*, download:*) and `detail` img2dataset's error message.
+ATTEMPTS_SCHEMA: dict[str, pl.DataType] = {
+    "uid": _I64, "part": _I64, "tar": _STR, "key": _STR, "status": _STR, **_VERDICT, **_SIZES, "sha256": _STR,
+}
+ATTEMPTS = Table("work/download/attempts.parquet", "output_dir", "download", ATTEMPTS_SCHEMA)
+
 
 # img2dataset's own per-part columns (work/download/*.parquet, its output format, not declared
 # here): the stages after the download read them, so a keep column may not take these names.
@@ -168,7 +176,7 @@ REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA,
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
+    ATTEMPTS, HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.

@@ -1,6 +1,6 @@
 """Guarded HTTP fetching: one request, connected only to an address the network guard checked.
 
-Used by the crawler (pages, robots.txt) and by the guard proxy (upstream requests). Each request
+Used by the crawler (pages, robots.txt) and by the download workers' guarded opener (images). Each request
 has a hard deadline (a watchdog shuts the socket when it passes, so a server dripping one byte at
 a time cannot hold a worker) and a maximum body size; redirects are followed by `GuardedFetcher`
 one hop at a time, each hop checked again before any connection is made.
@@ -37,7 +37,7 @@ from cnclip.corpus.net.uri import to_uri
 
 _CHUNK = 64 * 1024
 # http.client already stops at one header line over 64 KiB and at 100 headers; this caps them all
-# together, so an answer cannot hand the proxy (and its client) megabytes of headers.
+# together, so an answer cannot hand a worker megabytes of headers.
 MAX_HEADER_BYTES = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
 

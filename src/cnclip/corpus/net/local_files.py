@@ -1,10 +1,11 @@
-"""`file://` image URLs, served by the guard proxy under the same size and time limits as HTTP.
+"""`file://` image URLs, read by the download worker's guard under the same size and time limits
+as HTTP.
 
-urllib (img2dataset's fetcher) opens `file://` URLs itself, with no proxy, no size cap and no
-timeout: a metadata row could publish `/etc/passwd`, grow a worker without bound on
-`/dev/zero`, or hang it on a FIFO. The download stage therefore sets `file_proxy` too, so urllib
-hands every `file://` request to the guard proxy, which reads the file here, and only when it is a
-regular file under one of `download.allow_local_files` once every symlink is resolved.
+urllib (img2dataset's fetcher) opens `file://` URLs itself, with no size cap and no timeout: a
+metadata row could publish `/etc/passwd`, grow a worker without bound on `/dev/zero`, or hang it
+on a FIFO. The guarded opener each download worker installs (net/opener.py) has no urllib
+FileHandler: it reads the file here, and only when it is a regular file under one of
+`download.allow_local_files` once every symlink is resolved.
 """
 
 from __future__ import annotations

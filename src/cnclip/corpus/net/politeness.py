@@ -1,7 +1,7 @@
 """Politeness: robots.txt per host, per-host concurrency and spacing, and page opt-outs.
 
-Shared by the crawler (in-process) and the guard proxy the download stage runs, so that 10k
-images from one host arrive spaced out rather than as a burst.
+Shared by the crawler and the download workers (one HostPolicy per worker, net/policy.py), so
+that 10k images from one host arrive spaced out rather than as a burst.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Reason codes of the crawl and the network guard, and the text markers that carry them.
 
-A blocked download comes back from img2dataset only as an error message string, so the guard
-proxy writes a stable marker into its status line (`403 cnclip-guard network:blocked_address
-127.0.0.2`); `reason_from_error_message` turns such a message back into a reason code.
+A blocked download comes back from img2dataset only as an error message string, so the worker's
+guard raises its refusal with a stable marker in the status line (`HTTP Error 403: cnclip-guard
+network:blocked_address 127.0.0.2`); `reason_from_error_message` turns such a message back into a
+reason code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TOO_MANY_REDIRECTS = "network:too_many_redirects"
 RATE_LIMITED = "network:rate_limited"  # HTTP 429
 SERVER_ERROR = "network:server_error"  # HTTP 5xx
 HTTP_ERROR = "network:http_error"  # other 4xx
-HOST_BUSY = "network:host_busy"  # the proxy's per-host queue did not free a slot in time
+HOST_BUSY = "network:host_busy"  # the per-host queue did not free a slot in time
 TRUNCATED = "network:truncated"  # the connection closed before the body reached its Content-Length
 BAD_RESPONSE = "network:bad_response"  # a header line too long, too many or too large headers, a garbled status line
 LOCAL_FILE_NOT_ALLOWED = "network:local_file_not_allowed"  # file:// outside download.allow_local_files
@@ -42,11 +43,10 @@ TRANSIENT = frozenset({DNS_FAILED, CONNECT_FAILED, TIMEOUT, RATE_LIMITED, SERVER
 MARKER = "cnclip-guard"
 _MARKER_RE = re.compile(MARKER + r"[:\s]+([a-z_]+:[a-z_]+)")
 _HTTP_STATUS_RE = re.compile(r"HTTP Error (\d{3})")
-# Messages urllib/socket raise when nothing went through the proxy (or before it answered).
+# Messages urllib/socket raise when the guard gave no marker (or before it answered).
 _MESSAGE_RULES = (
     (re.compile(r"\[SSL|CERTIFICATE_VERIFY_FAILED|SSLError", re.I), TLS_FAILED),
-    # A tunnelled (HTTPS) answer cut by the proxy's deadline or size cap reaches the client only
-    # as a truncated body: counted as a timeout (transient), the common case of the two.
+    # A body cut short reaches urllib as IncompleteRead: counted as a timeout (transient).
     (re.compile(r"timed out|TimeoutError|IncompleteRead", re.I), TIMEOUT),
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo failed|"
                 r"Temporary failure in name resolution|No address associated", re.I), DNS_FAILED),

@@ -7,7 +7,7 @@ Where the bytes go (measured on img2dataset 1.47 with its OpenCV resizer):
   process's own loop), and the worst image within `image.max_pixels` costs about 80 bytes per
   pixel: a 16-bit RGBA PNG, which img2dataset alpha-mattes in float64 (JPEG: about 6);
 - each thread holds up to 2 bodies of `max_response_bytes` (img2dataset lets 2 × threads fetched
-  images wait for the resizer), and the guard proxy holds one more per request in flight while it
+  images wait for the resizer), and the guard holds one more per request in flight while it
   reads and joins it.
 
 So the documented figure is
@@ -24,7 +24,7 @@ from typing import Optional
 MiB = 1024 * 1024
 WORKER_BASE_BYTES = 768 * MiB
 DECODE_BYTES_PER_PIXEL = 88  # 80 measured for a 16-bit RGBA PNG, plus a tenth
-BODY_COPIES_PER_THREAD = 4  # 2 waiting in the worker, the proxy's read buffer and its joined copy
+BODY_COPIES_PER_THREAD = 4  # 2 waiting in the worker, the guard's read chunks and its joined copy
 
 
 def _process_fixed_bytes(max_pixels: int) -> int:

@@ -14,7 +14,7 @@ from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.fingerprints import eval_listing
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.stages.download import scan_attempts
+from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
 
@@ -29,7 +29,7 @@ def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame)
 def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     """`engine`: the build's, whose tables the duplicate search reads (polars frames locally)."""
     layout = BuildLayout.of(recipe)
-    if not any(layout.download_dir.glob("*.parquet")):
+    if not has_attempts(layout.download_dir):
         DEDUP_DECISIONS.write(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))

@@ -1,10 +1,12 @@
 """Download stage: img2dataset on the rows the text stage accepted.
 
 img2dataset does the fetching, resizing and size/aspect checks; this module maps the recipe onto
-its Python API and adds what it lacks: URLs encoded as browsers send them, the guard proxy in
-front of every request (file:// included), threads lowered to fit download.memory_budget, and
-OpenCV told the recipe's pixel limit, so a decompression bomb is refused from its header before
-any pixel memory is allocated.
+its downloader and adds what it lacks: URLs encoded as browsers send them, rows routed by host to
+worker lanes that each run img2dataset with the network guard installed in-process in front of
+every request, file:// included (download_lanes.py, net/opener.py), threads lowered to fit
+download.memory_budget, OpenCV told the recipe's pixel limit, so a decompression bomb is refused
+from its header before any pixel memory is allocated, and img2dataset's results read once into
+the attempts table (download_attempts.py) that every later stage reads.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import polars as pl
 from cnclip._common.atomic import remove_temporaries
 from cnclip._common.mainguard import require_main_guard
 
+from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.runtime.state import write_parquet_atomic
 from cnclip.corpus.net.uri import to_uri
+from cnclip.corpus.stages.download_attempts import scan_attempts, write_attempts
 from cnclip._common.console import info, stage_progress
 from cnclip.corpus.recipe import Recipe, SampleWebSource
 
@@ -66,22 +69,19 @@ def as_sent(frame: pl.LazyFrame) -> pl.LazyFrame:
     return pl.concat([frame.filter(~odd), encoded]).sort("uid")
 
 
-def write_download_input(layout: BuildLayout) -> Path:
-    """One input part per accepted part, rewritten every run: cheap beside the downloads, and never
-    stale after the text stage reran (parts without an accepted part are removed)."""
-    folder = layout.download_input_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(folder)
-    accepted = sorted(layout.text_accepted_dir.glob("*.parquet"))
-    for stale in set(folder.glob("*.parquet")) - {folder / p.name for p in accepted}:
-        stale.unlink()
-    for part in accepted:
-        write_parquet_atomic(as_sent(pl.scan_parquet(part).select("url", "caption", "uid")).collect(),
-                             folder / part.name)
-    return folder
+def sent_rows(layout: BuildLayout, uids: pl.LazyFrame | None = None) -> pl.DataFrame:
+    """The accepted rows to download (all, or those of `uids`), URLs as browsers send them."""
+    rows = pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
+                     how="diagonal_relaxed")
+    if uids is not None:
+        rows = rows.join(uids, on="uid", how="semi")
+    return rows.select("url", "caption", "uid").pipe(as_sent).collect()
 
 
 def img2dataset_arguments(recipe: Recipe) -> dict:
+    """The recipe as img2dataset.download's arguments. Each lane builds img2dataset's downloader
+    from them (download_lanes.py); url_list, processes_count, distributor and incremental_mode are
+    what a plain img2dataset run of the same rows would take (the bench runs one)."""
     layout = BuildLayout.of(recipe)
     image, download = recipe.image, recipe.download
     return dict(
@@ -116,39 +116,46 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
     )
 
 
-def _img2dataset(recipe: Recipe, **overrides) -> dict:
-    """Run img2dataset behind the guard proxy (spawned workers inherit the environment)."""
-    require_main_guard("the download stage (img2dataset)")  # its pool spawns workers
-    from img2dataset import download
+def guard_config(recipe: Recipe) -> GuardConfig:
+    from cnclip.corpus.stages.download_lanes import lanes_per_host
 
-    from cnclip.corpus.net.proxy import GuardProxy, ProxyConfig, proxy_environment
+    config = GuardConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
+    return config.spread(lanes_per_host(config, recipe.download.processes))
 
+
+def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: int) -> dict:
+    """Route the rows to lanes (or take the plan an interrupted run left), then run img2dataset
+    in each lane's worker behind the guard; returns the guard's counts."""
+    require_main_guard("the download stage (img2dataset)")  # the lanes run in spawned workers
+    from cnclip.corpus.stages.download_lanes import run_lanes, write_plan
+
+    layout = BuildLayout.of(recipe)
     # OpenCV checks its pixel limit on the header; albumentations (imported by img2dataset)
-    # would otherwise call PyPI from every worker.
+    # would otherwise call PyPI from every worker. Spawned workers inherit both.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(recipe.image.max_pixels)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    config = ProxyConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
+    config = guard_config(recipe)
     lowered = download_threads(recipe)[1]
     if lowered:
         info(lowered)
-    arguments = {**img2dataset_arguments(recipe), "timeout": config.client_timeout, **overrides}
-    with (serve_sample_webs(recipe), GuardProxy(config) as proxy, proxy_environment(proxy),
-          _parts_progress(Path(arguments["output_folder"]), arguments["url_list"], recipe.download.samples_per_part)):
-        # The proxy enforces the recipe's timeout per request; the client waits longer so that a
-        # request queued for its host's turn is not abandoned early.
-        download(**arguments)
-        return proxy.stats()
+    layout.download_input_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(layout.download_input_dir)
+    plan = write_plan(rows, layout.download_input_dir, plan_name, recipe.download.processes,
+                      config.lanes_per_host, recipe.download.samples_per_part, first_part)
+    arguments = img2dataset_arguments(recipe)
+    with serve_sample_webs(recipe), _parts_progress(layout.download_dir, plan):
+        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes)
 
 
 @contextlib.contextmanager
-def _parts_progress(output_dir: Path, url_list: str, samples_per_part: int) -> Iterator[None]:
+def _parts_progress(output_dir: Path, plan: pl.DataFrame) -> Iterator[None]:
     """A progress bar of img2dataset parts done (it writes a part's stats file last), polled."""
     import threading
 
-    listed = Path(url_list)
-    inputs = sorted(listed.glob("*.parquet")) if listed.is_dir() else [listed]
-    # img2dataset cuts each input file into parts of samples_per_part rows.
-    total = sum(-(-pl.scan_parquet(p).select(pl.len()).collect().item() // samples_per_part) for p in inputs)
+    from cnclip.corpus.stages.download_lanes import part_name
+
+    parts = plan["part"].unique().to_list()
+    total = sum(not (output_dir / part_name(p, "_stats.json")).exists() for p in parts)
     before = len(list(output_dir.glob("*_stats.json")))
     stop = threading.Event()
     with stage_progress("download: img2dataset parts", total=total) as advance:
@@ -169,87 +176,45 @@ def _parts_progress(output_dir: Path, url_list: str, samples_per_part: int) -> I
             watcher.join()
 
 
-def scan_attempts(download_dir: Path) -> pl.LazyFrame:
-    """img2dataset's per-row results, the latest attempt of each row only (retries add parts
-    with higher numbers after the first run's)."""
-    attempts = pl.scan_parquet(download_dir / "*.parquet", include_file_paths="download_parquet").select(
-        "uid", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
-        "download_parquet",
-    )
-    if not _retry_dir(download_dir).exists():  # one attempt per row: nothing to collapse
-        return attempts
-    return attempts.sort("download_parquet", "uid").unique("uid", keep="last", maintain_order=True)
-
-
-def _retry_dir(download_dir: Path) -> Path:
-    """Where --retry-failed writes the rows it asks img2dataset for again."""
-    return download_dir.parent / "download-retry"
-
-
-def failure_reason(status: str, error_message: str | None) -> str:
-    """A failed row's reason: the guard's or a transient network reason when the message names
-    one (network:blocked_address, network:timeout, network:rate_limited...), else img2dataset's."""
-    from cnclip.corpus.net.reasons import reason_from_error_message
-
-    return reason_from_error_message(error_message) or f"download:{status}"
-
-
-def with_failure_reasons(attempts: pl.LazyFrame) -> pl.LazyFrame:
-    # A Python call per failed row only: failures are a minority, and the message rules live
-    # in one place (guard_reasons).
-    return attempts.with_columns(
-        pl.when(pl.col("status") == "success")
-        .then(pl.lit(None, pl.String))
-        .otherwise(pl.struct("status", "error_message").map_elements(
-            lambda r: failure_reason(r["status"], r["error_message"]), return_dtype=pl.String))
-        .alias("reason")
-    )
-
-
 def _statuses(download_dir: Path) -> dict:
-    if not any(download_dir.glob("*.parquet")):
-        return {}
     rows = scan_attempts(download_dir).group_by("status").agg(pl.len()).sort("status").collect().rows()
     return dict(rows)
 
 
 def run_download_stage(recipe: Recipe) -> dict:
-    """img2dataset in incremental mode: after a crash it redoes only parts without their stats."""
+    """Every accepted row downloaded once; after a crash only parts without their stats are redone."""
     layout = BuildLayout.of(recipe)
     if not any(layout.text_accepted_dir.glob("*.parquet")):
         info("download: no rows to download")
+        write_attempts(layout.download_dir)
         return {"by_status": {}, "retries": 0}
-    write_download_input(layout)
-    guard = _img2dataset(recipe)
+    guard = _download(recipe, sent_rows(layout), "plan.parquet", first_part=0)
+    write_attempts(layout.download_dir)
     return {"by_status": _statuses(layout.download_dir), "retries": 0, "guard": guard}
 
 
 def retry_failed(recipe: Recipe, previous: dict) -> dict:
     """Download again only the rows whose latest attempt failed for a transient reason
-    (timeouts, 5xx, 429, DNS, refused connections); their new results are added as new parts."""
+    (timeouts, 5xx, 429, DNS, refused connections); their new results are added as new parts,
+    numbered after every earlier one, and the attempts table then holds their latest attempt."""
     from cnclip.corpus.net.reasons import TRANSIENT
 
     layout = BuildLayout.of(recipe)
-    failed = with_failure_reasons(scan_attempts(layout.download_dir).filter(pl.col("status") != "success"))
-    transient = failed.filter(pl.col("reason").is_in(sorted(TRANSIENT))).select("uid")
-    retry_input = _retry_dir(layout.download_dir) / f"attempt-{previous.get('retries', 0) + 1}.parquet"
-    rows = (
-        pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
-                  how="diagonal_relaxed")
-        .join(transient, on="uid", how="semi")
-        .select("url", "caption", "uid")
-        .pipe(as_sent)
-        .collect()
-    )
+    transient = scan_attempts(layout.download_dir).filter(
+        (pl.col("status") != "success") & pl.col("reason").is_in(sorted(TRANSIENT))).select("uid")
+    rows = sent_rows(layout, transient)
     if rows.height == 0:
         info("download: no transient failures to retry")
         return previous
-    write_parquet_atomic(rows, retry_input)
     info(f"download: retrying {rows.height} rows that failed for transient reasons")
-    # 'extend' numbers the new parts after the existing ones, so they are the latest attempts.
-    guard = _img2dataset(recipe, url_list=str(retry_input), incremental_mode="extend")
-    return {"by_status": _statuses(layout.download_dir), "retries": previous.get("retries", 0) + 1,
-            "retried": rows.height, "guard": guard}
+    attempt = previous.get("retries", 0) + 1
+    # img2dataset deletes each part's input once done: the plans say which numbers are taken.
+    used = pl.concat([pl.scan_parquet(p).select("part") for p in layout.download_input_dir.glob("plan*.parquet")])
+    first_part = (used.select(pl.col("part").max()).collect().item() or 0) + 1
+    guard = _download(recipe, rows, f"plan-retry-{attempt}.parquet", first_part)
+    write_attempts(layout.download_dir)
+    return {"by_status": _statuses(layout.download_dir), "retries": attempt, "retried": rows.height,
+            "guard": guard}
 
 
 # Accepted rows img2dataset never reported, and those whose latest attempt failed (its reason
@@ -274,7 +239,7 @@ class DownloadStage(Stage):
     sections = ("image", "download")
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.download_dir, _retry_dir(layout.download_dir))
+        return (layout.download_dir, layout.download_input_dir)
 
     def run(self, context: StageContext) -> dict:
         return run_download_stage(context.recipe)

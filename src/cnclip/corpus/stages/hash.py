@@ -12,25 +12,24 @@ from cnclip.corpus.manifests.schemas import HASHES
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 
 HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
 
 
-def hash_download_part(paths: tuple[Path, Path, Path]) -> int:
-    """img2dataset part (tar + parquet) -> hash part; returns the number of images hashed."""
-    tar_path, parquet_path, out_path = paths
-    uid_of = dict(
-        pl.read_parquet(parquet_path, columns=["key", "uid", "status"])
-        .filter(pl.col("status") == "success")
-        .select("key", "uid")
-        .iter_rows()
-    )
+def hash_download_part(paths: tuple[Path, dict[str, int], Path]) -> int:
+    """img2dataset tar + its successes' (member key -> uid) -> hash part; returns the number of
+    images hashed. A part with no success has no tar worth opening and gives an empty part."""
+    tar_path, uid_of, out_path = paths
     keys: list[str] = []
 
     def images() -> Iterator[bytes]:  # streamed: one image in memory at a time, hashes batched
+        if not uid_of:
+            return
         for key, data in iter_tar_images(tar_path):
-            keys.append(key)
-            yield data
+            if key in uid_of:  # an image of a row whose latest attempt is elsewhere is not this part's
+                keys.append(key)
+                yield data
 
     hashes = phash_bytes(images())
     frame = pl.DataFrame(
@@ -42,13 +41,22 @@ def hash_download_part(paths: tuple[Path, Path, Path]) -> int:
 
 def run_hash_stage(download_dir: Path, hash_dir: Path, processes: int | None = None,
                    engine: Engine | None = None) -> dict:
-    """Hash every download part not hashed yet; `processes` overrides the engine's."""
+    """One task per download part of the attempts table (their latest attempts only) not hashed
+    yet; `processes` overrides the engine's."""
     engine = engine or default_engine()
     hash_dir.mkdir(parents=True, exist_ok=True)
+    if not has_attempts(download_dir):
+        return {"parts": 0}
+    parts = (
+        scan_attempts(download_dir)
+        .group_by("part")
+        .agg(pl.col("key").filter(pl.col("status") == "success"), pl.col("uid").filter(pl.col("status") == "success"))
+        .sort("part")
+        .collect()
+    )
     tasks = [
-        (tar, tar.with_suffix(".parquet"), hash_dir / tar.with_suffix(".parquet").name)
-        for tar in sorted(download_dir.glob("*.tar"))
-        if tar.with_suffix(".parquet").exists()
+        (download_dir / f"{part:05d}.tar", dict(zip(keys, uids)), hash_dir / f"{part:05d}.parquet")
+        for part, keys, uids in parts.iter_rows()
     ]
     todo = [t for t in tasks if not t[2].exists()]
     engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)

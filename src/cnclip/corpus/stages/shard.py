@@ -3,7 +3,8 @@ checksums.json recording every one of them (integrity.py).
 
 Samples are ordered by uid (source order, then row order) whatever order img2dataset's threads
 finished in, so the same inputs give the same keys and the same tar bytes. Each output shard is
-written by its own task, reading image bytes straight out of img2dataset's tars by member; a tar
+written by its own task, reading image bytes straight out of img2dataset's tars by the member the
+attempts table names (download_attempts.py); a tar
 and its manifest part are renamed into place when whole, so an interrupted stage resumes after
 the last complete shard.
 """
@@ -21,8 +22,8 @@ import webdataset as wds
 
 from cnclip._common.atomic import atomic_path, remove_temporaries, write_json_atomic
 
-from cnclip.corpus.stages.download import scan_attempts, with_failure_reasons
 from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
+from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
@@ -31,7 +32,7 @@ from cnclip.corpus.manifests.schemas import (REJECTED, SAMPLE_SCHEMA, SAMPLES, S
                                              keep_column_types)
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.runtime.state import StageState, write_parquet_atomic
+from cnclip.corpus.runtime.state import StageState
 from cnclip._common.console import info, warn
 
 # Fixed tar member times make shards byte-identical across rebuilds.
@@ -49,37 +50,12 @@ def scan_accepted(layout: BuildLayout, engine: Engine | None = None) -> Table:
 
 
 def _has_downloads(layout: BuildLayout) -> bool:
-    return any(layout.download_dir.glob("*.parquet"))
+    return has_attempts(layout.download_dir)
 
 
-def _attempts_path(layout: BuildLayout) -> Path:
-    return layout.shard_plan.parent / "attempts.parquet"
-
-
-def write_attempts(layout: BuildLayout) -> Path | None:
-    """img2dataset's per-row results (the latest attempt of each row) as one table of this stage
-    that the relational steps read: uid, the member key and tar holding its image, status,
-    reason and detail of a failure, sizes, sha256. None before any download part exists."""
-    if not _has_downloads(layout):
-        return None
-    path = _attempts_path(layout)
-    if path.exists():  # the stage's folder is emptied whenever the download stage changed
-        return path
-    attempts = scan_attempts(layout.download_dir)
-    failed = with_failure_reasons(attempts.filter(pl.col("status") != "success"))
-    table = pl.concat(
-        [attempts.filter(pl.col("status") == "success").with_columns(pl.lit(None, pl.String).alias("reason")), failed]
-    ).select(
-        "uid",
-        pl.col("key").alias("download_key"),
-        pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"),
-        "status", "reason",
-        pl.col("error_message").str.strip_chars().alias("detail"),
-        "width", "height", "original_width", "original_height", "sha256",
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(table, path)
-    return path
+def _attempts(layout: BuildLayout, engine: Engine) -> Table | None:
+    """The download stage's attempts table (None before any download part exists)."""
+    return engine.scan([attempts_path(layout.download_dir)]) if _has_downloads(layout) else None
 
 
 # The kept rows in uid order (source order, then row order), numbered into shards and keys:
@@ -91,7 +67,7 @@ SELECT *, CASE WHEN shard < 100000 THEN LPAD(CAST(shard AS STRING), 5, '0') ELSE
 FROM (
   SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard
   FROM (
-    SELECT a.*, t.download_key, t.download_tar, t.width, t.height, t.original_width, t.original_height,
+    SELECT a.*, t.key AS download_key, t.tar AS download_tar, t.width, t.height, t.original_width, t.original_height,
            t.sha256, h.phash, ROW_NUMBER() OVER (ORDER BY a.uid) - 1 AS position
     FROM accepted a
     JOIN attempts t ON a.uid = t.uid
@@ -109,11 +85,10 @@ def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
     engine = engine or default_engine()
     layout = BuildLayout.of(recipe)
     per_shard = recipe.shard.samples_per_shard
-    attempts = write_attempts(layout)
     plan = engine.sql(
         _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1))),
         accepted=scan_accepted(layout, engine),
-        attempts=engine.scan([attempts]),
+        attempts=_attempts(layout, engine),
         dropped=engine.scan([layout.dedup_decisions]),
         hashes=engine.scan(sorted(layout.hash_dir.glob("*.parquet")), {"uid": pl.Int64, "phash": pl.UInt64}),
     )
@@ -127,6 +102,7 @@ class _ShardTask:
     shard: int
     shards_dir: Path
     samples_dir: Path
+    download_dir: Path  # the plan's download_tar is relative to it
     image_extension: str
     keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
 
@@ -153,7 +129,7 @@ def write_shard(task: _ShardTask) -> int:
                 ):
                     tar = sources.get(download_tar)
                     if tar is None:
-                        tar = sources[download_tar] = tarfile.open(download_tar)
+                        tar = sources[download_tar] = tarfile.open(task.download_dir / download_tar)
                     member = tar.extractfile(f"{download_key}.{task.image_extension}")
                     writer.write(
                         {
@@ -185,11 +161,10 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
     engine = engine or default_engine()
     if stages is None:
         from cnclip.corpus.pipeline import STAGES as stages
-    attempts = write_attempts(layout)
     tables = {
         "accepted": scan_accepted(layout, engine),
         "keys": _key_of_kept(layout, engine),
-        "attempts": engine.scan([attempts]) if attempts else None,
+        "attempts": _attempts(layout, engine),
     }
     schema = REJECTED.with_keep_columns(keep_columns)
     written = []
@@ -220,7 +195,8 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     count = -(-total // recipe.shard.samples_per_shard)
     keep_columns = keep_column_types(layout.ingest_dir)
     tasks = [
-        _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, recipe.image.encode_format,
+        _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, layout.download_dir,
+                   recipe.image.encode_format,
                    keep_columns)
         for shard in range(count)
     ]

@@ -79,7 +79,7 @@ def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bo
     """The first per-row filter a row fails (null when it passes them all).
 
     local_files: the recipe lists download.allow_local_files; without it a file:// URL is
-    rejected here (the guard proxy checks the folders of those that pass)."""
+    rejected here (the download worker's guard checks the folders of those that pass)."""
     url, caption = pl.col("url"), pl.col("caption")
     length = caption.str.len_chars()
     rules: list[tuple[pl.Expr, str]] = [(url.is_null() | (url == ""), "ingest:missing_url")]

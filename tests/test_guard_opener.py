@@ -1,9 +1,13 @@
-"""The guard proxy the download stage puts in front of img2dataset: urllib through it, and one real
-img2dataset run whose spawned workers only see the proxy through the environment.
+"""The guard inside each download worker: urllib through the guarded opener, and img2dataset's
+own downloader run in a lane with the opener installed. (These were the guard proxy's tests; the
+same decisions are asserted on the same messages, the proxy-only mechanics replaced by their
+in-worker equivalents.)
 
-Only 127.0.0.1 is ever contacted: the proxy allows 127.0.0.1/32 alone, and every test that
+Only 127.0.0.1 is ever contacted: the guard allows 127.0.0.1/32 alone, and every test that
 redirects elsewhere (127.0.0.2) checks that no connection was opened to it.
 """
+
+import contextlib
 
 import json
 import os
@@ -18,8 +22,9 @@ import pytest
 from loopback_routes import RouteServer, jpeg_bytes
 
 from cnclip.corpus.recipe.crawl import GuardSettings
-from cnclip.corpus.net.proxy import GuardProxy, ProxyConfig, proxy_environment, reason_from_error_message
-from cnclip.corpus.net.reasons import is_transient
+from cnclip.corpus.net.opener import guarded_opener, guarded_urlopen
+from cnclip.corpus.net.policy import GuardConfig, HostPolicy
+from cnclip.corpus.net.reasons import is_transient, reason_from_error_message
 
 IMAGE = jpeg_bytes(64)
 
@@ -27,12 +32,16 @@ IMAGE = jpeg_bytes(64)
 def config(**overrides):
     values = dict(allow_networks=("127.0.0.1/32",), request_timeout=3.0, per_host_concurrency=4,
                   per_host_delay=0.0, per_host_max_wait=5.0, max_response_bytes=100_000)
-    return ProxyConfig(**{**values, **overrides})
+    return GuardConfig(**{**values, **overrides})
 
 
-def opener(proxy):
-    handler = urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url})
-    return urllib.request.build_opener(handler)
+@contextlib.contextmanager
+def GuardProxy(cfg):  # noqa: N802 (the name the tests were written with: one worker's guard)
+    yield HostPolicy(cfg)
+
+
+def opener(policy):
+    return guarded_opener(policy)
 
 
 def error_of(call):
@@ -43,7 +52,7 @@ def error_of(call):
     raise AssertionError("the request was expected to fail")
 
 
-def test_proxy_relays_allowed_requests_and_refuses_others_with_a_marker(connections):
+def test_the_guard_relays_allowed_requests_and_refuses_others_with_a_marker(connections):
     with RouteServer() as site, GuardProxy(config()) as proxy:
         site.routes.update({
             "/ok.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE),
@@ -64,23 +73,32 @@ def test_proxy_relays_allowed_requests_and_refuses_others_with_a_marker(connecti
     assert reason_from_error_message(redirected) == "network:blocked_address"
     assert reason_from_error_message(hex_host) == "network:blocked_address" and "127.0.0.2" in hex_host
     assert huge.startswith("HTTP Error 502: cnclip-guard network:too_large")
-    assert "Tunnel connection failed: 403 cnclip-guard network:blocked_address 127.0.0.2" in tunnel
+    assert tunnel == "HTTP Error 403: cnclip-guard network:blocked_address 127.0.0.2"  # checked before any TLS
     assert served == ["/ok.jpg", "/ok.jpg", "/moved.jpg", "/huge.jpg"]
     assert stats == {"ok": 2, "redirect": 1, "network:blocked_address": 3, "network:too_large": 1}
     assert set(connections) == {"127.0.0.1"}   # 127.0.0.2 was never contacted
 
 
-def test_connect_tunnels_only_to_checked_addresses():
-    with RouteServer({"/t.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE)}) as site, GuardProxy(config()) as proxy:
-        with socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=10) as sock:
-            # The request right behind CONNECT lands in the proxy's read buffer: it must still pass.
-            sock.sendall(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1\r\n\r\n"
-                         f"GET /t.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-    assert answer.startswith(b"HTTP/1.1 200 Connection established")
-    assert b"HTTP/1.0 200 OK" in answer and answer.endswith(IMAGE)
+def test_a_name_is_resolved_once_and_the_checked_address_is_the_one_connected_to(connections):
+    """DNS rebinding: any lookup after each request's own would answer 127.0.0.2; http and https
+    connect to the answer that was checked."""
+    from cnclip.corpus.net.guard import NetworkGuard
+
+    answers = []
+
+    def rebinding(host, port):
+        answers.append(host)
+        return ["127.0.0.1"] if len(answers) <= 2 else ["127.0.0.2"]
+
+    with RouteServer({"/t.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE)}) as site:
+        policy = HostPolicy(config(), NetworkGuard(("127.0.0.1/32",), resolver=rebinding))
+        client = opener(policy)
+        assert client.open(f"http://images.test:{site.port}/t.jpg", timeout=10).read() == IMAGE
+        # A plain-HTTP server cannot complete a TLS handshake: the failure is TLS's, after connecting.
+        tls = error_of(lambda: client.open(f"https://images.test:{site.port}/t.jpg", timeout=10))
+    assert answers == ["images.test", "images.test"]  # one lookup per request, none at connect time
+    assert set(connections) == {"127.0.0.1"}
+    assert reason_from_error_message(tls) == "network:tls_failed"
 
 
 def test_429_then_200_is_a_transient_failure_then_a_success():
@@ -138,24 +156,38 @@ def test_robots_for_images_when_configured():
     assert served == ["/robots.txt", "/public/a.jpg"]
 
 
-def test_settings_map_onto_the_proxy_and_the_environment_is_restored(monkeypatch):
-    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
-    monkeypatch.delenv("http_proxy", raising=False)
+def test_settings_map_onto_the_guard_and_the_opener_is_restored(monkeypatch, connections):
+    # A proxy in the environment must not carry the worker's requests around the guard.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.2:9")
     settings = GuardSettings(allow_networks=["127.0.0.0/8"], per_host_concurrency=3, per_host_delay=0.5)
-    cfg = ProxyConfig.from_settings(settings, request_timeout=7)
+    cfg = GuardConfig.from_settings(settings, request_timeout=7)
     assert (cfg.allow_networks, cfg.per_host_concurrency, cfg.per_host_delay, cfg.request_timeout) == (
         ("127.0.0.0/8",), 3, 0.5, 7.0)
     assert cfg.client_timeout == 7 + settings.per_host_max_wait + 5
-    with GuardProxy(cfg) as proxy, proxy_environment(proxy):
-        assert os.environ["http_proxy"] == os.environ["https_proxy"] == proxy.url
-        assert os.environ["no_proxy"] == ""   # loopback must not bypass the guard
-        assert urllib.request.getproxies()["http"] == proxy.url
-    assert os.environ["no_proxy"] == "localhost,127.0.0.1" and "http_proxy" not in os.environ
+    # Spread over 2 lanes, each holds half of the host's concurrency and twice its spacing.
+    assert (cfg.spread(2).lane_concurrency, cfg.spread(2).lane_delay) == (1, 1.0)
+    before = urllib.request._opener
+    with RouteServer({"/a.jpg": (200, {}, IMAGE)}) as site:
+        with guarded_urlopen(config()) as policy:
+            assert urllib.request.urlopen(site.base + "/a.jpg", timeout=10).read() == IMAGE
+        assert policy.stats() == {"ok": 1}
+    assert urllib.request._opener is before
+    assert set(connections) == {"127.0.0.1"}
 
 
-def test_img2dataset_workers_fetch_through_the_proxy(tmp_path, connections):
-    """A real img2dataset run (spawned worker): each row's recorded error maps to its reason."""
-    from img2dataset import download
+def lane_arguments(output, **overrides):
+    """The img2dataset arguments a lane runs with (stages/download.py's img2dataset_arguments)."""
+    return dict(image_size=32, resize_mode="no", resize_only_if_bigger=False, encode_quality=95,
+                encode_format="jpg", min_image_size=0, max_image_area=float("inf"), max_aspect_ratio=float("inf"),
+                thread_count=2, extract_exif=False, output_folder=str(output), timeout=10,
+                number_sample_per_shard=100, compute_hash="sha256", retries=0, user_agent_token=None,
+                disallowed_header_directives=None) | overrides
+
+
+def test_img2dataset_workers_fetch_through_the_guard(tmp_path, connections):
+    """img2dataset's own downloader in a lane: each row's recorded error maps to its reason.
+    (Lanes in spawned workers: test_download_lanes.py and every build test.)"""
+    from cnclip.corpus.stages.download_lanes import lane_tasks, run_lane, write_plan
 
     answers = iter([(429, {}, b"slow down")] + [(200, {"Content-Type": "image/jpeg"}, IMAGE)] * 5)
     with RouteServer() as site:
@@ -168,14 +200,12 @@ def test_img2dataset_workers_fetch_through_the_proxy(tmp_path, connections):
         urls = {"ok": f"{site.base}/ok.jpg", "decimal": f"http://2130706433:{site.port}/ok.jpg",
                 "redirect": f"{site.base}/moved.jpg", "hex": f"http://0x7f000002:{site.port}/ok.jpg",
                 "huge": f"{site.base}/huge.jpg", "busy": f"{site.base}/busy.jpg"}
-        pl.DataFrame({"url": list(urls.values()), "caption": list(urls)}).write_parquet(tmp_path / "in.parquet")
+        rows = pl.DataFrame({"uid": range(len(urls)), "url": list(urls.values()), "caption": list(urls)})
         cfg = config()
-        with GuardProxy(cfg) as proxy, proxy_environment(proxy):
-            download(url_list=str(tmp_path / "in.parquet"), input_format="parquet", url_col="url",
-                     caption_col="caption", output_format="parquet", output_folder=str(tmp_path / "out"),
-                     processes_count=1, thread_count=2, image_size=32, resize_mode="no", timeout=cfg.client_timeout,
-                     retries=0, distributor="multiprocessing", enable_wandb=False, compute_hash=None)
-            stats = proxy.stats()
+        plan = write_plan(rows, tmp_path / "in", "plan.parquet", lanes=1, per_host=1, per_part=100, first_part=0)
+        (task,) = lane_tasks(plan, tmp_path / "in", lane_arguments(tmp_path / "out"), cfg)
+        (tmp_path / "out").mkdir()
+        stats = run_lane(task)  # a lane's worker body, here in this process so connections sees it
         served = site.paths()
     result = pl.read_parquet(tmp_path / "out" / "*.parquet")
     outcome = {row["caption"]: (row["status"], reason_from_error_message(row["error_message"]))
@@ -191,15 +221,15 @@ def test_img2dataset_workers_fetch_through_the_proxy(tmp_path, connections):
     assert stats == {"ok": 2, "redirect": 1, "network:blocked_address": 2, "network:too_large": 1,
                      "network:rate_limited": 1}
     assert sorted(served) == sorted(["/ok.jpg", "/ok.jpg", "/moved.jpg", "/huge.jpg", "/busy.jpg"])
-    # The worker talked only to the proxy, and the proxy only to 127.0.0.1.
+    # The worker talked only to 127.0.0.1.
     assert "127.0.0.2" not in connections
     assert json.loads((tmp_path / "out" / "00000_stats.json").read_text())["successes"] == 2
 
 
-def test_a_redirect_to_ftp_goes_through_the_proxy_and_is_refused(connections):
+def test_a_redirect_to_ftp_goes_through_the_guard_and_is_refused(connections):
     routes = {"/hop.jpg": (302, {"Location": "ftp://127.0.0.2:2121/secret.jpg"}, b"")}
-    with RouteServer(routes) as site, GuardProxy(config()) as proxy, proxy_environment(proxy) as variables:
-        assert variables["ftp_proxy"] == proxy.url  # urllib would otherwise follow ftp:// directly
+    with RouteServer(routes) as site, guarded_urlopen(config()):
+        # urllib's own FTPHandler would follow ftp:// directly; the worker's opener has none.
         message = error_of(lambda: urllib.request.urlopen(site.base + "/hop.jpg", timeout=10))
     assert reason_from_error_message(message) == "network:unsupported_scheme"
     assert "127.0.0.2" not in connections
@@ -262,11 +292,9 @@ def test_oversized_or_too_many_headers_are_a_permanent_bad_response():
     assert stats == {"network:bad_response": 3, "ok": 1}
 
 
-def file_opener(proxy):
-    """What img2dataset's urllib does with the proxy environment: file:// goes to the proxy too."""
-    variables = proxy.environment()
-    handler = urllib.request.ProxyHandler({"http": variables["http_proxy"], "file": variables["file_proxy"]})
-    return urllib.request.build_opener(handler)
+def file_opener(policy):
+    """The worker's opener: file:// goes through the guard too, never urllib's own FileHandler."""
+    return guarded_opener(policy)
 
 
 @pytest.fixture
@@ -317,7 +345,8 @@ def test_file_urls_read_only_regular_files_under_the_allowed_folders(local_tree,
 def test_file_urls_are_refused_without_allowed_folders_and_devices_even_when_allowed(tmp_path):
     (tmp_path / "a.jpg").write_bytes(IMAGE)
     with GuardProxy(config()) as proxy:
-        assert proxy.environment()["file_proxy"] == proxy.url  # urllib would otherwise read files itself
+        # urllib's own FileHandler would read files itself, with no cap: the worker's opener has none.
+        assert not any(isinstance(h, urllib.request.FileHandler) for h in file_opener(proxy).handlers)
         refused = error_of(lambda: file_opener(proxy).open(f"file://{tmp_path}/a.jpg", timeout=10))
     assert refused == f"HTTP Error 403: cnclip-guard network:local_file_not_allowed {tmp_path}/a.jpg"
     # A careless recipe allowing /dev: an endless device is still no file to read.

@@ -1,0 +1,168 @@
+"""The download's lanes: rows routed by host to worker processes, each running img2dataset's
+downloader in-process behind the guarded opener (net/opener.py).
+
+A lane is one worker's share of the rows; its img2dataset parts run one after the other in that
+worker, each with img2dataset's own threads. All rows of a host go to the same lanes: one lane
+when the recipe spaces requests to a host (`per_host_delay` > 0, so the spacing is exact), or
+`min(lanes, per_host_concurrency)` lanes when it does not, each lane holding its share of the
+host's concurrency (and of a robots.txt Crawl-delay). Either way the per-host limits hold across
+processes with no state shared between them, here as on a cluster. `file://` rows have no host
+and are spread over every lane.
+
+The routing is written once per attempt as `plan.parquet` (uid, lane, part) beside the part
+inputs, after them; a resumed run reuses it and redoes only the parts without img2dataset's
+`_stats.json`, as img2dataset's incremental mode would.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import polars as pl
+
+from cnclip._common.atomic import atomic_path
+from cnclip.corpus.net.policy import GuardConfig
+from cnclip.corpus.runtime.state import write_parquet_atomic
+
+# img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
+PART_DIGITS = 5
+_HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#\\]*@)?(\[[^\]/]*\]|[^:/?#\\]*)"
+
+
+def lanes_per_host(config: GuardConfig, lanes: int) -> int:
+    """How many lanes one host's rows are spread over (see the module docstring)."""
+    return 1 if config.per_host_delay > 0 else max(1, min(lanes, config.per_host_concurrency))
+
+
+def route(rows: pl.DataFrame, lanes: int, per_host: int, per_part: int, first_part: int) -> pl.DataFrame:
+    """rows (uid, url, caption) -> with `lane` and `part`: a host's rows dealt in uid order over
+    its lanes, each lane cut into parts of per_part rows, numbered from first_part lane by lane."""
+    host = pl.col("url").str.extract(_HOST, 1).str.to_lowercase().fill_null("")
+    spread = pl.when(pl.col("host") == "").then(pl.lit(lanes)).otherwise(pl.lit(per_host))
+    routed = (
+        rows.sort("uid")
+        .with_columns(host.alias("host"))
+        .with_columns(((pl.col("host").hash(seed=0) % lanes).cast(pl.Int64)
+                       + pl.int_range(pl.len()).over("host") % spread).alias("lane"))
+        .with_columns((pl.col("lane") % lanes).cast(pl.Int32).alias("lane"))
+        .with_columns((pl.int_range(pl.len()).over("lane") // per_part).alias("local"))
+    )
+    counts = (routed.group_by("lane").agg((pl.col("local").max() + 1).alias("parts")).sort("lane")
+              .with_columns((pl.col("parts").cum_sum() - pl.col("parts") + first_part).alias("offset")))
+    return (routed.join(counts, on="lane").with_columns((pl.col("offset") + pl.col("local")).alias("part"))
+            .select("uid", "url", "caption", "lane", pl.col("part").cast(pl.Int64)).sort("part", "uid"))
+
+
+def part_name(part: int, suffix: str) -> str:
+    return f"{part:0{PART_DIGITS}d}{suffix}"
+
+
+def write_plan(rows: pl.DataFrame, input_dir: Path, plan_name: str, lanes: int, per_host: int,
+               per_part: int, first_part: int) -> pl.DataFrame:
+    """The part inputs img2dataset's downloader reads (Arrow IPC files), then the plan; an
+    existing plan is kept: its parts may already be downloaded."""
+    plan_path = input_dir / plan_name
+    if plan_path.exists():
+        return pl.read_parquet(plan_path)
+    routed = route(rows, lanes, per_host, per_part, first_part)
+    for (part,), frame in routed.partition_by("part", as_dict=True, maintain_order=True).items():
+        with atomic_path(input_dir / part_name(part, ".arrow")) as tmp:
+            frame.select("uid", "caption", "url").write_ipc(tmp, compression="uncompressed")
+    write_parquet_atomic(routed.select("uid", "lane", "part"), plan_path)
+    return routed.select("uid", "lane", "part")
+
+
+@dataclass(frozen=True)
+class LaneTask:
+    lane: int
+    parts: tuple[int, ...]
+    input_dir: str
+    arguments: dict  # img2dataset_arguments(recipe)
+    config: GuardConfig
+    parent: Optional[int] = None  # the build's pid, when the lane runs in a worker of its own
+
+
+def _downloader(arguments: dict):
+    """img2dataset's Downloader as its download() builds it, for the recipe's arguments."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    a = arguments
+    directives = a["disallowed_header_directives"]
+    directives = ["noai", "noimageai", "noindex", "noimageindex"] if directives is None else directives
+    resizer = Resizer(image_size=a["image_size"], resize_mode=a["resize_mode"],
+                      resize_only_if_bigger=a["resize_only_if_bigger"], upscale_interpolation="lanczos",
+                      downscale_interpolation="area", encode_quality=a["encode_quality"],
+                      encode_format=a["encode_format"], skip_reencode=False, disable_all_reencoding=False,
+                      min_image_size=a["min_image_size"], max_image_area=a["max_image_area"],
+                      max_aspect_ratio=a["max_aspect_ratio"], blurrer=None)
+    return Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=a["thread_count"],
+        save_caption=True, extract_exif=a["extract_exif"], output_folder=a["output_folder"],
+        column_list=["uid", "caption", "url"], timeout=a["timeout"],
+        number_sample_per_shard=a["number_sample_per_shard"], oom_shard_count=PART_DIGITS,
+        compute_hash=a["compute_hash"], verify_hash_type=None, encode_format=a["encode_format"],
+        retries=a["retries"], user_agent_token=a["user_agent_token"],
+        disallowed_header_directives=directives or None, blurring_bbox_col=None,
+    )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A lane outliving a killed build would go on writing parts the resumed build writes too."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_lane(task: LaneTask) -> dict[str, int]:
+    """One worker: the guarded opener installed, then each part not yet done (img2dataset
+    retries a part that raised once, as its max_shard_retry default)."""
+    from cnclip.corpus.net.opener import guarded_urlopen
+
+    if task.parent is not None:
+        _exit_with_parent(task.parent)
+    downloader = _downloader(task.arguments)
+    output = Path(task.arguments["output_folder"])
+    with guarded_urlopen(task.config) as policy:
+        for part in task.parts:
+            if (output / part_name(part, "_stats.json")).exists():
+                continue
+            source = str(Path(task.input_dir) / part_name(part, ".arrow"))
+            for _ in range(2):
+                if downloader((part, source))[0]:
+                    break
+        return policy.stats()
+
+
+def lane_tasks(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig) -> list[LaneTask]:
+    lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
+    return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config) for lane, parts in lanes]
+
+
+def run_lanes(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig,
+              processes: int) -> dict[str, int]:
+    """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
+    counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
+    it loads, and the installed opener is process-wide, so neither may come from the caller's
+    process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
+    Path(arguments["output_folder"]).mkdir(parents=True, exist_ok=True)
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
+    totals: collections.Counter = collections.Counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
+        for stats in pool.map(run_lane, tasks):
+            totals.update(stats)
+    return dict(sorted(totals.items()))
