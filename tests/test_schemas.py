@@ -134,7 +134,7 @@ def test_a_keep_column_the_build_writes_is_a_one_line_error_naming_it(tmp_path):
     ("caption_count", "writes in work/text/repeated_captions.parquet"),
     ("duplicate_of_eval", "writes in work/dedup/decisions.parquet"),
     ("download_key", "writes in work/shard/plan.parquet"),
-    ("status", "writes in img2dataset's work/download/*.parquet"),
+    ("status", "writes in work/download/attempts.parquet"),
     ("position", "writes in work/shard/plan.parquet"),
     ("_line", "uses in memory, numbering a text file's lines"),
 ])

@@ -14,6 +14,8 @@ import random
 import polars as pl
 import pytest
 
+from cnclip.corpus.stages.download_attempts import write_attempts
+
 from cnclip.corpus import pipeline
 from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA
 from cnclip.corpus.ops.phash import hex_digits
@@ -294,10 +296,11 @@ def test_pair_collapse_and_caption_cap_give_the_rows_polars_gave(tmp_path, seed)
 def old_plan(layout, per_shard):
     """The shard plan as polars code, before it became SQL."""
     digits = len(str(per_shard - 1))
-    successes = pl.scan_parquet(layout.download_dir / "*.parquet", include_file_paths="download_parquet").filter(
+    successes = pl.scan_parquet(layout.download_dir / "[0-9]*.parquet", include_file_paths="download_parquet").filter(
         pl.col("status") == "success").select(
         "uid", pl.col("key").alias("download_key"),
-        pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").alias("download_tar"), "width", "sha256")
+        pl.col("download_parquet").str.replace(r"\.parquet$", ".tar").str.replace(r"^.*/", "").alias("download_tar"),
+        "width", "sha256")
     hashes = pl.scan_parquet(layout.hash_dir / "*.parquet").select("uid", hex_digits(pl.col("phash")).alias("phash"))
     dropped = pl.scan_parquet(layout.dedup_decisions).select("uid")
     accepted = pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
@@ -338,6 +341,7 @@ def write_build_parts(layout, seed):
                  schema={"uid": pl.Int64, "phash": pl.UInt64}).write_parquet(layout.hash_dir / "00000.parquet")
     drops = [u for u in downloaded if rng.random() < 0.2]
     pl.DataFrame({"uid": drops}, schema={"uid": pl.Int64}).write_parquet(layout.dedup_decisions)
+    write_attempts(layout.download_dir)  # img2dataset's results read once, as the download stage does
 
 
 @pytest.mark.parametrize("seed, per_shard", [(0, 7), (1, 10), (2, 1), (3, 1000)])
@@ -393,6 +397,7 @@ def test_shard_numbers_past_five_digits_keep_every_digit(make_recipe, tmp_path):
                  ).with_columns(width=32, height=32, original_width=32, original_height=32, sha256=pl.lit("s")
                                 ).write_parquet(layout.download_dir / "00000.parquet")
     pl.DataFrame(schema={"uid": pl.Int64}).write_parquet(layout.dedup_decisions)
+    write_attempts(layout.download_dir)
     assert plan_shards(recipe) == 100_002
     plan = pl.read_parquet(layout.shard_plan, columns=["uid", "shard", "key"])
     assert plan.row(0) == (0, 0, "000000") and plan.row(99_999) == (99_999, 99_999, "999990")

@@ -39,14 +39,8 @@ def hash_download_part(paths: tuple[Path, dict[str, int], Path]) -> int:
     return frame.height
 
 
-def run_hash_stage(download_dir: Path, hash_dir: Path, processes: int | None = None,
-                   engine: Engine | None = None) -> dict:
-    """One task per download part of the attempts table (their latest attempts only) not hashed
-    yet; `processes` overrides the engine's."""
-    engine = engine or default_engine()
-    hash_dir.mkdir(parents=True, exist_ok=True)
-    if not has_attempts(download_dir):
-        return {"parts": 0}
+def _tasks(download_dir: Path, hash_dir: Path) -> list[tuple[Path, dict, Path]]:
+    """(tar, key -> uid of its successes, hash part) per download part of the attempts table."""
     parts = (
         scan_attempts(download_dir)
         .group_by("part")
@@ -54,10 +48,19 @@ def run_hash_stage(download_dir: Path, hash_dir: Path, processes: int | None = N
         .sort("part")
         .collect()
     )
-    tasks = [
-        (download_dir / f"{part:05d}.tar", dict(zip(keys, uids)), hash_dir / f"{part:05d}.parquet")
+    return [
+        (download_dir / f"{part:05d}.tar", dict(zip(keys, uids, strict=True)), hash_dir / f"{part:05d}.parquet")
         for part, keys, uids in parts.iter_rows()
     ]
+
+
+def run_hash_stage(download_dir: Path, hash_dir: Path, processes: int | None = None,
+                   engine: Engine | None = None) -> dict:
+    """One task per download part of the attempts table (their latest attempts only) not hashed
+    yet; `processes` overrides the engine's."""
+    engine = engine or default_engine()
+    hash_dir.mkdir(parents=True, exist_ok=True)
+    tasks = _tasks(download_dir, hash_dir) if has_attempts(download_dir) else []
     todo = [t for t in tasks if not t[2].exists()]
     engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
     return {"parts": len(tasks)}
