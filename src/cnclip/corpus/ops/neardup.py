@@ -224,7 +224,7 @@ def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndar
 
 
 def _sort_u64(values: np.ndarray) -> np.ndarray:
-    return pl.Series(values, dtype=pl.UInt64).sort().to_numpy()
+    return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
 
 
 def _band_candidates(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray,
@@ -242,7 +242,7 @@ def _equal_key_pairs(packed: np.ndarray, index_bits: int) -> tuple[np.ndarray, n
     the rows still equal at offset k are a subset of those equal at k - 1, so the work is the
     number of pairs, not the square of the longest run."""
     low = np.uint64((1 << index_bits) - 1)
-    first = np.flatnonzero((packed[1:] ^ packed[:-1]) <= low)  # same key as the next word
+    first = _same_as_next(packed, low)
     found_a, found_b, offset = [], [], 1
     while len(first):
         found_a.append(packed[first] & low)
@@ -254,6 +254,22 @@ def _equal_key_pairs(packed: np.ndarray, index_bits: int) -> tuple[np.ndarray, n
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     return np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
+
+
+def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
+    """Positions whose word has the same key (bits above `low`) as the next word, chunk by chunk
+    so the temporaries stay in cache."""
+    step = 1 << 18
+    scratch = np.empty(min(step, len(packed)), dtype=np.uint64)
+    flags = np.empty(len(scratch), dtype=bool)
+    found = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(packed) - 1, step):
+        stop = min(start + step, len(packed) - 1)
+        xor, same = scratch[: stop - start], flags[: stop - start]
+        np.bitwise_xor(packed[start + 1:stop + 1], packed[start:stop], out=xor)
+        np.less_equal(xor, low, out=same)
+        found.append(np.flatnonzero(same) + start)
+    return np.concatenate(found)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
