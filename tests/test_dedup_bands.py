@@ -5,6 +5,7 @@ reference on inputs built to hurt: chains, long runs of one key, many copies of 
 from itertools import combinations
 
 import numpy as np
+import polars as pl
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -12,6 +13,7 @@ from scipy.sparse.csgraph import connected_components
 from cnclip.corpus.ops.dedup import eval_overlaps, near_duplicates
 from cnclip.corpus.ops.neardup import (BandPlan, _equal_key_pairs, band_plan, block_masks, component_labels,
                                        covering_plan, cross_pairs, equal_pairs, near_pairs)
+from cnclip.corpus.ops.neardup_frames import components_frame, cross_pairs_frame, near_duplicates_frame
 
 
 def flip(value, bits):
@@ -168,3 +170,32 @@ def test_blocks_of_a_plan_tile_the_hash():
     keyed = {plan.key_bits(band) for band in plan.bands}
     assert min(keyed) >= 24 and max(keyed) <= 28
     assert {i for band in plan.bands for i in band} == set(range(10))
+
+
+# --- the relational form (what a distributed engine runs) gives the same answers ----------------
+
+@pytest.mark.parametrize("d", [0, 3, 4])
+def test_relational_form_keeps_the_same_rows(d):
+    hashes = hostile_hashes(d)
+    uids = np.arange(len(hashes), dtype=np.int64) * 3 + 1
+    rows = pl.LazyFrame({"uid": uids, "phash": hashes}, schema={"uid": pl.Int64, "phash": pl.UInt64})
+    found = near_duplicates_frame(rows, band_plan(len(hashes), d), d)
+    assert found.rows() == near_duplicates(uids, hashes, d).select("uid", "duplicate_of_uid").rows()
+    assert found.height >= 149
+
+
+def id_frame(values):
+    return pl.LazyFrame({"id": np.arange(len(values)), "phash": values}, schema={"id": pl.Int64, "phash": pl.UInt64})
+
+
+def test_relational_components_and_cross_pairs_match_the_array_form():
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 400, 300), rng.integers(0, 400, 300)
+    labels = components_frame(pl.DataFrame({"a": a, "b": b}))
+    nodes, expected = component_labels(a, b)
+    assert labels["id"].to_list() == nodes.tolist() and labels["label"].to_list() == expected.tolist()
+    train = hostile_hashes(5)
+    evals = np.array([flip(h, [1, 30, 60]) for h in train[:50]], dtype=np.uint64)
+    pairs = cross_pairs_frame(id_frame(train), id_frame(evals), band_plan(len(train), 3, len(evals)), 3).collect()
+    i, j = cross_pairs(train, evals, 3)
+    assert set(pairs.iter_rows()) == set(zip(i.tolist(), j.tolist())) and len(i) >= 50

@@ -1,0 +1,74 @@
+"""The band search of neardup.py as DataFrame operations only: explode, join, filter, group by,
+and an iterative join for the components. No step needs all rows in one process, so this is the
+form a distributed engine (Spark SQL / DataFrames) runs; each step maps one-to-one to a Spark
+operation. The local engine runs the array form in neardup.py (the same steps band by band,
+numpy keys and a radix sort instead of a hash join: several times faster on one machine), and
+the tests check the two give the same pairs, groups and kept rows.
+
+A band key here is the hash masked to the band's bits: equal masked values, equal band keys.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from cnclip.corpus.ops.neardup import BandPlan
+
+
+def band_keys(hashes: pl.LazyFrame, plan: BandPlan) -> pl.LazyFrame:
+    """id, phash -> id, phash, band, key: one row per hash and band (the explode)."""
+    masks = [sum(plan.masks[i] for i in band) for band in plan.bands]
+    return (hashes.select("id", "phash",
+                          pl.concat_list([pl.col("phash") & pl.lit(mask, pl.UInt64) for mask in masks]).alias("key"),
+                          pl.lit(list(range(len(masks))), pl.List(pl.Int32)).alias("band"))
+            .explode("key", "band"))
+
+
+def near_pairs_frame(hashes: pl.LazyFrame, plan: BandPlan, max_distance: int) -> pl.LazyFrame:
+    """id, phash (distinct ids) -> a, b (a < b): pairs within `max_distance` bits, each once."""
+    keys = band_keys(hashes, plan)
+    return (keys.join(keys, on=["band", "key"], suffix="_b")
+            .filter(pl.col("id") < pl.col("id_b"))
+            .filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= max_distance)
+            .select(pl.col("id").alias("a"), pl.col("id_b").alias("b"))
+            .unique())
+
+
+def cross_pairs_frame(left: pl.LazyFrame, right: pl.LazyFrame, plan: BandPlan, max_distance: int) -> pl.LazyFrame:
+    """Two id, phash tables -> a (left id), b (right id) within `max_distance` bits, each once."""
+    return (band_keys(left, plan).join(band_keys(right, plan), on=["band", "key"], suffix="_b")
+            .filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= max_distance)
+            .select(pl.col("id").alias("a"), pl.col("id_b").alias("b"))
+            .unique())
+
+
+def components_frame(pairs: pl.DataFrame) -> pl.DataFrame:
+    """a, b -> id, label: every id on a pair labelled with its component's smallest id, by
+    min-label propagation (join + group by) and shortcutting (self-join), until nothing changes."""
+    edges = pl.concat([pairs.select("a", "b"), pairs.select(pl.col("b").alias("a"), pl.col("a").alias("b"))])
+    labels = edges.select(pl.col("a").alias("id")).unique().with_columns(pl.col("id").alias("label"))
+    while True:
+        pulled = (edges.join(labels, left_on="b", right_on="id")
+                  .group_by("a").agg(pl.col("label").min().alias("pulled")))
+        new = (labels.join(pulled, left_on="id", right_on="a", how="left")
+               .select("id", pl.min_horizontal("label", "pulled").alias("label")))
+        new = (new.join(new.select(pl.col("id").alias("label"), pl.col("label").alias("shortcut")), on="label")
+               .select("id", pl.col("shortcut").alias("label")))
+        changed = new.join(labels, on="id", suffix="_old").filter(pl.col("label") != pl.col("label_old")).height
+        labels = new
+        if changed == 0:
+            return labels.sort("id")
+
+
+def near_duplicates_frame(rows: pl.LazyFrame, plan: BandPlan, max_distance: int) -> pl.DataFrame:
+    """uid, phash -> uid, duplicate_of_uid for every row in a group other than its lowest uid.
+    Equal hashes are one value first (group by phash, its lowest uid as its id)."""
+    values = rows.group_by("phash").agg(pl.col("uid").min().alias("id"))
+    pairs = near_pairs_frame(values, plan, max_distance).collect()
+    labels = components_frame(pairs)
+    return (rows.join(values, on="phash")
+            .join(labels.lazy(), on="id", how="left")
+            .select("uid", pl.coalesce("label", "id").alias("duplicate_of_uid"))
+            .filter(pl.col("uid") != pl.col("duplicate_of_uid"))
+            .sort("uid")
+            .collect())
