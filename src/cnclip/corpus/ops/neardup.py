@@ -19,6 +19,7 @@ of keys, and which a Spark SQL / DataFrame engine runs over all bands at once:
                  until no label changes (rounds grow with the log of a group's diameter)
 
 Eval overlap is the same band join between two tables (training rows and evaluation images).
+neardup_frames.py writes these steps as DataFrame operations only; tests check both agree.
 
 Plans: m equal blocks with every choice of m - d of them as a band (`combination_plan`, C(m, d)
 bands) is the textbook split; m = d + 1 keys each band on one block, only 13 bits for d = 4,
@@ -229,10 +230,11 @@ def _sort_u64(values: np.ndarray) -> np.ndarray:
 
 def _band_candidates(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray,
                      index_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs sharing the band's key: sort (key, index), keep rows next to an equal key."""
+    """Index pairs (a < b) sharing the band's key: sort (key, index), keep rows next to an equal key."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
-        return _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
+        a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
+        return np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
     packed = _sort_u64(_packed_band_keys(hashes, plan, band, index, index_bits))
     return _equal_key_pairs(packed, index_bits)
 
@@ -287,9 +289,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
     for band in plan.bands:
         a, b = _band_candidates(hashes, plan, band, index, index_bits)
         close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-        a, b = a[close], b[close]
-        # One int64 per pair (low * count + high) so pairs found by several bands collapse.
-        found.append(np.minimum(a, b) * count + np.maximum(a, b))
+        # One int64 per pair (a < b: runs are sorted by index) so pairs found by several bands collapse.
+        found.append(a[close] * count + b[close])
     unique = np.unique(np.concatenate(found))
     return unique // count, unique % count
 
