@@ -14,8 +14,6 @@ Rules, applied in this order; each dropped row names the row it duplicates:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 
