@@ -43,21 +43,28 @@ def cross_pairs_frame(left: pl.LazyFrame, right: pl.LazyFrame, plan: BandPlan, m
 
 
 def components_frame(pairs: pl.DataFrame) -> pl.DataFrame:
-    """a, b -> id, label: every id on a pair labelled with its component's smallest id, by
-    min-label propagation (join + group by) and shortcutting (self-join), until nothing changes."""
-    edges = pl.concat([pairs.select("a", "b"), pairs.select(pl.col("b").alias("a"), pl.col("a").alias("b"))])
-    labels = edges.select(pl.col("a").alias("id")).unique().with_columns(pl.col("id").alias("label"))
+    """a, b -> id, label: every id on a pair labelled with its component's smallest id, by label
+    propagation that hooks labels (joins + group by) and shortcuts (self-joins), as neardup's
+    component_labels does, until every pair's two labels agree."""
+    edges = pairs.select("a", "b")
+    labels = (pl.concat([edges.select(pl.col("a").alias("id")), edges.select(pl.col("b").alias("id"))])
+              .unique().with_columns(pl.col("id").alias("label")))
     while True:
-        pulled = (edges.join(labels, left_on="b", right_on="id")
-                  .group_by("a").agg(pl.col("label").min().alias("pulled")))
-        new = (labels.join(pulled, left_on="id", right_on="a", how="left")
-               .select("id", pl.min_horizontal("label", "pulled").alias("label")))
-        new = (new.join(new.select(pl.col("id").alias("label"), pl.col("label").alias("shortcut")), on="label")
-               .select("id", pl.col("shortcut").alias("label")))
-        changed = new.join(labels, on="id", suffix="_old").filter(pl.col("label") != pl.col("label_old")).height
-        labels = new
-        if changed == 0:
+        ends = (edges.join(labels.rename({"id": "a", "label": "la"}), on="a")
+                .join(labels.rename({"id": "b", "label": "lb"}), on="b")
+                .filter(pl.col("la") != pl.col("lb")))
+        if ends.height == 0:
             return labels.sort("id")
+        hooks = (ends.group_by(pl.max_horizontal("la", "lb").alias("id"))
+                 .agg(pl.min_horizontal("la", "lb").min().alias("hook")))
+        labels = (labels.join(hooks, on="id", how="left")
+                  .select("id", pl.min_horizontal("label", "hook").alias("label")))
+        while True:  # shortcut until every label is its own label
+            jumped = (labels.join(labels.rename({"id": "label", "label": "jumped"}), on="label")
+                      .select("id", pl.col("jumped").alias("label")))
+            if jumped.join(labels, on="id", suffix="_old").filter(pl.col("label") != pl.col("label_old")).height == 0:
+                break
+            labels = jumped
 
 
 def near_duplicates_frame(rows: pl.LazyFrame, plan: BandPlan, max_distance: int) -> pl.DataFrame:
