@@ -225,34 +225,41 @@ def _sort_u64(values: np.ndarray) -> np.ndarray:
     return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
 
 
-def _band_candidates(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray,
-                     index_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (a < b) sharing the band's key: sort (key, index), keep rows next to an equal key."""
+def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray, index_bits: int,
+                max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a < b) sharing the band's key and within `max_distance`: sort (key, index),
+    walk equal neighbours, verify by popcount."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
         a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
-        return np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
+        a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
+        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+        return a[close], b[close]
     packed = _sort_u64(_packed_band_keys(hashes, plan, band, index, index_bits))
-    return _equal_key_pairs(packed, index_bits)
+    return _equal_key_pairs(packed, index_bits, hashes, max_distance)
 
 
-def _equal_key_pairs(packed: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs with equal keys in sorted (key, index) words, walking offsets 1, 2, ...:
-    the rows still equal at offset k are a subset of those equal at k - 1, so the work is the
-    number of pairs, not the square of the longest run."""
+def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
+                     max_distance: int = BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs with equal keys in sorted (key, index) words (with `hashes`, only those within
+    `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset of
+    those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
+    and each offset's candidates are verified before the next, so memory holds found pairs only."""
     low = np.uint64((1 << index_bits) - 1)
     first = _same_as_next(packed, low)
-    found_a, found_b, offset = [], [], 1
+    found_a, found_b, offset = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 1
     while len(first):
-        found_a.append(packed[first] & low)
-        found_b.append(packed[first + offset] & low)
+        a = (packed[first] & low).astype(np.int64)
+        b = (packed[first + offset] & low).astype(np.int64)
+        if hashes is not None:
+            close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+            a, b = a[close], b[close]
+        found_a.append(a)
+        found_b.append(b)
         offset += 1
         first = first[first + offset < len(packed)]
         first = first[(packed[first] ^ packed[first + offset]) <= low]
-    if not found_a:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    return np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
+    return np.concatenate(found_a), np.concatenate(found_b)
 
 
 def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
@@ -284,10 +291,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
     index = np.arange(count, dtype=np.uint64)
     found: list[np.ndarray] = []
     for band in plan.bands:
-        a, b = _band_candidates(hashes, plan, band, index, index_bits)
-        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-        # One int64 per pair (a < b: runs are sorted by index) so pairs found by several bands collapse.
-        found.append(a[close] * count + b[close])
+        a, b = _band_pairs(hashes, plan, band, index, index_bits, max_distance)
+        found.append(a * count + b)  # one int64 per pair (a < b), so pairs found by several bands collapse
     unique = np.unique(np.concatenate(found))
     return unique // count, unique % count
 
