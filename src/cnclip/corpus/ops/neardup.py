@@ -211,7 +211,7 @@ def _packed_band_keys(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...],
 
 def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, sorted keys). Packs key and index into one uint64 when they fit: polars' sort of a
-    uint64 column (a radix sort) is ~5x faster than numpy's argsort."""
+    uint64 column is ~5x faster than numpy's argsort and ~3x faster than numpy's sort here."""
     index_bits = max(1, (count - 1).bit_length())
     if key_bits + index_bits <= 64:
         packed = _sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
@@ -222,6 +222,7 @@ def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndar
 
 
 def _sort_u64(values: np.ndarray) -> np.ndarray:
+    """On one thread: on 2 shared cores polars' threaded sort of 10M words took 0.30 s, one thread 0.19 s."""
     return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
 
 

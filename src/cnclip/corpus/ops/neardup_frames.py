@@ -2,7 +2,7 @@
 and an iterative join for the components. No step needs all rows in one process, so this is the
 form a distributed engine (Spark SQL / DataFrames) runs; each step maps one-to-one to a Spark
 operation. The local engine runs the array form in neardup.py (the same steps band by band,
-numpy keys and a radix sort instead of a hash join: several times faster on one machine), and
+numpy keys and a sort instead of a hash join, which is faster on one machine), and
 the tests check the two give the same pairs, groups and kept rows.
 
 A band key here is the hash masked to the band's bits: equal masked values, equal band keys.
