@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from cnclip.corpus.manifests.schemas import DECISION_SCHEMA
-from cnclip.corpus.ops.neardup import group_representatives, near_pairs
+from cnclip.corpus.ops.neardup import component_labels, cross_pairs, equal_pairs, group_representatives, near_pairs
 from cnclip.corpus.recipe import DedupSettings
 
 
@@ -56,44 +56,47 @@ def exact_duplicates(rows: pl.LazyFrame) -> pl.DataFrame:
 
 def eval_overlaps(uids: np.ndarray, hashes: np.ndarray, eval_ids: list[str], eval_hashes: np.ndarray,
                   max_distance: int) -> pl.DataFrame:
-    """Training rows within `max_distance` of an evaluation image (the first such image is named)."""
+    """Training rows within `max_distance` of an evaluation image (the first such image is named):
+    the band join of rows and evaluation images, then the lowest image index per row."""
     if len(eval_hashes) == 0 or len(uids) == 0:
         return _decisions([], "dedup:eval_overlap")
-    values, inverse = np.unique(np.concatenate([hashes, eval_hashes]), return_inverse=True)
-    train_of_value, eval_of_value = inverse[: len(hashes)], inverse[len(hashes):]
-    none = len(eval_hashes)
-    # Per distinct value: the first evaluation image (in the order given) that has it...
-    first_eval = np.full(len(values), none, dtype=np.int64)
-    np.minimum.at(first_eval, eval_of_value, np.arange(none))
-    # ...then the first evaluation image that has it or any value within the distance.
-    a, b = near_pairs(values, max_distance)
-    match = first_eval.copy()
-    np.minimum.at(match, a, first_eval[b])
-    np.minimum.at(match, b, first_eval[a])
-    hit = match[train_of_value]
-    rows = np.flatnonzero(hit < none)
-    distances = np.bitwise_count(hashes[rows] ^ eval_hashes[hit[rows]])
+    rows, images = cross_pairs(hashes, eval_hashes, max_distance)
+    first = np.full(len(uids), len(eval_hashes), dtype=np.int64)
+    np.minimum.at(first, rows, images)
+    rows = np.flatnonzero(first < len(eval_hashes))
+    hit = first[rows]
+    distances = np.bitwise_count(hashes[rows] ^ eval_hashes[hit])
     return _decisions(
-        uids[rows], "dedup:eval_overlap", duplicate_of_eval=pl.Series(eval_ids, dtype=pl.String).gather(hit[rows]),
+        uids[rows], "dedup:eval_overlap", duplicate_of_eval=pl.Series(eval_ids, dtype=pl.String).gather(hit),
         detail="pHash distance {}", distances=distances,
     )
 
 
 def near_duplicates(uids: np.ndarray, hashes: np.ndarray, max_distance: int) -> pl.DataFrame:
-    """Rows (uid-sorted input) in a group of near-identical images other than its first row."""
+    """Rows (uid-sorted input) in a group of near-identical images other than its first row.
+
+    Equal hashes are grouped first (so a value repeated k times costs k, not k*k candidates), the
+    band search runs over one row per value, and only rows on a found edge enter the components:
+    every other row is alone in its group and kept.
+    """
     if len(uids) == 0:
         return _decisions([], "dedup:near_duplicate")
-    values, inverse = np.unique(hashes, return_inverse=True)
-    a, b = near_pairs(values, max_distance)
-    group = group_representatives(len(values), a, b)[inverse]
-    _, first_row = np.unique(group, return_index=True)  # uid-sorted: the first index is the lowest uid
-    kept_row = np.empty(group.max() + 1, dtype=np.int64)
-    kept_row[group[first_row]] = first_row
-    keeper = kept_row[group]
-    dropped = np.flatnonzero(keeper != np.arange(len(uids)))
-    distances = np.bitwise_count(hashes[dropped] ^ hashes[keeper[dropped]])
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    later, first = equal_pairs(hashes)
+    if len(later):
+        distinct = np.ones(len(hashes), dtype=bool)
+        distinct[later] = False
+        distinct = np.flatnonzero(distinct)
+        a, b = near_pairs(hashes[distinct], max_distance)
+        a, b = distinct[a], distinct[b]
+    else:
+        a, b = near_pairs(hashes, max_distance)
+    rows, keeper = component_labels(np.concatenate([a, later]), np.concatenate([b, first]))
+    dropped = keeper != rows  # labels are the smallest row position: the lowest uid (uid-sorted)
+    rows, keeper = rows[dropped], keeper[dropped]
+    distances = np.bitwise_count(hashes[rows] ^ hashes[keeper])
     return _decisions(
-        uids[dropped], "dedup:near_duplicate", uids[keeper[dropped]],
+        uids[rows], "dedup:near_duplicate", uids[keeper],
         detail="pHash distance {} to the kept image", distances=distances,
     )
 
