@@ -81,9 +81,11 @@ def main() -> None:
                   "spread": (min(r["seconds"] for r in runs), max(r["seconds"] for r in runs))}
         results.append(result)
         all_pairs = base * (rows / base_rows) ** 2
-        print(f"{rows:>11,} rows: {result['seconds']:6.1f} s (runs {result['spread'][0]:.1f}-{result['spread'][1]:.1f}, "
+        low, high = result["spread"]
+        print(f"{rows:>11,} rows: {result['seconds']:6.1f} s (runs {low:.1f}-{high:.1f}, "
               f"CPU {result['cpu']:.1f} s), peak {result['peak_mib']:,.0f} MiB, recall {result['recall']:.2%} of "
-              f"planted pairs; all-pairs would take ~{all_pairs / 3600:,.1f} h -> ratio {all_pairs / result['seconds']:,.0f}x")
+              f"planted pairs; all-pairs would take ~{all_pairs / 3600:,.1f} h "
+              f"-> ratio {all_pairs / result['seconds']:,.0f}x")
     small, large = results
     growth = large["seconds"] / small["seconds"]
     print(f"1M -> 10M: rows x10, time x{growth:.1f} (CPU x{large['cpu'] / small['cpu']:.1f}), "

@@ -21,7 +21,7 @@ def flip(value, bits):
 def brute_force(hashes, max_distance):
     distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     a, b = np.nonzero(np.triu(distances <= max_distance, k=1))
-    return set(zip(a.tolist(), b.tolist()))
+    return set(zip(a.tolist(), b.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("max_distance", [1, 2, 4, 6])
@@ -34,7 +34,7 @@ def test_near_pairs_equal_brute_force(max_distance):
     assert len(expected) > 50
     for blocks in (None, max_distance + 1, max_distance + 3):
         a, b = near_pairs(hashes, max_distance, blocks)
-        assert set(zip(a.tolist(), b.tolist())) == expected
+        assert set(zip(a.tolist(), b.tolist(), strict=True)) == expected
 
 
 def test_blocks_cover_all_bits_and_grow_with_size():

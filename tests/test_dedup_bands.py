@@ -11,8 +11,17 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from cnclip.corpus.ops.dedup import eval_overlaps, near_duplicates
-from cnclip.corpus.ops.neardup import (BandPlan, _equal_key_pairs, band_plan, block_masks, component_labels,
-                                       covering_plan, cross_pairs, equal_pairs, near_pairs)
+from cnclip.corpus.ops.neardup import (
+    BandPlan,
+    _equal_key_pairs,
+    band_plan,
+    block_masks,
+    component_labels,
+    covering_plan,
+    cross_pairs,
+    equal_pairs,
+    near_pairs,
+)
 from cnclip.corpus.ops.neardup_frames import components_frame, cross_pairs_frame, near_duplicates_frame
 
 
@@ -58,7 +67,7 @@ def test_a_plan_that_misses_a_set_is_caught_by_the_check():
 def pairs_brute(hashes, d):
     distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     a, b = np.nonzero(np.triu(distances <= d, k=1))
-    return set(zip(a.tolist(), b.tolist()))
+    return set(zip(a.tolist(), b.tolist(), strict=True))
 
 
 def test_near_pairs_with_every_bit_flipped_somewhere():
@@ -68,7 +77,7 @@ def test_near_pairs_with_every_bit_flipped_somewhere():
     copies = [flip(h, [(i * 13 + k * 16) % 64 for k in range(4)]) for i, h in enumerate(base)]
     hashes = np.unique(np.concatenate([base, np.array(copies, dtype=np.uint64)]))
     a, b = near_pairs(hashes, 4)
-    assert set(zip(a.tolist(), b.tolist())) == pairs_brute(hashes, 4)
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == pairs_brute(hashes, 4)
     assert len(a) >= len(base)
 
 
@@ -77,7 +86,7 @@ def test_equal_key_pairs_of_a_long_run_are_each_pair_once():
     keys = np.array([5] * 300 + [6, 7, 7], dtype=np.uint64)
     packed = np.sort((keys << np.uint64(index_bits)) | np.arange(len(keys), dtype=np.uint64))
     a, b = _equal_key_pairs(packed, index_bits)
-    found = sorted(zip(a.tolist(), b.tolist()))
+    found = sorted(zip(a.tolist(), b.tolist(), strict=True))
     assert found == sorted([(i, j) for i, j in combinations(range(300), 2)] + [(301, 302)])
     empty = _equal_key_pairs(np.sort(np.arange(5, dtype=np.uint64) << np.uint64(index_bits)), index_bits)
     assert [x.tolist() for x in empty] == [[], []]
@@ -87,7 +96,7 @@ def test_equal_pairs_point_at_the_first_row_and_ignore_equal_high_bits():
     # 3 and 7 share every bit above the 3 index bits with 1 but are different values.
     hashes = np.array([9, 1, 9, 3, 1, 9, 7], dtype=np.uint64)
     later, first = equal_pairs(hashes)
-    assert sorted(zip(later.tolist(), first.tolist())) == [(2, 0), (4, 1), (5, 0)]
+    assert sorted(zip(later.tolist(), first.tolist(), strict=True)) == [(2, 0), (4, 1), (5, 0)]
     assert [x.tolist() for x in equal_pairs(np.array([4], dtype=np.uint64))] == [[], []]
 
 
@@ -153,14 +162,14 @@ def test_cross_pairs_and_eval_overlap_equal_brute_force(d):
                      + [train[picks[0]]], dtype=np.uint64)  # the last one repeats a value: first index wins
     i, j = cross_pairs(train, evals, d)
     distances = np.bitwise_count(train[:, None] ^ evals[None, :])
-    assert set(zip(i.tolist(), j.tolist())) == set(zip(*[x.tolist() for x in np.nonzero(distances <= d)]))
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(*[x.tolist() for x in np.nonzero(distances <= d)], strict=True))
     ids = [f"e{k}" for k in range(len(evals))]
     found = eval_overlaps(np.arange(len(train)), train, ids, evals, d)
     close = distances <= d
     rows = np.flatnonzero(close.any(axis=1))
     first = close[rows].argmax(axis=1)
     assert found.select("uid", "duplicate_of_eval", "detail").rows() == [
-        (int(r), ids[f], f"pHash distance {distances[r, f]}") for r, f in zip(rows, first)]
+        (int(r), ids[f], f"pHash distance {distances[r, f]}") for r, f in zip(rows, first, strict=True)]
     assert found.height >= 1
 
 
@@ -198,4 +207,4 @@ def test_relational_components_and_cross_pairs_match_the_array_form():
     evals = np.array([flip(h, [1, 30, 60]) for h in train[:50]], dtype=np.uint64)
     pairs = cross_pairs_frame(id_frame(train), id_frame(evals), band_plan(len(train), 3, len(evals)), 3).collect()
     i, j = cross_pairs(train, evals, 3)
-    assert set(pairs.iter_rows()) == set(zip(i.tolist(), j.tolist())) and len(i) >= 50
+    assert set(pairs.iter_rows()) == set(zip(i.tolist(), j.tolist(), strict=True)) and len(i) >= 50

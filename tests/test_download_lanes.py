@@ -9,7 +9,6 @@ import time
 
 import polars as pl
 import pytest
-from loopback_routes import RouteServer, jpeg_bytes
 from PIL import Image
 
 from cnclip.corpus.manifests.schemas import ATTEMPTS_SCHEMA
@@ -18,6 +17,7 @@ from cnclip.corpus.pipeline import run_download, run_text
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.stages.download_attempts import scan_attempts, write_attempts
 from cnclip.corpus.stages.download_lanes import lanes_per_host, route
+from loopback_routes import RouteServer, jpeg_bytes
 
 
 def rows(urls):

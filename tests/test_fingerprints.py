@@ -9,11 +9,11 @@ import boto3
 import polars as pl
 import pytest
 import s3fs
-from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus.pipeline import STAGE_NAMES as STAGES
 from cnclip.corpus.pipeline import run_text, stage_states
 from cnclip.corpus.runtime.fingerprints import eval_listing, input_listing
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 
 def put(url: str, data: bytes) -> None:

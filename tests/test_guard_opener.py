@@ -8,7 +8,6 @@ redirects elsewhere (127.0.0.2) checks that no connection was opened to it.
 """
 
 import contextlib
-
 import json
 import os
 import socket
@@ -19,12 +18,12 @@ import urllib.request
 
 import polars as pl
 import pytest
-from loopback_routes import RouteServer, jpeg_bytes
 
-from cnclip.corpus.recipe.crawl import GuardSettings
 from cnclip.corpus.net.opener import guarded_opener, guarded_urlopen
 from cnclip.corpus.net.policy import GuardConfig, HostPolicy
 from cnclip.corpus.net.reasons import is_transient, reason_from_error_message
+from cnclip.corpus.recipe.crawl import GuardSettings
+from loopback_routes import RouteServer, jpeg_bytes
 
 IMAGE = jpeg_bytes(64)
 
@@ -128,7 +127,7 @@ def test_per_host_spacing_queueing_and_time_limits():
                 t.join()
         starts = sorted(h.at for h in site.hits)
         assert len(starts) == 3, starts
-        assert all(b - a >= 0.2 for a, b in zip(starts, starts[1:])), starts  # 0.3 s apart at the proxy
+        assert all(b - a >= 0.2 for a, b in zip(starts, starts[1:], strict=True)), starts  # 0.3 s apart at the proxy
 
         with GuardProxy(config(per_host_concurrency=1, request_timeout=1.5, per_host_max_wait=0.3)) as proxy:
             client = opener(proxy)

@@ -6,8 +6,16 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from cnclip.corpus.ops.phash import (DRAFT_MAX_DISTANCE, from_hex, gray32, hamming, hex_digits, phash_bytes,
-                                   phash_pixels, to_hex)
+from cnclip.corpus.ops.phash import (
+    DRAFT_MAX_DISTANCE,
+    from_hex,
+    gray32,
+    hamming,
+    hex_digits,
+    phash_bytes,
+    phash_pixels,
+    to_hex,
+)
 
 
 def textured(seed: int, side: int = 256) -> Image.Image:

@@ -1,8 +1,8 @@
 import polars as pl
 import pytest
 
-from cnclip.corpus.stages.ingest import ROW_BITS, ingest
 from cnclip.corpus.sources import SourceError
+from cnclip.corpus.stages.ingest import ROW_BITS, ingest
 
 ROWS = [
     {"URL": "http://127.0.0.1/0.jpg", "TEXT": "第一张图片的标题", "LANGUAGE": "zh", "similarity": 0.31},

@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from cnclip.corpus.manifests.funnel import AccountingError, compute_funnel, funnel_table, print_funnel, write_funnel
-from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.stages.download_attempts import write_attempts
 from cnclip.corpus.stages.shard import write_rejects
 

@@ -8,12 +8,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cnclip.corpus.ops.dedup import (DECISION_SCHEMA, eval_overlaps, exact_duplicates, find_duplicates,
-                                     near_duplicates, text_duplicates)
+from cnclip.corpus.ops.dedup import (
+    DECISION_SCHEMA,
+    eval_overlaps,
+    exact_duplicates,
+    find_duplicates,
+    near_duplicates,
+    text_duplicates,
+)
 from cnclip.corpus.ops.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
 from cnclip.corpus.recipe import DedupSettings
-from cnclip.corpus.stages.download_attempts import write_attempts
 from cnclip.corpus.stages.dedup import scan_dedup_input
+from cnclip.corpus.stages.download_attempts import write_attempts
 
 
 def flip(value, bits):
@@ -185,7 +191,7 @@ def test_near_pairs_on_both_sort_paths(d, blocks):
     near = [flip(h, rng.choice(64, rng.integers(1, d + 2), replace=False)) for h in base[:120]]
     hashes = np.unique(np.concatenate([base, np.array(near, dtype=np.uint64)]))
     a, b = near_pairs(hashes, d, blocks)
-    assert set(zip(a.tolist(), b.tolist())) == brute(hashes, d)
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == brute(hashes, d)
     assert (a < b).all()
 
 
@@ -200,7 +206,7 @@ def test_near_pairs_of_too_few_hashes_or_distance_zero():
 def test_pairs_in_runs_and_ramp():
     order = np.array([4, 2, 0, 1, 3])
     a, b = _pairs_in_runs(order, np.array([1, 1, 1, 5, 7]))
-    assert sorted(zip(a.tolist(), b.tolist())) == [(2, 0), (4, 0), (4, 2)]
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(2, 0), (4, 0), (4, 2)]
     a, b = _pairs_in_runs(order[:1], np.array([1]))
     assert a.tolist() == [] and a.dtype == order.dtype
     a, b = _pairs_in_runs(order[:3], np.array([1, 2, 3]))

@@ -10,10 +10,11 @@ import os
 import polars as pl
 import pytest
 
-from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.pipeline import STAGE_NAMES as STAGES, stage_states
 import cnclip._common.atomic as atomic_module
 from cnclip._common.atomic import remove_temporaries, temporary_name
+from cnclip.corpus.pipeline import STAGE_NAMES as STAGES
+from cnclip.corpus.pipeline import stage_states
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.state import StageState, fingerprint, write_parquet_atomic
 
 

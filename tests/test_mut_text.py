@@ -5,8 +5,15 @@ import polars as pl
 import pytest
 
 from cnclip.corpus.recipe import RecipeError, TextSettings
-from cnclip.corpus.stages.text import (_NormalizeTask, _SplitTask, find_global_rejects, load_blacklist, normalize_part,
-                                per_row_reason, split_part)
+from cnclip.corpus.stages.text import (
+    _NormalizeTask,
+    _SplitTask,
+    find_global_rejects,
+    load_blacklist,
+    normalize_part,
+    per_row_reason,
+    split_part,
+)
 
 URL = "http://127.0.0.1/x.jpg"
 

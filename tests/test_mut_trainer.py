@@ -12,14 +12,15 @@ import torch.nn.functional as F
 
 from cnclip.train.distributed import Runtime
 from cnclip.train.loop import Trainer, make_optimizer, make_scheduler
-from cnclip.train.tokenizer import (MAX_CHARS_PER_WORD, SPECIAL_TOKENS, ChineseTokenizer, build_corpus_vocab,
-                                    read_vocab)
+from cnclip.train.tokenizer import MAX_CHARS_PER_WORD, SPECIAL_TOKENS, ChineseTokenizer, build_corpus_vocab, read_vocab
+
+LOG_TEN = math.log(10.0)
 
 
 class TinyClip(torch.nn.Module):
     """open_clip's forward contract: (image features, text features, logit scale), normalized."""
 
-    def __init__(self, scale=math.log(10.0)):
+    def __init__(self, scale=LOG_TEN):
         super().__init__()
         torch.manual_seed(0)
         self.visual = torch.nn.Linear(6, 4)
@@ -106,10 +107,10 @@ def test_accumulated_micro_batches_give_the_large_batchs_loss_and_gradients(size
     big_loss = step(big_model, [b]).item()
     model = TinyClip()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes, strict=True)]
     loss = step(model, micro).item()
     assert loss == pytest.approx(big_loss, rel=1e-5)
-    for (name, p), (_, q) in zip(big_model.named_parameters(), model.named_parameters()):
+    for (name, p), (_, q) in zip(big_model.named_parameters(), model.named_parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
     assert model.logit_scale.grad.abs().item() > 1e-5
 
@@ -235,7 +236,7 @@ class BiasedClip(TinyClip):
 def test_a_fourth_model_output_is_ignored(sizes):
     b = batch(8)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes, strict=True)]
     assert step(BiasedClip(), micro).item() == pytest.approx(step(TinyClip(), [b]).item(), rel=1e-5)
 
 
@@ -243,7 +244,7 @@ def test_a_fourth_model_output_is_ignored(sizes):
 def test_bf16_autocast_runs_on_the_runtimes_device(sizes):
     b = batch(8)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes, strict=True)]
     model = TinyClip()
     t = trainer()
     t.cfg.precision = "bf16"
@@ -318,7 +319,7 @@ class RecordingClip(TinyClip):
 def test_every_pass_runs_under_the_configured_precision(sizes):
     b = batch(8)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes)]
+    micro = [{k: v[s:s + n] for k, v in b.items()} for s, n in zip(starts, sizes, strict=True)]
     model, t = RecordingClip(), trainer()
     t.cfg.precision = "bf16"
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -10,9 +10,9 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from cnclip.corpus.recipe.crawl import CrawlSettings
-from cnclip.corpus.net.reasons import is_transient, reason_from_error_message
 from cnclip.corpus.net.guard import NetworkGuard, parse_ip_literal
+from cnclip.corpus.net.reasons import is_transient, reason_from_error_message
+from cnclip.corpus.recipe.crawl import CrawlSettings
 
 
 def no_dns(host, port):

@@ -10,10 +10,9 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from cnclip.cli import app
 from cnclip.corpus import build, clean, run_text
-from cnclip.corpus.runtime.ownership import BuildLockedError, OwnershipError
 from cnclip.corpus.recipe import RecipeError, parse_recipe
+from cnclip.corpus.runtime.ownership import BuildLockedError, OwnershipError
 
 runner = CliRunner()
 

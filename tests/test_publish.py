@@ -10,13 +10,13 @@ import tarfile
 import boto3
 import polars as pl
 import pytest
-from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus import build
 from cnclip.corpus.recipe import RecipeError, parse_recipe
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.publish import published_problems
 from cnclip.corpus.sources.sample_web import draw_shape
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -105,7 +105,7 @@ def test_the_manifest_readme_snippets_run_as_written(corpus, tmp_path, monkeypat
     assert len(snippets) == 3
     expected = sorted(funnel["rejected_by_reason"].items(), key=lambda item: (-item[1], item[0]))
     polars_ns, duckdb_ns, arrow_ns = {}, {}, {}
-    for snippet, namespace in zip(snippets, (polars_ns, duckdb_ns, arrow_ns)):
+    for snippet, namespace in zip(snippets, (polars_ns, duckdb_ns, arrow_ns), strict=True):
         exec(compile(snippet, "manifests/README.md", "exec"), namespace)
     assert polars_ns["by_reason"].rows() == expected
     assert polars_ns["samples"].height == funnel["samples"]

@@ -14,8 +14,6 @@ import random
 import polars as pl
 import pytest
 
-from cnclip.corpus.stages.download_attempts import write_attempts
-
 from cnclip.corpus import pipeline
 from cnclip.corpus.manifests.schemas import REJECTED_SCHEMA
 from cnclip.corpus.ops.phash import hex_digits
@@ -24,6 +22,7 @@ from cnclip.corpus.runtime import engine as engine_module
 from cnclip.corpus.runtime.engine import LocalEngine, make_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, check_order
+from cnclip.corpus.stages.download_attempts import write_attempts
 from cnclip.corpus.stages.shard import plan_shards
 from cnclip.corpus.stages.text import find_global_rejects
 

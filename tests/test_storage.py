@@ -8,11 +8,19 @@ import tarfile
 import boto3
 import polars as pl
 import pytest
-from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 from cnclip.corpus.runtime import storage
-from cnclip.corpus.runtime.commit import (committed_parts, committed_path, discard_uncommitted, is_committed,
-                                          marker_of, remove_part, write_parquet_part, write_part)
+from cnclip.corpus.runtime.commit import (
+    committed_parts,
+    committed_path,
+    discard_uncommitted,
+    is_committed,
+    marker_of,
+    remove_part,
+    write_parquet_part,
+    write_part,
+)
+from s3_server import loopback_only, s3, s3_bucket  # noqa: F401
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -114,10 +122,9 @@ def test_a_parquet_part_written_remotely_reads_back_row_for_row(s3_bucket):
 def test_an_eval_set_on_s3_hashes_as_its_local_copy(s3_bucket, tmp_path):
     """Decontamination must not depend on where the evaluation set lives: a remote folder (read
     recursively), a remote tar glob and a remote pHash list give the local copy's ids and hashes."""
-    from loopback_routes import jpeg_bytes
-
     from cnclip.corpus.ops.eval_hashes import EvalSetError, load_eval_hashes, write_eval_hashes
     from cnclip.corpus.recipe import ImageSettings
+    from loopback_routes import jpeg_bytes
 
     images = {"a.jpg": jpeg_bytes(40, (200, 30, 30)), "sub/b.png": jpeg_bytes(56, (30, 30, 200))}
     local = tmp_path / "evals"

@@ -50,7 +50,7 @@ def test_two_gloo_processes_match_one(tmp_path):
 
     ddp, single = read_log(tmp_path / "ddp", "train"), read_log(tmp_path / "single", "train")
     assert [(r["stage"], r["step"]) for r in ddp] == [(r["stage"], r["step"]) for r in single] and len(ddp) == 6
-    for d, s in zip(ddp, single):
+    for d, s in zip(ddp, single, strict=True):
         assert d["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-5)
     assert ddp[-1]["loss"] != pytest.approx(ddp[0]["loss"], abs=1e-3)  # it trained
     # Each rank read its own shard, and together they read both.

@@ -172,7 +172,7 @@ def test_accumulation_equals_the_large_batch(tmp_path, shape_shards):
     train(tiny_config(tmp_path / "accum", shape_shards, batch_size=8, accum_steps=2, **common))
     big, accum = losses(tmp_path / "big" / "run"), losses(tmp_path / "accum" / "run")
     assert [s[:2] for s in big] == [s[:2] for s in accum]
-    for (_, _, a), (_, _, b) in zip(big, accum):
+    for (_, _, a), (_, _, b) in zip(big, accum, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     # …and differs from plain batches of 8.
     train(tiny_config(tmp_path / "small", shape_shards, batch_size=8, **common))
@@ -194,7 +194,7 @@ def test_accumulation_gradients_equal_the_large_batch(tmp_path, micro):
     def gradients(sizes):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        batches = [{"image": images[a:a + n], "text": texts[a:a + n]} for a, n in zip(starts, sizes)]
+        batches = [{"image": images[a:a + n], "text": texts[a:a + n]} for a, n in zip(starts, sizes, strict=True)]
         loss = Trainer._step(trainer, model, model, batches, optimizer, torch.amp.GradScaler("cuda", enabled=False),
                              None)
         loss = float(loss)

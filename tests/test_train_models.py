@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 import test_train_support  # noqa: F401  (one thread, quiet)
-from cnclip.train.models import (ModelError, create_model, get_model_config, list_models, load_clip_weights,
-                                 load_image_tower, parameter_count)
+from cnclip.train.models import (
+    ModelError,
+    create_model,
+    get_model_config,
+    list_models,
+    load_clip_weights,
+    load_image_tower,
+    parameter_count,
+)
 
 # Chinese-CLIP's published sizes (README of OFA-Sys/Chinese-CLIP): 77M, 188M, 406M, 407M, 958M.
 PAPER_SIZES = {"cn-RN50": 77.0e6, "cn-ViT-B-16": 188.3e6, "cn-ViT-L-14": 406.2e6, "cn-ViT-L-14-336": 406.6e6,
@@ -108,7 +115,7 @@ def test_image_tower_from_checkpoint(tmp_path, fmt):
     assert not torch.equal(target.visual.conv1.weight, source.visual.conv1.weight)
     text_before = {k: v.clone() for k, v in target.text.state_dict().items()}
     load_image_tower(target, path)
-    for (key, a), b in zip(source.visual.state_dict().items(), target.visual.state_dict().values()):
+    for (key, a), b in zip(source.visual.state_dict().items(), target.visual.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert all(torch.equal(v, target.text.state_dict()[k]) for k, v in text_before.items())  # text untouched
 

@@ -30,7 +30,7 @@ def shape_samples(count: int, seed: int, side: int = 64) -> list[dict]:
     """(jpg bytes, caption, class) for random coloured shapes: 6 colours × 4 shapes = 24 classes."""
     rng = random.Random(seed)
     out = []
-    for i in range(count):
+    for _i in range(count):
         ci, si = rng.randrange(len(COLORS)), rng.randrange(len(SHAPES))
         color, shape = COLORS[ci], SHAPES[si][0]
         buffer = io.BytesIO()
@@ -53,7 +53,7 @@ def write_shards(folder: Path, samples: list[dict], per_shard: int, *, shuffle_c
         path = folder / f"{shard:05d}.tar"
         with wds.TarWriter(str(path)) as writer:
             for i, (sample, caption) in enumerate(zip(samples[start:start + per_shard],
-                                                      captions[start:start + per_shard])):
+                                                      captions[start:start + per_shard], strict=True)):
                 record = {"__key__": f"{shard:05d}{i:04d}", "jpg": sample["jpg"], "txt": caption,
                           "json": json.dumps({"caption": caption}, ensure_ascii=False)}
                 if with_cls:

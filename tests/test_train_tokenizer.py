@@ -36,7 +36,7 @@ def test_ids_equal_cn_clip_on_hundreds_of_captions():
     ours = ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB)(captions)
     reference = cn_clip.tokenize(captions, context_length=52)
     assert ours.shape == reference.shape == (400, 52)
-    mismatched = [c for c, a, b in zip(captions, ours, reference) if not torch.equal(a, b)]
+    mismatched = [c for c, a, b in zip(captions, ours, reference, strict=True) if not torch.equal(a, b)]
     assert mismatched == []
     # The captions really exercise the vocabulary: truncation, [UNK] and many distinct ids.
     assert (reference[:, -1] == 102).sum() > 10

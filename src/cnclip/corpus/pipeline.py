@@ -24,27 +24,26 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from cnclip._common.console import info
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
-
-from cnclip.corpus.stages.download import DownloadStage
-from cnclip.corpus.stages.download import retry_failed as retry_transient_failures
 from cnclip.corpus.manifests.funnel import print_funnel
-from cnclip.corpus.stages.hash import HashStage
-from cnclip.corpus.stages.dedup import DedupStage
-from cnclip.corpus.stages.ingest import IngestStage
+from cnclip.corpus.recipe import Recipe, load_recipe
 from cnclip.corpus.runtime.engine import Engine, make_engine
+from cnclip.corpus.runtime.fingerprints import input_listing as _file_listing  # noqa: F401 (kept importable here)
 from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip.corpus.runtime.publish import publish, publishes_remotely
 from cnclip.corpus.runtime.published_ownership import check_published, claim_published, remove_published
-from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
-from cnclip._common.console import info
-from cnclip.corpus.recipe import Recipe, load_recipe
-from cnclip.corpus.stages.shard import ShardStage
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.runtime.stage import stage_states as _states_of
 from cnclip.corpus.runtime.state import StageState
-from cnclip.corpus.runtime.fingerprints import input_listing as _file_listing  # noqa: F401 (kept importable here)
+from cnclip.corpus.stages.dedup import DedupStage
+from cnclip.corpus.stages.download import DownloadStage
+from cnclip.corpus.stages.download import retry_failed as retry_transient_failures
+from cnclip.corpus.stages.hash import HashStage
+from cnclip.corpus.stages.ingest import IngestStage
+from cnclip.corpus.stages.shard import ShardStage
 from cnclip.corpus.stages.text import TextStage
 
 STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), ShardStage()]

@@ -49,7 +49,7 @@ def embed_eval_set(model, tokenizer: Callable, patterns: Sequence[str], transfor
     with autocast(device, precision):
         for batch in eval_batches(patterns, transform, batch_size, max_samples, origin):
             feats = model.encode_image(batch.images.to(device), normalize=True).float()
-            for feat, caps, group, label in zip(feats, batch.captions, batch.groups, batch.labels):
+            for feat, caps, group, label in zip(feats, batch.captions, batch.groups, batch.labels, strict=True):
                 if group not in groups:
                     groups[group] = len(groups)
                     image_feats.append(feat)

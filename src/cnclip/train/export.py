@@ -23,7 +23,6 @@ from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
 
 from cnclip._common.errors import CnclipError
-
 from cnclip.train.factory import load_model_from_checkpoint
 from cnclip.train.models import write_text_tower_dir
 

@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cnclip._common.errors import disk_errors
 from cnclip._common.mainguard import default_start_method, require_main_guard
-
 from cnclip.train import checkpoint as ckpt
 from cnclip.train import rundir
 from cnclip.train.config import ConfigError, TrainConfig
@@ -134,7 +133,8 @@ class Trainer:
             if complete:  # a finished stage: its weights start the next requested stage
                 stages = [s for s in stages if s > done_stage]
                 if not stages:
-                    raise ckpt.CheckpointError(f"{resume}: stage {done_stage} is complete; nothing left to run for --stage {stage}")
+                    raise ckpt.CheckpointError(
+                        f"{resume}: stage {done_stage} is complete; nothing left to run for --stage {stage}")
             elif done_stage in stages:  # mid-stage: continue exactly
                 stages = [s for s in stages if s >= done_stage]
                 start_step, continuing = state["step"], True
@@ -297,7 +297,7 @@ class Trainer:
             # keeps logit_scale in the graph. (open_clip_train counts it accum_freq times.)
             last = len(micro) - 1
             with torch.no_grad(), autocast(device, precision):
-                cached = [ddp(i, t)[:2] for i, t in zip(images, texts)]
+                cached = [ddp(i, t)[:2] for i, t in zip(images, texts, strict=True)]
             for j in range(len(micro)):
                 sync = contextlib.nullcontext() if j == last or ddp is model else ddp.no_sync()
                 with sync:

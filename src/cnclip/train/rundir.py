@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
-
 from cnclip.train.checkpoint import find_latest
 from cnclip.train.config import TrainConfig
 

@@ -14,12 +14,10 @@ import polars as pl
 from rich.table import Table
 
 from cnclip._common.atomic import write_json_atomic
+from cnclip._common.console import console
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip._common.console import console
-
 
 
 class AccountingError(CnclipError, RuntimeError):
@@ -135,7 +133,8 @@ def funnel_table(funnel: dict) -> Table:
     for stage in funnel["stages"]:
         kept = f"{stage['out'] / stage['in']:.1%}" if stage["in"] else "-"
         reasons = ", ".join(
-            f"{r.removeprefix(stage['stage'] + ':')} {n}" for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1])
+            f"{r.removeprefix(stage['stage'] + ':')} {n}"
+            for r, n in sorted(stage["rejected"].items(), key=lambda x: -x[1])
         )
         table.add_row(stage["stage"], str(stage["in"]), str(stage["out"]), kept, reasons or "-")
     table.caption = f"{funnel['samples']} samples, {funnel['rejected']} rejected"

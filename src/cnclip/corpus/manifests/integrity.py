@@ -15,7 +15,6 @@ from pathlib import Path
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.runtime.engine import Engine, default_engine
 
 CHECKSUMS = "checksums.json"
@@ -46,7 +45,7 @@ def write_checksums(manifest_dir: Path, shards_dir: Path, published: list[Path],
     digests = engine.map_parts(file_digest, published, "shard: checksums", processes)
     files = {
         record_name(path, manifest_dir, shards_dir): {"size": size, "sha256": sha}
-        for path, (size, sha) in zip(published, digests)
+        for path, (size, sha) in zip(published, digests, strict=True)
     }
     # Relative to manifest_dir, so a corpus copied or moved as a whole still verifies.
     where = os.path.relpath(shards_dir.resolve(), manifest_dir.resolve())

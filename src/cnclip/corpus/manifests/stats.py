@@ -8,11 +8,10 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
+from cnclip._common.console import console, warn
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.manifests.funnel import funnel_table, scan_manifest
 from cnclip.corpus.manifests.integrity import damaged_files
-from cnclip._common.console import console, warn
 
 _QUANTILES = [0.0, 0.1, 0.5, 0.9, 1.0]
 

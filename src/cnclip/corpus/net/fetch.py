@@ -20,6 +20,8 @@ from email.message import Message
 from typing import Callable, Optional
 from urllib.parse import urljoin, urlsplit
 
+from cnclip.corpus.net.guard import Decision, NetworkGuard
+from cnclip.corpus.net.politeness import HostBusy, HostLimiter
 from cnclip.corpus.net.reasons import (
     BAD_RESPONSE,
     BAD_URL,
@@ -31,8 +33,6 @@ from cnclip.corpus.net.reasons import (
     TRUNCATED,
     reason_for_status,
 )
-from cnclip.corpus.net.guard import Decision, NetworkGuard
-from cnclip.corpus.net.politeness import HostBusy, HostLimiter
 from cnclip.corpus.net.uri import to_uri
 
 _CHUNK = 64 * 1024

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
-from cnclip.corpus.recipe.crawl import GuardSettings
 from cnclip.corpus.net.fetch import GuardedFetcher
 from cnclip.corpus.net.guard import NetworkGuard
 from cnclip.corpus.net.local_files import resolve_roots
@@ -39,6 +38,7 @@ from cnclip.corpus.net.reasons import (
     TRUNCATED,
     UNSUPPORTED_SCHEME,
 )
+from cnclip.corpus.recipe.crawl import GuardSettings
 
 STATUS_FOR = {BAD_URL: 400, UNSUPPORTED_SCHEME: 400, BLOCKED_ADDRESS: 403, ROBOTS_DISALLOWED: 403,
               DNS_FAILED: 502, CONNECT_FAILED: 502, TOO_LARGE: 502, HOST_BUSY: 503, TIMEOUT: 504,

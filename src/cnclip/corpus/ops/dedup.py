@@ -1,4 +1,4 @@
-"""Dedup stage: exact copies, near-duplicate images, optional caption+image duplicates, and
+"""Dedup rules: exact copies, near-duplicate images, optional caption+image duplicates, and
 decontamination against evaluation images — over the whole build, deterministically.
 
 Rules, applied in this order; each dropped row names the row it duplicates:
@@ -13,7 +13,6 @@ Rules, applied in this order; each dropped row names the row it duplicates:
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import polars as pl

@@ -19,7 +19,6 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.ops.phash import IMAGE_EXTENSIONS, from_hex, iter_tar_images, phash_bytes, to_hex
 from cnclip.corpus.recipe import ImageSettings
 from cnclip.corpus.runtime import storage

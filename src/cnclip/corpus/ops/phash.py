@@ -20,10 +20,13 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # polars loads only where a function needs it
+    import polars as pl
 
 HASH_SIZE = 8
 SAMPLE_SIDE = 32  # imagehash: hash_size * highfreq_factor
@@ -120,7 +123,7 @@ def phash_bytes(images: Iterable[bytes], draft: bool = True, batch: int = 1024) 
     return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
 
 
-def hex_digits(column: "pl.Expr") -> "pl.Expr":
+def hex_digits(column: pl.Expr) -> pl.Expr:
     """UInt64 hashes -> imagehash's 16-digit hex strings (str(imagehash.phash(...))), in polars."""
     import polars as pl
 

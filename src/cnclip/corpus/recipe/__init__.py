@@ -17,6 +17,7 @@ from cnclip._common.yaml_loader import read_yaml
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.paths import recipe_path_problems
 
+
 # The column names a source may not keep are the build's own, derived from the declared tables
 # (manifests/schemas.py, imported when first needed: it imports polars and the stages' modules
 # import this one). `RESERVED_COLUMNS` is kept as a name for readers of the set.
@@ -231,7 +232,6 @@ class Recipe(StrictModel):
     @classmethod
     def _folders_apart(cls, value: Path, info: ValidationInfo) -> Path:
         from cnclip.corpus.runtime.layout import BuildLayout
-
         from cnclip.corpus.runtime.storage import is_url
 
         if "output_dir" in info.data and not (is_url(value) or is_url(info.data["output_dir"])):
@@ -243,9 +243,8 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _local_work_dir(self) -> "Recipe":
         """Work files stay on a local disk: a URL output needs a local folder for them."""
-        from cnclip.corpus.runtime.storage import is_url
-
         from cnclip.corpus.runtime.layout import BuildLayout
+        from cnclip.corpus.runtime.storage import is_url
 
         remote = [key for key in ("output_dir", "manifest_dir") if is_url(getattr(self, key))]
         if not remote:

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from cnclip._common.strict import StrictModel
-
 from cnclip.corpus.net.guard import parse_networks
 from cnclip.corpus.net.politeness import DEFAULT_USER_AGENT
 

@@ -24,9 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
-from cnclip._common.mainguard import require_main_guard
-
 from cnclip._common.console import stage_progress
+from cnclip._common.mainguard import require_main_guard
 
 if TYPE_CHECKING:
     from cnclip.corpus.manifests.schemas import Table as FileSchema

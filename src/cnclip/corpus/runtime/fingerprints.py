@@ -62,7 +62,8 @@ def eval_listing(paths: list[str]) -> list[list]:
     inside it, and an object store has no folders to stat at all."""
     listing: list[list] = []
     for path in paths:
-        files = [[name, info.get("size"), file_version(info)] for name, info in storage.list_infos(path, recursive=True)]
+        infos = storage.list_infos(path, recursive=True)
+        files = [[name, info.get("size"), file_version(info)] for name, info in infos]
         listing.append([path, files or [[path, None, None]]])
     return listing
 

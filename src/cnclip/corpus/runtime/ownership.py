@@ -23,7 +23,6 @@ from typing import Iterator
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.runtime.layout import BuildLayout
 
 MARKER = ".cnclip-build.json"

@@ -43,7 +43,8 @@ def local_roots(recipe: "Recipe") -> tuple[Path, Path]:
     """The local output and manifest folders the stages write: the recipe's own, or, for a URL,
     its staged copy under work_dir."""
     output = Path(recipe.work_dir) if storage.is_url(recipe.output_dir) else Path(recipe.output_dir)
-    manifests = Path(recipe.work_dir) / "manifests" if storage.is_url(recipe.manifest_dir) else Path(recipe.manifest_dir)
+    remote = storage.is_url(recipe.manifest_dir)
+    manifests = Path(recipe.work_dir) / "manifests" if remote else Path(recipe.manifest_dir)
     return output, manifests
 
 
@@ -63,7 +64,9 @@ def _part_folders(shards: str, manifests: str) -> list[tuple[str, str]]:
 
 
 def _target(name: str, shards: str, manifests: str) -> str:
-    return storage.join(shards, name.removeprefix(_SHARDS)) if name.startswith(_SHARDS) else storage.join(manifests, name)
+    if name.startswith(_SHARDS):
+        return storage.join(shards, name.removeprefix(_SHARDS))
+    return storage.join(manifests, name)
 
 
 def _shards_relation(shards: str, manifests: str) -> str:

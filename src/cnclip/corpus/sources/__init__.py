@@ -11,9 +11,16 @@ from pathlib import Path
 
 import polars as pl
 
-from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, WarcSource
 from cnclip.corpus.recipe import MetadataSource, SampleWebSource, Source
-from cnclip.corpus.sources.metadata import NeedsLineReader, SourceError, expand_paths, read_metadata_file, read_metadata_lines, reads_lines
+from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, WarcSource
+from cnclip.corpus.sources.metadata import (
+    NeedsLineReader,
+    SourceError,
+    expand_paths,
+    read_metadata_file,
+    read_metadata_lines,
+    reads_lines,
+)
 
 __all__ = ["NeedsLineReader", "SourceError", "prepare_source", "read_source_file", "read_source_lines", "reads_lines",
            "source_inputs"]

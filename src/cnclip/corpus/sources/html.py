@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urldefrag, urlsplit
 
-from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, is_web_url
 from cnclip.corpus.net.fetch import GuardedFetcher
-from cnclip.corpus.net.reasons import CRAWL_DELAY_TOO_LONG, NOT_HTML, OPTED_OUT, PAGE_ERROR, ROBOTS_DISALLOWED, TOO_LARGE
 from cnclip.corpus.net.guard import NetworkGuard
 from cnclip.corpus.net.politeness import HostLimiter, RobotsCache, opted_out, robots_token
+from cnclip.corpus.net.reasons import (
+    CRAWL_DELAY_TOO_LONG,
+    NOT_HTML,
+    OPTED_OUT,
+    PAGE_ERROR,
+    ROBOTS_DISALLOWED,
+    TOO_LARGE,
+)
 from cnclip.corpus.net.uri import to_uri
+from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, is_web_url
 from cnclip.corpus.sources.decode import decode_page
 from cnclip.corpus.sources.extract import extract_page, is_html
 from cnclip.corpus.sources.metadata import SourceError
@@ -132,7 +139,7 @@ class HtmlCrawler:
                 budget -= len(batch)
                 next_level = []
                 # map() keeps the batch's order, so row order does not depend on thread timing.
-                for (url, site), outcome in zip(batch, pool.map(self._visit, [u for u, _ in batch])):
+                for (url, site), outcome in zip(batch, pool.map(self._visit, [u for u, _ in batch]), strict=True):
                     self._account(url, outcome, report)
                     rows.extend(outcome.rows)
                     seen.add(outcome.final_url)

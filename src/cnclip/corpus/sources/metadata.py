@@ -15,7 +15,6 @@ from pathlib import Path
 import polars as pl
 
 from cnclip._common.errors import CnclipError
-
 from cnclip.corpus.recipe import MetadataSource
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.sources.rows import CAPTION_NOT_TEXT, HeaderError, read_delimited_lines, read_json_lines

@@ -150,7 +150,7 @@ def read_delimited_lines(path: str, separator: str) -> tuple[pl.DataFrame, LineR
     for number, raw in lines:
         feed(number, raw)
     settle(final=True)
-    frame = pl.DataFrame({name: column for name, column in zip(_unique(header), values)},
+    frame = pl.DataFrame({name: column for name, column in zip(_unique(header), values, strict=True)},
                          schema={name: pl.String for name in _unique(header)})
     return frame.with_columns(pl.Series("_line", result.good_lines, dtype=pl.Int64)), result
 

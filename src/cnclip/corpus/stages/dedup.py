@@ -11,8 +11,8 @@ from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime.engine import Engine, Table
-from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.fingerprints import eval_listing
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted

@@ -19,16 +19,15 @@ from typing import Iterator
 import polars as pl
 
 from cnclip._common.atomic import remove_temporaries
+from cnclip._common.console import info, stage_progress
 from cnclip._common.mainguard import require_main_guard
-
 from cnclip.corpus.net.policy import GuardConfig
+from cnclip.corpus.net.uri import to_uri
+from cnclip.corpus.recipe import Recipe, SampleWebSource
 from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.net.uri import to_uri
 from cnclip.corpus.stages.download_attempts import scan_attempts, write_attempts
-from cnclip._common.console import info, stage_progress
-from cnclip.corpus.recipe import Recipe, SampleWebSource
 
 
 @contextlib.contextmanager

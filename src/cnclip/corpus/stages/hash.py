@@ -7,8 +7,8 @@ from typing import Iterator
 
 import polars as pl
 
-from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.manifests.schemas import HASHES
+from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext

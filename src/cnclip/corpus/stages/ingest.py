@@ -12,15 +12,20 @@ from __future__ import annotations
 import polars as pl
 
 from cnclip._common.atomic import remove_temporaries
-
-from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.runtime.fingerprints import input_listing
-from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip._common.console import stage_progress, warn
-from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.manifests.schemas import INGEST, SchemaError
-from cnclip.corpus.sources import (SourceError, prepare_source, read_source_file, read_source_lines, reads_lines,
-                                   source_inputs)
+from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime.fingerprints import input_listing
+from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.sources import (
+    SourceError,
+    prepare_source,
+    read_source_file,
+    read_source_lines,
+    reads_lines,
+    source_inputs,
+)
 
 ROW_BITS = 40  # up to 10^12 rows per source, 2^23 sources in an int64
 

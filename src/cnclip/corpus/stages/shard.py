@@ -21,19 +21,17 @@ import polars as pl
 import webdataset as wds
 
 from cnclip._common.atomic import atomic_path, remove_temporaries, write_json_atomic
-
-from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
-from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
+from cnclip._common.console import info, warn
 from cnclip.corpus.manifests.funnel import write_funnel
-from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
-from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.manifests.schemas import (REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform,
-                                             keep_column_types)
+from cnclip.corpus.manifests.schemas import REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform, keep_column_types
+from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.runtime.state import StageState
-from cnclip._common.console import info, warn
+from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 
 # Fixed tar member times make shards byte-identical across rebuilds.
 TAR_MTIME = 0
@@ -124,9 +122,9 @@ def write_shard(task: _ShardTask) -> int:
     try:
         with atomic_path(task.tar_path) as tmp:
             with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as writer:
-                for (download_tar, download_key), metadata in zip(
-                    rows.select("download_tar", "download_key").iter_rows(), published.iter_rows(named=True)
-                ):
+                sources_of = rows.select("download_tar", "download_key").iter_rows()
+                for (download_tar, download_key), metadata in zip(sources_of, published.iter_rows(named=True),
+                                                                  strict=True):
                     tar = sources.get(download_tar)
                     if tar is None:
                         tar = sources[download_tar] = tarfile.open(task.download_dir / download_tar)
@@ -160,7 +158,9 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
     sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty."""
     engine = engine or default_engine()
     if stages is None:
-        from cnclip.corpus.pipeline import STAGES as stages
+        from cnclip.corpus import pipeline
+
+        stages = pipeline.STAGES
     tables = {
         "accepted": scan_accepted(layout, engine),
         "keys": _key_of_kept(layout, engine),
@@ -180,7 +180,9 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     `stages`: the pipeline's list (whose rejects and funnel rows are written)."""
     engine = engine or make_engine(recipe.engine)
     if stages is None:
-        from cnclip.corpus.pipeline import STAGES as stages
+        from cnclip.corpus import pipeline
+
+        stages = pipeline.STAGES
     layout = BuildLayout.of(recipe)
     for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
         folder.mkdir(parents=True, exist_ok=True)

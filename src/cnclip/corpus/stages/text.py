@@ -14,16 +14,20 @@ from pathlib import Path
 import polars as pl
 
 from cnclip._common.atomic import remove_temporaries
-
-from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
-from cnclip.corpus.stages.ingest import ROW_BITS
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.manifests.schemas import (
+    TEXT_ACCEPTED,
+    TEXT_DUPLICATE_PAIRS,
+    TEXT_NORMALIZED,
+    TEXT_REJECTED,
+    TEXT_REPEATED_CAPTIONS,
+)
 from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
 from cnclip.corpus.recipe import Recipe, RecipeError, TextSettings
-from cnclip.corpus.manifests.schemas import (TEXT_ACCEPTED, TEXT_DUPLICATE_PAIRS, TEXT_NORMALIZED, TEXT_REJECTED,
-                                             TEXT_REPEATED_CAPTIONS)
+from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
 from cnclip.corpus.runtime.fingerprints import input_listing
+from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.stages.ingest import ROW_BITS
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
@@ -155,7 +159,10 @@ def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path
     engine = engine or default_engine()
     rows = engine.sql(f"SELECT {', '.join(_COMMON)} FROM parts WHERE reason IS NULL", parts=engine.scan(parts))
     duplicates_path, repeated_path = out_dir / "duplicate_pairs.parquet", out_dir / "repeated_captions.parquet"
-    pairs = engine.sql(_DUPLICATE_PAIRS, rows=rows) if settings.dedup_pairs else engine.scan([], TEXT_DUPLICATE_PAIRS.columns)
+    if settings.dedup_pairs:
+        pairs = engine.sql(_DUPLICATE_PAIRS, rows=rows)
+    else:
+        pairs = engine.scan([], TEXT_DUPLICATE_PAIRS.columns)
     engine.write(pairs, duplicates_path, TEXT_DUPLICATE_PAIRS)
     if settings.max_caption_repeats is not None:
         repeated = engine.sql(_REPEATED_CAPTIONS.format(cap=int(settings.max_caption_repeats)), rows=rows,
