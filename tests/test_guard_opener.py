@@ -8,6 +8,7 @@ redirects elsewhere (127.0.0.2) checks that no connection was opened to it.
 """
 
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -127,7 +128,7 @@ def test_per_host_spacing_queueing_and_time_limits():
                 t.join()
         starts = sorted(h.at for h in site.hits)
         assert len(starts) == 3, starts
-        assert all(b - a >= 0.2 for a, b in zip(starts, starts[1:], strict=True)), starts  # 0.3 s apart at the proxy
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(starts)), starts  # 0.3 s apart at the proxy
 
         with GuardProxy(config(per_host_concurrency=1, request_timeout=1.5, per_host_max_wait=0.3)) as proxy:
             client = opener(proxy)
