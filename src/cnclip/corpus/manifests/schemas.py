@@ -159,6 +159,10 @@ ATTEMPTS_SCHEMA: dict[str, pl.DataType] = {
     "uid": _I64, "part": _I64, "tar": _STR, "key": _STR, "status": _STR, **_VERDICT, **_SIZES, "sha256": _STR,
 }
 ATTEMPTS = Table("work/download/attempts.parquet", "output_dir", "download", ATTEMPTS_SCHEMA)
+# The routing of rows to the download's lanes and img2dataset parts, one plan per download round
+# (stages/download_lanes.py); the parts' own inputs beside it are img2dataset's Arrow files.
+DOWNLOAD_PLAN = Table("work/download-input/plan*.parquet", "output_dir", "download",
+                      {"uid": _I64, "lane": _I32, "part": _I64})
 
 
 # img2dataset's own per-part columns (work/download/*.parquet, its output format, not declared
@@ -176,7 +180,7 @@ REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA,
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    ATTEMPTS, HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
+    DOWNLOAD_PLAN, ATTEMPTS, HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.

@@ -28,8 +28,8 @@ from typing import Optional
 import polars as pl
 
 from cnclip._common.atomic import atomic_path
+from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
-from cnclip.corpus.runtime.state import write_parquet_atomic
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
 PART_DIGITS = 5
@@ -75,7 +75,7 @@ def write_plan(rows: pl.DataFrame, input_dir: Path, plan_name: str, lanes: int, 
     for (part,), frame in routed.partition_by("part", as_dict=True, maintain_order=True).items():
         with atomic_path(input_dir / part_name(part, ".arrow")) as tmp:
             frame.select("uid", "caption", "url").write_ipc(tmp, compression="uncompressed")
-    write_parquet_atomic(routed.select("uid", "lane", "part"), plan_path)
+    DOWNLOAD_PLAN.write(routed.select("uid", "lane", "part"), plan_path)
     return routed.select("uid", "lane", "part")
 
 
