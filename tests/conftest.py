@@ -2,6 +2,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -11,6 +12,14 @@ from cnclip.corpus.recipe import parse_recipe  # noqa: E402
 from cnclip.corpus.sources.sample_web import SampleWebServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def flip(value, bits):
+    """A 64-bit hash with the given bits flipped: a near-duplicate at a known distance."""
+    value = np.uint64(value)
+    for bit in bits:
+        value ^= np.uint64(1) << np.uint64(bit)
+    return value
 
 
 def free_port() -> int:

@@ -23,13 +23,7 @@ from cnclip.corpus.ops.neardup import (
     near_pairs,
 )
 from cnclip.corpus.ops.neardup_frames import components_frame, cross_pairs_frame, near_duplicates_frame
-
-
-def flip(value, bits):
-    value = np.uint64(value)
-    for bit in bits:
-        value ^= np.uint64(1) << np.uint64(bit)
-    return value
+from conftest import flip
 
 
 def avoided_by_some_band(plan: BandPlan, d: int) -> bool:

@@ -20,13 +20,7 @@ from cnclip.corpus.ops.neardup import _compact_keys, _pairs_in_runs, _ramp, bloc
 from cnclip.corpus.recipe import DedupSettings
 from cnclip.corpus.stages.dedup import scan_dedup_input
 from cnclip.corpus.stages.download_attempts import write_attempts
-
-
-def flip(value, bits):
-    value = np.uint64(value)
-    for bit in bits:
-        value ^= np.uint64(1) << np.uint64(bit)
-    return value
+from conftest import flip
 
 
 def u64(*values):
