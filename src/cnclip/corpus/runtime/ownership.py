@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
@@ -50,12 +50,13 @@ def owned_entries(layout: BuildLayout) -> dict[Path, list[str]]:
     return entries
 
 
-def _read_marker(folder: Path) -> dict | None:
-    path = folder / MARKER
-    if not path.exists():
-        return None
+# The marker's rules, whatever filesystem the folder is on (local here, a URL in published_ownership.py).
+
+
+def parse_marker(read: Callable[[], str | bytes], path: object) -> dict:
+    """A marker's record, or OwnershipError naming `path` when it is unreadable or not a marker."""
     try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
+        marker = json.loads(read())
     except (OSError, ValueError) as err:
         raise OwnershipError(f"{path}: unreadable build marker ({err}); remove it only if this folder is "
                              "a cnclip build") from None
@@ -64,14 +65,44 @@ def _read_marker(folder: Path) -> dict | None:
     return marker
 
 
+def marker_record(recipe_name: str, names: list[str]) -> dict:
+    return {"tool": "cnclip", "recipe": recipe_name, "owns": names}
+
+
+def refuse_other_recipe(folder: object, marker: dict, recipe_name: str, consequence: str) -> None:
+    """OwnershipError when `folder`'s marker is another recipe's."""
+    if marker.get("recipe") != recipe_name:
+        raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
+                             f"{recipe_name!r}; {consequence}")
+
+
+def refuse_foreign(folder: object, names: list[str], ours: set[str]) -> None:
+    """OwnershipError when an unmarked folder holds names this build does not write."""
+    foreign = sorted(name for name in names if name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OwnershipError(f"{folder}: already holds files this build did not write ({shown}); "
+                             "choose an empty or new folder")
+
+
+def removable(marker: dict) -> list[str]:
+    """The names a marker records that may be removed: a hand-edited marker never widens it."""
+    return [name for name in marker["owns"] if name and "/" not in name and name not in (".", "..", LOCK, MARKER)]
+
+
+def _read_marker(folder: Path) -> dict | None:
+    path = folder / MARKER
+    if not path.exists():
+        return None
+    return parse_marker(lambda: path.read_text(encoding="utf-8"), path)
+
+
 def check_ownership(layout: BuildLayout, recipe_name: str) -> None:
     """Refuse, before anything is written, folders that hold files this build did not write."""
     for folder in owned_entries(layout):
         marker = _read_marker(folder)
         if marker is not None:
-            if marker.get("recipe") != recipe_name:
-                raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
-                                     f"{recipe_name!r}; give this recipe its own output_dir and manifest_dir")
+            refuse_other_recipe(folder, marker, recipe_name, "give this recipe its own output_dir and manifest_dir")
             continue
         if folder.is_file():
             raise OwnershipError(f"{folder}: is a file, not a folder")
@@ -79,11 +110,7 @@ def check_ownership(layout: BuildLayout, recipe_name: str) -> None:
         # manifest_dir nested in output_dir is checked on its own.
         ours = {LOCK} | {other.relative_to(folder).parts[0] for other in owned_entries(layout)
                          if folder in other.parents}
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours) if folder.is_dir() else []
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OwnershipError(f"{folder}: already holds files this build did not write ({shown}); "
-                                 "choose an empty or new folder")
+        refuse_foreign(folder, [p.name for p in folder.iterdir()] if folder.is_dir() else [], ours)
 
 
 def claim(layout: BuildLayout, recipe_name: str) -> None:
@@ -91,22 +118,19 @@ def claim(layout: BuildLayout, recipe_name: str) -> None:
     for folder, names in owned_entries(layout).items():
         marker = _read_marker(folder)
         if marker is None or sorted(marker["owns"]) != sorted(names):
-            write_json_atomic(folder / MARKER, {"tool": "cnclip", "recipe": recipe_name, "owns": names})
+            write_json_atomic(folder / MARKER, marker_record(recipe_name, names))
 
 
 def remove_owned(layout: BuildLayout, recipe_name: str, forget: bool = False) -> None:
     """Remove what the markers record (forget: the markers too, and folders left empty)."""
     markers = {folder: _read_marker(folder) for folder in owned_entries(layout)}
     for folder, marker in markers.items():
-        if marker is not None and marker.get("recipe") != recipe_name:
-            raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
-                                 f"{recipe_name!r}; nothing removed")
+        if marker is not None:
+            refuse_other_recipe(folder, marker, recipe_name, "nothing removed")
     for folder, marker in markers.items():
         if marker is None:
             continue  # nothing here is ours
-        for name in marker["owns"]:
-            if not name or "/" in name or name in (".", "..", LOCK):
-                continue  # a hand-edited marker never widens what is removed
+        for name in removable(marker):
             target = folder / name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)

@@ -15,7 +15,14 @@ import json
 from typing import TYPE_CHECKING
 
 from cnclip.corpus.runtime import storage
-from cnclip.corpus.runtime.ownership import MARKER, OwnershipError
+from cnclip.corpus.runtime.ownership import (
+    MARKER,
+    marker_record,
+    parse_marker,
+    refuse_foreign,
+    refuse_other_recipe,
+    removable,
+)
 
 if TYPE_CHECKING:
     from cnclip.corpus.recipe import Recipe
@@ -36,16 +43,9 @@ def published_entries(recipe: "Recipe") -> dict[str, list[str]]:
 
 def _read_marker(folder: str) -> dict | None:
     path = storage.join(folder, MARKER)
-    try:
-        marker = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
+    if not storage.exists(path):
         return None
-    except ValueError as err:
-        raise OwnershipError(f"{path}: unreadable build marker ({err}); remove it only if this folder is "
-                             "a cnclip build") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("owns"), list):
-        raise OwnershipError(f"{path}: not a cnclip build marker (no 'owns' list)")
-    return marker
+    return parse_marker(lambda: storage.read_bytes(path), path)
 
 
 def _top_level(folder: str) -> list[str]:
@@ -63,18 +63,12 @@ def check_published(recipe: "Recipe") -> None:
     for folder in entries:
         marker = _read_marker(folder)
         if marker is not None:
-            if marker.get("recipe") != recipe.name:
-                raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
-                                     f"{recipe.name!r}; give this recipe its own output_dir and manifest_dir")
+            refuse_other_recipe(folder, marker, recipe.name, "give this recipe its own output_dir and manifest_dir")
             continue
         # A manifest_dir nested in output_dir is checked on its own.
         ours = {MARKER} | {other[len(folder) + 1:].split("/", 1)[0] for other in entries
                            if other.startswith(folder + "/")}
-        foreign = [name for name in _top_level(folder) if name not in ours]
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OwnershipError(f"{folder}: already holds files this build did not write ({shown}); "
-                                 "choose an empty or new folder")
+        refuse_foreign(folder, _top_level(folder), ours)
 
 
 def claim_published(recipe: "Recipe") -> None:
@@ -83,20 +77,18 @@ def claim_published(recipe: "Recipe") -> None:
         marker = _read_marker(folder)
         if marker is None or sorted(marker["owns"]) != sorted(names):
             storage.write_text(storage.join(folder, MARKER),
-                               json.dumps({"tool": "cnclip", "recipe": recipe.name, "owns": names}))
+                               json.dumps(marker_record(recipe.name, names)))
 
 
 def remove_published(recipe: "Recipe") -> None:
     """Remove what this recipe's markers record, then the markers; another recipe's: nothing."""
     markers = {folder: _read_marker(folder) for folder in published_entries(recipe)}
     for folder, marker in markers.items():
-        if marker is not None and marker.get("recipe") != recipe.name:
-            raise OwnershipError(f"{folder}: holds the build of recipe {marker.get('recipe')!r}, not "
-                                 f"{recipe.name!r}; nothing removed")
+        if marker is not None:
+            refuse_other_recipe(folder, marker, recipe.name, "nothing removed")
     for folder, marker in markers.items():
         if marker is None:
             continue
-        for name in marker["owns"]:
-            if name and "/" not in name and name not in (".", "..", MARKER):  # a hand-edited marker never widens it
-                storage.remove(storage.join(folder, name))
+        for name in removable(marker):
+            storage.remove(storage.join(folder, name))
         storage.remove(storage.join(folder, MARKER))
