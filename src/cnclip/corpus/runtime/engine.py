@@ -114,11 +114,12 @@ class LocalEngine:
 
         extra: list[str] = []
         check = None
+        names = table.collect_schema().names() if schema is not None else []
         if schema is not None and not isinstance(schema, Mapping):  # a declared table: keep columns follow
             check, schema = schema, schema.columns
-            extra = [name for name in table.collect_schema().names() if name not in schema]
+            extra = [name for name in names if name not in schema]
         if schema is not None:
-            present = set(table.collect_schema().names())
+            present = set(names)
             table = table.select(
                 *((pl.col(name) if name in present else pl.lit(None)).cast(dtype).alias(name)
                   for name, dtype in schema.items()),
