@@ -29,6 +29,7 @@ from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.manifests.funnel import print_funnel
 from cnclip.corpus.recipe import Recipe, load_recipe
+from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.engine import Engine, make_engine
 from cnclip.corpus.runtime.fingerprints import input_listing as _file_listing  # noqa: F401 (kept importable here)
 from cnclip.corpus.runtime.layout import BuildLayout
@@ -83,7 +84,10 @@ def _owned(recipe: Recipe) -> Iterator[None]:
     remote = publishes_remotely(recipe)
     if remote:
         check_published(recipe)
-    with disk_errors(), owned_build(BuildLayout.of(recipe), recipe.name):
+    layout = BuildLayout.of(recipe)
+    # Work files on a URL: nothing local to own; the lock is the work_dir's lock object.
+    owned = build_lock(layout.lock_root) if layout.remote else owned_build(layout, recipe.name)
+    with disk_errors(), owned:
         if remote:
             claim_published(recipe)
         yield
@@ -158,7 +162,7 @@ def run_dedup(recipe: Recipe | str | Path, engine: Engine | None = None) -> dict
 def _publish(recipe: Recipe) -> None:
     """Where output_dir and manifest_dir are URLs: upload what the shard stage wrote under work_dir
     (only what is missing or changed there), checksums.json last."""
-    if publishes_remotely(recipe):
+    if publishes_remotely(recipe) and not BuildLayout.of(recipe).remote:  # else written in place
         summary = publish(recipe)
         info(f"publish: {summary['uploaded']} file(s) uploaded, {summary['unchanged']} unchanged -> "
              f"{summary['shards_dir']}, {summary['manifest_dir']}")
@@ -179,6 +183,13 @@ def _remove_stage_outputs(recipe: Recipe) -> None:
     """Every stage's outputs and record, last stage first, where they lie inside the build's own
     folders (a declared output elsewhere is never touched)."""
     layout = BuildLayout.of(recipe)
+    if layout.remote:  # every output lies under the URL folders the markers claim
+        for stage in reversed(STAGES):
+            state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
+            for output in state.outputs:
+                storage.remove(output)
+            state.discard()
+        return
     roots = [layout.output_dir.resolve(), layout.manifest_dir.resolve()]
     for stage in reversed(STAGES):
         state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
@@ -198,8 +209,9 @@ def clean(recipe: Recipe | str | Path) -> None:
     work files, shards, manifests) and nothing else; files of the user's beside them are left alone."""
     recipe = _recipe(recipe)
     layout = BuildLayout.of(recipe)
-    local = has_marker(layout)  # otherwise nothing local was made by a build
-    with build_lock(layout.output_dir) if local else contextlib.nullcontext():
+    local = not layout.remote and has_marker(layout)  # otherwise nothing local was made by a build
+    lock = build_lock(layout.lock_root) if local or layout.remote else contextlib.nullcontext()
+    with lock:
         if publishes_remotely(recipe):
             remove_published(recipe)
         if local:
@@ -216,14 +228,17 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
     with _owned(recipe):
         if fresh:
-            remove_owned(BuildLayout.of(recipe), recipe.name)
+            if BuildLayout.of(recipe).remote:
+                remove_published(recipe, forget=False)
+            else:
+                remove_owned(BuildLayout.of(recipe), recipe.name)
             _remove_stage_outputs(recipe)
         started = time.monotonic()
         context = _context(recipe, engine)
         for stage in context.stages:
             _run_stage(context, stage)
         _publish(recipe)
-        funnel = json.loads(context.layout.funnel_path.read_text(encoding="utf-8"))
+        funnel = json.loads(storage.read_text(context.layout.funnel_path))
     if show_funnel:
         print_funnel(funnel)
     info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "

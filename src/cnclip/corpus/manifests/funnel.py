@@ -16,8 +16,9 @@ from rich.table import Table
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.console import console
 from cnclip._common.errors import CnclipError
+from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.engine import Engine, default_engine
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 
 
 class AccountingError(CnclipError, RuntimeError):
@@ -31,15 +32,19 @@ def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
     return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
 
 
-def _parts(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet"))
+def _parts(folder: Path | str) -> list[Path | str]:
+    if storage.is_url(folder):  # the committed parts of a URL manifest_dir
+        from cnclip.corpus.runtime.commit import committed_parts
+
+        return committed_parts(folder, ".parquet")
+    return sorted(Path(folder).glob("*.parquet"))
 
 
 def tally(manifest_dir: Path, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
     """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
     engine = engine or default_engine()
-    samples = engine.scan(_parts(manifest_dir / "samples"), {"uid": pl.Int64})
-    rejected = engine.scan(_parts(manifest_dir / "rejected"), {"uid": pl.Int64, "stage": pl.String,
+    samples = engine.scan(_parts(at(manifest_dir, "samples")), {"uid": pl.Int64})
+    rejected = engine.scan(_parts(at(manifest_dir, "rejected")), {"uid": pl.Int64, "stage": pl.String,
                                                                "reason": pl.String})
     sample_count = engine.rows(engine.sql("SELECT COUNT(*) FROM samples", samples=samples))[0][0]
     counts = engine.rows(engine.sql(
@@ -81,7 +86,7 @@ def compute_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] 
         from cnclip.corpus.pipeline import funnel_stages
 
         stages = funnel_stages()
-    report = json.loads((layout.work / "ingest.state.json").read_text(encoding="utf-8"))["summary"]
+    report = json.loads(storage.read_text(at(layout.work, "ingest.state.json")))["summary"]
     input_rows = sum(report["rows_by_source"].values())
     counts = tally(layout.manifest_dir, engine)
     problem = _imbalance(layout.manifest_dir, input_rows, counts)
@@ -104,7 +109,7 @@ def compute_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] 
     return {
         "name": recipe_name,
         # Absolute, so a trainer given only this manifest_dir finds the shards.
-        "shards_dir": str(layout.shards_dir.resolve()),
+        "shards_dir": layout.shards_dir if layout.remote else str(layout.shards_dir.resolve()),
         "input_rows": input_rows,
         "rows_by_source": report["rows_by_source"],
         "file_errors": report["file_errors"],
@@ -119,7 +124,12 @@ def compute_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] 
 def write_funnel(layout: BuildLayout, recipe_name: str, stages: Sequence[str] | None = None,
                  engine: Engine | None = None) -> dict:
     funnel = compute_funnel(layout, recipe_name, stages, engine)
-    write_json_atomic(layout.funnel_path, funnel)
+    if storage.is_url(layout.funnel_path):  # committed by its marker, like every published part
+        from cnclip.corpus.runtime.commit import write_part
+
+        write_part(layout.funnel_path, json.dumps(funnel, ensure_ascii=False, indent=2).encode("utf-8"))
+    else:
+        write_json_atomic(layout.funnel_path, funnel)
     return funnel
 
 

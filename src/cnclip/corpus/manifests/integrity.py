@@ -22,17 +22,22 @@ _SHARDS = "shards/"  # recorded names under this prefix live in shards_dir, the 
 _CHUNK = 1 << 20
 
 
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size, SHA-256 hex) of a file, read in 1 MiB chunks."""
+def file_digest(path: Path | str) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file (or an fsspec URL's object), read in 1 MiB chunks."""
+    from cnclip.corpus.runtime.storage import open_file
+
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as stream:
+    with open_file(path) as stream:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
 
 
-def record_name(path: Path, manifest_dir: Path, shards_dir: Path) -> str:
+def record_name(path: Path | str, manifest_dir: Path | str, shards_dir: Path | str) -> str:
+    if isinstance(path, str):  # a URL of a build written in place: names relative to its folders
+        folder, _, name = path.rpartition("/")
+        return _SHARDS + name if folder == str(shards_dir) else path.removeprefix(f"{manifest_dir}/")
     if path.parent == shards_dir:
         return _SHARDS + path.name
     return path.relative_to(manifest_dir).as_posix()
@@ -47,6 +52,14 @@ def write_checksums(manifest_dir: Path, shards_dir: Path, published: list[Path],
         record_name(path, manifest_dir, shards_dir): {"size": size, "sha256": sha}
         for path, (size, sha) in zip(published, digests, strict=True)
     }
+    from cnclip.corpus.runtime import storage
+
+    if storage.is_url(manifest_dir):  # as a publish records it (publish.py), written last
+        from cnclip.corpus.runtime.publish import _shards_relation
+
+        record = {"shards_dir": _shards_relation(str(shards_dir), str(manifest_dir)), "files": files}
+        storage.write_text(storage.join(manifest_dir, CHECKSUMS), json.dumps(record, ensure_ascii=False, indent=2))
+        return
     # Relative to manifest_dir, so a corpus copied or moved as a whole still verifies.
     where = os.path.relpath(shards_dir.resolve(), manifest_dir.resolve())
     write_json_atomic(manifest_dir / CHECKSUMS, {"shards_dir": where, "files": files})

@@ -204,12 +204,15 @@ def reserved_columns() -> dict[str, str]:
     return reserved
 
 
-def keep_column_types(ingest_dir: Path) -> dict[str, pl.DataType]:
+def keep_column_types(ingest_dir: Path | str) -> dict[str, pl.DataType]:
     """Every source's keep_columns and their unified types, read from the ingest parts' footers."""
-    parts = sorted(ingest_dir.glob("*.parquet"))
+    from cnclip.corpus.runtime.commit import committed_parts
+    from cnclip.corpus.runtime.storage import scan_parquet
+
+    parts = committed_parts(ingest_dir, ".parquet")  # a local folder or a URL work_dir's
     if not parts:
         return {}
-    schema = pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed").collect_schema()
+    schema = pl.concat([scan_parquet(p) for p in parts], how="diagonal_relaxed").collect_schema()
     # A column the pipeline itself writes (e.g. a reason or detail set at ingest) is never a keep column.
     return {name: dtype for name, dtype in schema.items() if name not in reserved_columns()}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -149,9 +149,11 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.asarray(a, np.uint64) ^ np.asarray(b, np.uint64))
 
 
-def iter_tar_images(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) for each image member of a WebDataset tar, streamed."""
-    with tarfile.open(path, "r|") as tar:
+def iter_tar_images(path: Path | IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) for each image member of a WebDataset tar (a path or an open binary
+    stream, e.g. an object store's), streamed."""
+    opened = tarfile.open(fileobj=path, mode="r|") if hasattr(path, "read") else tarfile.open(path, "r|")
+    with opened as tar:
         for member in tar:
             if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
                 key = member.name.rsplit(".", 1)[0]

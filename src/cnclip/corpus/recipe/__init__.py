@@ -190,12 +190,17 @@ def _location(value: object) -> Path | str:
 Location = Annotated[Union[Path, str], PlainValidator(_location)]
 
 
+# Source kinds that generate or crawl into local folders under the build (sample_web/, work/crawl/).
+_LOCAL_WORK_KINDS = ("sample_web", "html", "warc")
+
+
 class Recipe(StrictModel):
     name: str
     output_dir: Location
     manifest_dir: Location
-    # Work files (and a staged copy of what is published) when output_dir or manifest_dir is a URL.
-    work_dir: Optional[Path] = None
+    # When output_dir or manifest_dir is a URL: a local folder for the work files and a staged copy
+    # of what is published, or a URL, whose work/ every stage reads and writes in place.
+    work_dir: Optional[Location] = None
     sources: list[Source] = Field(min_length=1)
     text: TextSettings = Field(default_factory=TextSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
@@ -242,7 +247,7 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _local_work_dir(self) -> "Recipe":
-        """Work files stay on a local disk: a URL output needs a local folder for them."""
+        """A URL output needs a work_dir: a local folder, or a URL beside a URL output."""
         from cnclip.corpus.runtime.layout import BuildLayout
         from cnclip.corpus.runtime.storage import is_url
 
@@ -252,11 +257,21 @@ class Recipe(StrictModel):
                 raise ValueError("work_dir is only for a URL output_dir or manifest_dir; work files go in "
                                  "<output_dir>/work")
             return self
-        if self.work_dir is None or is_url(str(self.work_dir)):
+        if self.work_dir is None:
             raise ValueError(f"{remote[0]} is a URL: set work_dir to a local folder for the work files "
-                             "(they are not written to object stores yet)")
+                             "(or to a URL, to keep them on the object store)")
         if remote == ["output_dir"]:
             raise ValueError("output_dir is a URL: manifest_dir must be one too (the manifests name the shards)")
+        if is_url(self.work_dir):
+            if remote != ["output_dir", "manifest_dir"]:
+                raise ValueError("work_dir is a URL: output_dir must be one too (the stages write the shards "
+                                 "in place)")
+            local = [f"sources[{i}] ({s.kind})" for i, s in enumerate(self.sources)
+                     if s.kind in _LOCAL_WORK_KINDS]
+            if local:
+                raise ValueError(f"work_dir is a URL: {local[0]} writes its pages or images to a local "
+                                 "folder; give work_dir a local folder")
+            return self
         problem = BuildLayout.of(self).nesting_problem()
         if problem:
             raise ValueError(problem)

@@ -96,11 +96,13 @@ class LocalEngine:
     def scan(self, paths: Sequence[Path | str], schema: Mapping[str, Any] | None = None) -> Table:
         import polars as pl
 
+        from cnclip.corpus.runtime.storage import scan_parquet  # a local path or an fsspec URL
+
         if not paths:
             return pl.LazyFrame(schema=dict(schema or {}))
         if len(paths) == 1:
-            return pl.scan_parquet(paths[0])
-        return pl.concat([pl.scan_parquet(p) for p in paths], how="diagonal_relaxed")
+            return scan_parquet(paths[0])
+        return pl.concat([scan_parquet(p) for p in paths], how="diagonal_relaxed")
 
     def sql(self, query: str, **tables: Table) -> Table:
         import polars as pl

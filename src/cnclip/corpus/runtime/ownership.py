@@ -159,8 +159,17 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def build_lock(output_dir: Path) -> Iterator[None]:
-    """Hold `output_dir`'s build lock (re-entrant within this process)."""
+def build_lock(output_dir: Path | str) -> Iterator[None]:
+    """Hold `output_dir`'s build lock (re-entrant within this process); a URL's is a lock object
+    (url_lock.py)."""
+    from cnclip.corpus.runtime import storage
+
+    if storage.is_url(output_dir):
+        from cnclip.corpus.runtime.url_lock import url_build_lock
+
+        with url_build_lock(str(output_dir)):
+            yield
+        return
     path = (Path(output_dir) / LOCK).absolute()
     if path in _held:
         _held[path][1] += 1

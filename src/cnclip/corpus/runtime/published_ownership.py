@@ -6,7 +6,9 @@ entries a publish creates there (`shards`; `samples`, `rejected`, `funnel.json`,
 `checksums.json`). A prefix without a marker that already holds anything is the user's, and a
 prefix marked by another recipe is that recipe's: the build refuses either before it runs a stage
 or writes a byte. `clean` removes the entries a marker records, and the marker, nothing else.
-(The build lock stays local, on work_dir: two machines publishing to one prefix are not stopped.)
+A URL work_dir is marked the same way (it owns `work`), and holds the build lock object
+(url_lock.py); with a local work_dir the lock stays local, and two machines publishing to one
+prefix are not stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.ownership import (
+    LOCK,
     MARKER,
     marker_record,
     parse_marker,
@@ -29,12 +32,15 @@ if TYPE_CHECKING:
 
 _OUTPUT_ENTRIES = ["shards"]
 _MANIFEST_ENTRIES = ["samples", "rejected", "funnel.json", "checksums.json"]
+_WORK_ENTRIES = ["work"]
 
 
 def published_entries(recipe: "Recipe") -> dict[str, list[str]]:
     """Each URL folder a publish writes into -> the names it creates there (both, if one)."""
     entries: dict[str, list[str]] = {}
-    for folder, names in ((recipe.output_dir, _OUTPUT_ENTRIES), (recipe.manifest_dir, _MANIFEST_ENTRIES)):
+    folders = [(recipe.output_dir, _OUTPUT_ENTRIES), (recipe.manifest_dir, _MANIFEST_ENTRIES),
+               (recipe.work_dir or "", _WORK_ENTRIES)]
+    for folder, names in folders:
         if storage.is_url(folder):
             owned = entries.setdefault(str(folder), [])
             owned += [name for name in names if name not in owned]
@@ -65,8 +71,9 @@ def check_published(recipe: "Recipe") -> None:
         if marker is not None:
             refuse_other_recipe(folder, marker, recipe.name, "give this recipe its own output_dir and manifest_dir")
             continue
-        # A manifest_dir nested in output_dir is checked on its own.
-        ours = {MARKER} | {other[len(folder) + 1:].split("/", 1)[0] for other in entries
+        # A manifest_dir nested in output_dir is checked on its own; the lock object may be a
+        # concurrent first build's (settled by the lock itself).
+        ours = {MARKER, LOCK} | {other[len(folder) + 1:].split("/", 1)[0] for other in entries
                            if other.startswith(folder + "/")}
         refuse_foreign(folder, _top_level(folder), ours)
 
@@ -80,8 +87,8 @@ def claim_published(recipe: "Recipe") -> None:
                                json.dumps(marker_record(recipe.name, names)))
 
 
-def remove_published(recipe: "Recipe") -> None:
-    """Remove what this recipe's markers record, then the markers; another recipe's: nothing."""
+def remove_published(recipe: "Recipe", forget: bool = True) -> None:
+    """Remove what this recipe's markers record, then (forget) the markers; another recipe's: nothing."""
     markers = {folder: _read_marker(folder) for folder in published_entries(recipe)}
     for folder, marker in markers.items():
         if marker is not None:
@@ -91,4 +98,5 @@ def remove_published(recipe: "Recipe") -> None:
             continue
         for name in removable(marker):
             storage.remove(storage.join(folder, name))
-        storage.remove(storage.join(folder, MARKER))
+        if forget:
+            storage.remove(storage.join(folder, MARKER))

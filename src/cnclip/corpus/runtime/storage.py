@@ -158,3 +158,61 @@ def _local_info(path: str) -> dict:
     of seconds; the exact value keeps a rewrite within the same microsecond visible)."""
     stat = Path(path).stat()
     return {"name": path, "type": "file", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def make_dirs(path: str | Path) -> None:
+    """Create a local folder (and its parents); an object store has no folders to create."""
+    if not is_url(path):
+        Path(local_path(path)).mkdir(parents=True, exist_ok=True)
+
+
+def scan_parquet(path: str | Path):
+    """One Parquet file as a polars LazyFrame: locally polars' own scan; on a URL a pyarrow dataset
+    over the fsspec filesystem, so the endpoint and credentials are the driver's (polars' own cloud
+    reader would need them again in its own form) and row groups still stream."""
+    import polars as pl
+
+    if not is_url(path):
+        return pl.scan_parquet(local_path(path))
+    import pyarrow.dataset as ds
+
+    fs, stripped = filesystem(path)
+    return pl.scan_pyarrow_dataset(ds.dataset(stripped, filesystem=fs, format="parquet"))
+
+
+def create_exclusive(path: str | Path, data: bytes) -> bool:
+    """Write `path` only if nothing is there; False when something already is. Locally O_EXCL;
+    on S3 a conditional PUT (If-None-Match: *), which the store decides atomically. A filesystem
+    without conditional writes falls back to check-then-write, and the caller re-reads to see
+    whose write stayed."""
+    if not is_url(path):
+        import os
+
+        local = Path(local_path(path))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+    fs, stripped = filesystem(path)
+    try:
+        fs.pipe_file(stripped, data, mode="create")
+    except FileExistsError:
+        return False
+    except (TypeError, NotImplementedError):  # no conditional writes on this filesystem
+        if fs.exists(stripped):
+            return False
+        fs.pipe_file(stripped, data)
+    return True
+
+
+def read_parquet(path: str | Path):
+    """One Parquet file as a polars DataFrame (polars' own reader locally)."""
+    import polars as pl
+
+    if not is_url(path):
+        return pl.read_parquet(local_path(path))
+    return scan_parquet(path).collect()

@@ -10,6 +10,8 @@ from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS
 from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import committed_parts
 from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.fingerprints import eval_listing
 from cnclip.corpus.runtime.layout import BuildLayout
@@ -18,10 +20,13 @@ from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
 
-def scan_dedup_input(download_dir: Path, hash_dir: Path, accepted: pl.LazyFrame) -> pl.LazyFrame:
+def scan_dedup_input(download_dir: Path | str, hash_dir: Path | str, accepted: pl.LazyFrame) -> pl.LazyFrame:
     """Every downloaded row with its sha256, pHash and normalized caption."""
     downloads = scan_attempts(download_dir).filter(pl.col("status") == "success").select("uid", "sha256")
-    hashes = pl.scan_parquet(hash_dir / "*.parquet")
+    if storage.is_url(hash_dir):  # one scan per committed part (an object store has no glob scan)
+        hashes = pl.concat([storage.scan_parquet(p) for p in committed_parts(hash_dir, ".parquet")])
+    else:
+        hashes = pl.scan_parquet(Path(hash_dir) / "*.parquet")
     return downloads.join(hashes, on="uid", how="left").join(accepted.select("uid", "caption"), on="uid",
                                                                how="left")
 
@@ -64,7 +69,7 @@ class DedupStage(Stage):
         return [eval_listing(recipe.dedup.eval_images)]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.dedup_decisions.parent,)
+        return (layout.dedup_dir,)
 
     def run(self, context: StageContext) -> dict:
         return run_dedup_stage(context.recipe, context.engine)

@@ -24,6 +24,8 @@ from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.net.uri import to_uri
 from cnclip.corpus.recipe import Recipe, SampleWebSource
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import committed_parts
 from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
@@ -70,7 +72,7 @@ def as_sent(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def sent_rows(layout: BuildLayout, uids: pl.LazyFrame | None = None) -> pl.DataFrame:
     """The accepted rows to download (all, or those of `uids`), URLs as browsers send them."""
-    rows = pl.concat([pl.scan_parquet(p) for p in sorted(layout.text_accepted_dir.glob("*.parquet"))],
+    rows = pl.concat([storage.scan_parquet(p) for p in committed_parts(layout.text_accepted_dir, ".parquet")],
                      how="diagonal_relaxed")
     if uids is not None:
         rows = rows.join(uids, on="uid", how="semi")
@@ -137,8 +139,9 @@ def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: in
     lowered = download_threads(recipe)[1]
     if lowered:
         info(lowered)
-    layout.download_input_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(layout.download_input_dir)
+    storage.make_dirs(layout.download_input_dir)
+    if not storage.is_url(layout.download_input_dir):  # an object store keeps no half-written inputs
+        remove_temporaries(layout.download_input_dir)
     plan = write_plan(rows, layout.download_input_dir, plan_name, recipe.download.processes,
                       config.lanes_per_host, recipe.download.samples_per_part, first_part)
     arguments = img2dataset_arguments(recipe)
@@ -147,22 +150,22 @@ def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: in
 
 
 @contextlib.contextmanager
-def _parts_progress(output_dir: Path, plan: pl.DataFrame) -> Iterator[None]:
+def _parts_progress(output_dir: Path | str, plan: pl.DataFrame) -> Iterator[None]:
     """A progress bar of img2dataset parts done (it writes a part's stats file last), polled."""
     import threading
 
-    from cnclip.corpus.stages.download_lanes import part_name
+    from cnclip.corpus.stages.download_lanes import done_parts
 
     parts = plan["part"].unique().to_list()
-    total = sum(not (output_dir / part_name(p, "_stats.json")).exists() for p in parts)
-    before = len(list(output_dir.glob("*_stats.json")))
+    before = len(done_parts(output_dir))
+    total = len(set(parts) - done_parts(output_dir))
     stop = threading.Event()
     with stage_progress("download: img2dataset parts", total=total) as advance:
 
         def poll() -> None:
             shown = 0
             while not stop.wait(0.5):
-                done = len(list(output_dir.glob("*_stats.json"))) - before
+                done = len(done_parts(output_dir)) - before
                 advance(done - shown)
                 shown = done
 
@@ -183,7 +186,7 @@ def _statuses(download_dir: Path) -> dict:
 def run_download_stage(recipe: Recipe) -> dict:
     """Every accepted row downloaded once; after a crash only parts without their stats are redone."""
     layout = BuildLayout.of(recipe)
-    if not any(layout.text_accepted_dir.glob("*.parquet")):
+    if not committed_parts(layout.text_accepted_dir, ".parquet"):
         info("download: no rows to download")
         write_attempts(layout.download_dir)
         return {"by_status": {}, "retries": 0}
@@ -208,7 +211,8 @@ def retry_failed(recipe: Recipe, previous: dict) -> dict:
     info(f"download: retrying {rows.height} rows that failed for transient reasons")
     attempt = previous.get("retries", 0) + 1
     # img2dataset deletes each part's input once done: the plans say which numbers are taken.
-    used = pl.concat([pl.scan_parquet(p).select("part") for p in layout.download_input_dir.glob("plan*.parquet")])
+    plans = [p for p in committed_parts(layout.download_input_dir, ".parquet") if Path(p).name.startswith("plan")]
+    used = pl.concat([storage.scan_parquet(p).select("part") for p in plans])
     first_part = (used.select(pl.col("part").max()).collect().item() or 0) + 1
     guard = _download(recipe, rows, f"plan-retry-{attempt}.parquet", first_part)
     write_attempts(layout.download_dir)

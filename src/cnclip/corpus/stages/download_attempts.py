@@ -15,19 +15,25 @@ from pathlib import Path
 import polars as pl
 
 from cnclip.corpus.manifests.schemas import ATTEMPTS, ATTEMPTS_SCHEMA, conform
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import is_committed
 
 _RESULT_COLUMNS = {"uid": pl.Int64, "key": pl.String, "status": pl.String, "error_message": pl.String,
                    "width": pl.Int32, "height": pl.Int32, "original_width": pl.Int32, "original_height": pl.Int32,
                    "sha256": pl.String}
 
 
-def attempts_path(download_dir: Path) -> Path:
-    return download_dir / "attempts.parquet"
+def attempts_path(download_dir: Path | str) -> Path | str:
+    return storage.join(download_dir, "attempts.parquet") if storage.is_url(download_dir) else (
+        Path(download_dir) / "attempts.parquet")
 
 
-def result_parts(download_dir: Path) -> list[Path]:
-    """img2dataset's per-part result files (`00000.parquet`...), by part number."""
-    return sorted((p for p in download_dir.glob("*.parquet") if p.stem.isdigit()), key=lambda p: int(p.stem))
+def result_parts(download_dir: Path | str) -> list[Path | str]:
+    """img2dataset's per-part result files (`00000.parquet`...), by part number (local paths, or
+    the URLs of a URL work_dir)."""
+    found = storage.list_files(download_dir) if storage.is_url(download_dir) else Path(download_dir).glob("*.parquet")
+    parts = [p for p in found if Path(p).suffix == ".parquet" and Path(p).stem.isdigit()]
+    return sorted(parts, key=lambda p: int(Path(p).stem))
 
 
 def failure_reason(status: str, error_message: str | None) -> str:
@@ -50,12 +56,12 @@ def with_failure_reasons(attempts: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _results(part: Path) -> pl.LazyFrame:
-    return pl.scan_parquet(part).select(pl.col(n).cast(t) for n, t in _RESULT_COLUMNS.items()).with_columns(
-        pl.lit(int(part.stem), pl.Int64).alias("part"))
+def _results(part: Path | str) -> pl.LazyFrame:
+    return storage.scan_parquet(part).select(pl.col(n).cast(t) for n, t in _RESULT_COLUMNS.items()).with_columns(
+        pl.lit(int(Path(part).stem), pl.Int64).alias("part"))
 
 
-def write_attempts(download_dir: Path) -> pl.DataFrame:
+def write_attempts(download_dir: Path | str) -> pl.DataFrame:
     """Every result part -> the attempts table (written atomically, checked against its schema)."""
     parts = result_parts(download_dir)
     if not parts:
@@ -78,11 +84,11 @@ def write_attempts(download_dir: Path) -> pl.DataFrame:
     return table
 
 
-def has_attempts(download_dir: Path) -> bool:
+def has_attempts(download_dir: Path | str) -> bool:
     """Whether any row was attempted (a table of 0 rows: nothing was downloaded)."""
     path = attempts_path(download_dir)
-    return path.exists() and pl.scan_parquet(path).select(pl.len()).collect().item() > 0
+    return is_committed(path) and storage.scan_parquet(path).select(pl.len()).collect().item() > 0
 
 
-def scan_attempts(download_dir: Path) -> pl.LazyFrame:
-    return pl.scan_parquet(attempts_path(download_dir))
+def scan_attempts(download_dir: Path | str) -> pl.LazyFrame:
+    return storage.scan_parquet(attempts_path(download_dir))

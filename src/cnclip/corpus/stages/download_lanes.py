@@ -11,7 +11,9 @@ and are spread over every lane.
 
 The routing is written once per attempt as `plan.parquet` (uid, lane, part) beside the part
 inputs, after them; a resumed run reuses it and redoes only the parts without img2dataset's
-`_stats.json`, as img2dataset's incremental mode would.
+`_stats.json`, as img2dataset's incremental mode would. On a URL work_dir img2dataset writes
+its parts through fsspec; each of its files is one object, whole once it is there, and the
+stats file, written last, is what commits a part.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import polars as pl
 from cnclip._common.atomic import atomic_path
 from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import is_committed
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
 PART_DIGITS = 5
@@ -64,17 +68,37 @@ def part_name(part: int, suffix: str) -> str:
     return f"{part:0{PART_DIGITS}d}{suffix}"
 
 
-def write_plan(rows: pl.DataFrame, input_dir: Path, plan_name: str, lanes: int, per_host: int,
+def done_parts(output_dir: Path | str) -> set[int]:
+    """The parts img2dataset finished in `output_dir` (their stats file, written last, is there)."""
+    names = (Path(name).name for name in storage.list_files(output_dir))
+    return {int(name.removesuffix("_stats.json")) for name in names
+            if name.endswith("_stats.json") and name.removesuffix("_stats.json").isdigit()}
+
+
+def _write_input(frame: pl.DataFrame, path: Path | str) -> None:
+    """One part's input (Arrow IPC): renamed into place locally; one PUT, whole, on a URL."""
+    rows = frame.select("uid", "caption", "url")
+    if storage.is_url(path):
+        import io
+
+        buffer = io.BytesIO()
+        rows.write_ipc(buffer, compression="uncompressed")
+        storage.write_bytes(path, buffer.getvalue())
+        return
+    with atomic_path(path) as tmp:
+        rows.write_ipc(tmp, compression="uncompressed")
+
+
+def write_plan(rows: pl.DataFrame, input_dir: Path | str, plan_name: str, lanes: int, per_host: int,
                per_part: int, first_part: int) -> pl.DataFrame:
     """The part inputs img2dataset's downloader reads (Arrow IPC files), then the plan; an
     existing plan is kept: its parts may already be downloaded."""
-    plan_path = input_dir / plan_name
-    if plan_path.exists():
-        return pl.read_parquet(plan_path)
+    plan_path = storage.join(input_dir, plan_name)
+    if is_committed(plan_path):
+        return storage.read_parquet(plan_path)
     routed = route(rows, lanes, per_host, per_part, first_part)
     for (part,), frame in routed.partition_by("part", as_dict=True, maintain_order=True).items():
-        with atomic_path(input_dir / part_name(part, ".arrow")) as tmp:
-            frame.select("uid", "caption", "url").write_ipc(tmp, compression="uncompressed")
+        _write_input(frame, storage.join(input_dir, part_name(part, ".arrow")))
     DOWNLOAD_PLAN.write(routed.select("uid", "lane", "part"), plan_path)
     return routed.select("uid", "lane", "part")
 
@@ -135,30 +159,31 @@ def run_lane(task: LaneTask) -> dict[str, int]:
     if task.parent is not None:
         _exit_with_parent(task.parent)
     downloader = _downloader(task.arguments)
-    output = Path(task.arguments["output_folder"])
+    output = task.arguments["output_folder"]
     with guarded_urlopen(task.config) as policy:
+        done = done_parts(output)
         for part in task.parts:
-            if (output / part_name(part, "_stats.json")).exists():
+            if part in done:
                 continue
-            source = str(Path(task.input_dir) / part_name(part, ".arrow"))
+            source = storage.join(task.input_dir, part_name(part, ".arrow"))
             for _ in range(2):
                 if downloader((part, source))[0]:
                     break
         return policy.stats()
 
 
-def lane_tasks(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig) -> list[LaneTask]:
+def lane_tasks(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig) -> list[LaneTask]:
     lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
     return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config) for lane, parts in lanes]
 
 
-def run_lanes(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig,
+def run_lanes(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
               processes: int) -> dict[str, int]:
     """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
     counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
     it loads, and the installed opener is process-wide, so neither may come from the caller's
     process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
-    Path(arguments["output_folder"]).mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(arguments["output_folder"])
     tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     totals: collections.Counter = collections.Counter()
     context = multiprocessing.get_context("spawn")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import polars as pl
 
-from cnclip._common.atomic import remove_temporaries
 from cnclip._common.console import stage_progress, warn
 from cnclip.corpus.manifests.schemas import INGEST, SchemaError
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import discard_uncommitted, is_committed
 from cnclip.corpus.runtime.fingerprints import input_listing
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.sources import (
     SourceError,
@@ -61,22 +62,22 @@ def ingest(recipe: Recipe) -> dict:
     kept); returns rows per source and the files that could not be read."""
     layout = BuildLayout.of(recipe)
     out_dir = layout.ingest_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out_dir)
+    storage.make_dirs(out_dir)
+    discard_uncommitted(out_dir)
     rows_by_source: dict[str, int] = {}
     file_errors: list[str] = []
     source_reports: dict[str, dict] = {}
     for source_index, source in enumerate(recipe.sources):
-        files, report = prepare_source(source, layout.sample_web_dir, layout.work / "crawl", recipe.crawl)
+        files, report = prepare_source(source, layout.sample_web_dir, at(layout.work, "crawl"), recipe.crawl)
         if report is not None:
             source_reports[source.name] = report
         offset = 0
         readable = 0
         with stage_progress(f"ingest {source.name}", total=len(files)) as advance:
             for file_index, path in enumerate(files):
-                part = out_dir / f"{source_index:03d}-{file_index:05d}.parquet"
-                # A part that exists is whole (parts are renamed into place): resume after it.
-                if not part.exists():
+                part = at(out_dir, f"{source_index:03d}-{file_index:05d}.parquet")
+                # A part that exists is whole (renamed into place, or committed): resume after it.
+                if not is_committed(part):
                     try:
                         _write_part(source, source_index, path, part, offset)
                     except SchemaError:  # the build's bug, not an unreadable file
@@ -90,7 +91,7 @@ def ingest(recipe: Recipe) -> dict:
                         warn(message)
                         advance()
                         continue
-                offset += pl.scan_parquet(part).select(pl.len()).collect().item()
+                offset += storage.scan_parquet(part).select(pl.len()).collect().item()
                 readable += 1
                 advance()
         if readable == 0:
@@ -110,7 +111,7 @@ class IngestStage(Stage):
         return [[input_listing(source_inputs(s)) for s in recipe.sources]]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.ingest_dir, layout.work / "crawl")
+        return (layout.ingest_dir, at(layout.work, "crawl"))
 
     def run(self, context: StageContext) -> dict:
         return ingest(context.recipe)

@@ -5,8 +5,8 @@ Samples are ordered by uid (source order, then row order) whatever order img2dat
 finished in, so the same inputs give the same keys and the same tar bytes. Each output shard is
 written by its own task, reading image bytes straight out of img2dataset's tars by the member the
 attempts table names (download_attempts.py); a tar
-and its manifest part are renamed into place when whole, so an interrupted stage resumes after
-the last complete shard.
+and its manifest part are renamed into place when whole (on a URL work_dir: committed by their
+markers, commit.py), so an interrupted stage resumes after the last complete shard.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from typing import Sequence
 import polars as pl
 import webdataset as wds
 
-from cnclip._common.atomic import atomic_path, remove_temporaries, write_json_atomic
+from cnclip._common.atomic import write_json_atomic
 from cnclip._common.console import info, warn
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
 from cnclip.corpus.manifests.schemas import REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform, keep_column_types
 from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import committed_parts, committed_path, discard_uncommitted, is_committed, write_part
 from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.runtime.state import StageState
 from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
@@ -44,7 +46,7 @@ _ACCEPTED_SCHEMA = {"uid": pl.Int64, "source": pl.String, "row": pl.Int64, "url"
 def scan_accepted(layout: BuildLayout, engine: Engine | None = None) -> Table:
     """The text stage's accepted rows, every source's keep columns included."""
     engine = engine or default_engine()
-    return engine.scan(sorted(layout.text_accepted_dir.glob("*.parquet")), _ACCEPTED_SCHEMA)
+    return engine.scan(committed_parts(layout.text_accepted_dir, ".parquet"), _ACCEPTED_SCHEMA)
 
 
 def _has_downloads(layout: BuildLayout) -> bool:
@@ -88,7 +90,7 @@ def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
         accepted=scan_accepted(layout, engine),
         attempts=_attempts(layout, engine),
         dropped=engine.scan([layout.dedup_decisions]),
-        hashes=engine.scan(sorted(layout.hash_dir.glob("*.parquet")), {"uid": pl.Int64, "phash": pl.UInt64}),
+        hashes=engine.scan(committed_parts(layout.hash_dir, ".parquet"), {"uid": pl.Int64, "phash": pl.UInt64}),
     )
     engine.write(plan, layout.shard_plan, SHARD_PLAN)
     return engine.rows(engine.sql("SELECT COUNT(*) FROM plan", plan=engine.scan([layout.shard_plan])))[0][0]
@@ -96,38 +98,48 @@ def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
 
 @dataclass(frozen=True)
 class _ShardTask:
-    plan: Path
+    plan: Path | str  # local paths, or the URLs of a URL work_dir (runtime/storage.py)
     shard: int
-    shards_dir: Path
-    samples_dir: Path
-    download_dir: Path  # the plan's download_tar is relative to it
+    shards_dir: Path | str
+    samples_dir: Path | str
+    download_dir: Path | str  # the plan's download_tar is relative to it
     image_extension: str
     keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
 
     @property
-    def tar_path(self) -> Path:
-        return self.shards_dir / f"{self.shard:05d}.tar"
+    def tar_path(self) -> Path | str:
+        return at(self.shards_dir, f"{self.shard:05d}.tar")
 
     @property
-    def manifest_path(self) -> Path:
-        return self.samples_dir / f"{self.shard:05d}.parquet"
+    def manifest_path(self) -> Path | str:
+        return at(self.samples_dir, f"{self.shard:05d}.parquet")
+
+
+def _open_tar(path: Path | str, streams: list) -> tarfile.TarFile:
+    """A download tar for random access: by path locally, through its (seekable) fsspec file on a URL."""
+    if not storage.is_url(path):
+        return tarfile.open(path)
+    streams.append(storage.open_file(path))
+    return tarfile.open(fileobj=streams[-1])
 
 
 def write_shard(task: _ShardTask) -> int:
-    """One output tar and its manifest part, each written under a temporary name then renamed."""
-    rows = (pl.scan_parquet(task.plan).filter(pl.col("shard") == task.shard)
+    """One output tar and its manifest part, each written under a temporary name then renamed
+    (or, on a URL, committed by its marker)."""
+    rows = (storage.scan_parquet(task.plan).filter(pl.col("shard") == task.shard)
             .with_columns(hex_digits(pl.col("phash")).alias("phash")).collect())
     published = conform(rows, SAMPLE_SCHEMA, task.keep_columns)
     sources: dict[str, tarfile.TarFile] = {}
+    streams: list = []
     try:
-        with atomic_path(task.tar_path) as tmp:
+        with committed_path(task.tar_path) as tmp:
             with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=TAR_MTIME) as writer:
                 sources_of = rows.select("download_tar", "download_key").iter_rows()
                 for (download_tar, download_key), metadata in zip(sources_of, published.iter_rows(named=True),
                                                                   strict=True):
                     tar = sources.get(download_tar)
                     if tar is None:
-                        tar = sources[download_tar] = tarfile.open(task.download_dir / download_tar)
+                        tar = sources[download_tar] = _open_tar(at(task.download_dir, download_tar), streams)
                     member = tar.extractfile(f"{download_key}.{task.image_extension}")
                     writer.write(
                         {
@@ -142,6 +154,8 @@ def write_shard(task: _ShardTask) -> int:
     finally:
         for tar in sources.values():
             tar.close()
+        for stream in streams:
+            stream.close()
     return rows.height
 
 
@@ -151,7 +165,7 @@ def _key_of_kept(layout: BuildLayout, engine: Engine) -> Table:
 
 
 def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None = None,
-                  stages: Sequence[Stage] | None = None) -> list[Path]:
+                  stages: Sequence[Stage] | None = None) -> list[Path | str]:
     """rejected/: the reject tables of every stage of the pipeline's list, in its order (text-stage
     rejects, download failures and rows img2dataset never reported, dedup drops); `duplicate_of`
     names the kept sample's key (or the evaluation image). Every part has the one rejected schema,
@@ -170,7 +184,7 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
     written = []
     for stage in stages:
         for name, table in stage.rejects(layout, engine, tables):
-            written.append(layout.rejected_dir / name)
+            written.append(at(layout.rejected_dir, name))
             engine.write(engine.sql("SELECT * FROM rejects ORDER BY uid", rejects=table), written[-1], schema)
     return written
 
@@ -185,13 +199,13 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
         stages = pipeline.STAGES
     layout = BuildLayout.of(recipe)
     for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(folder)
+        storage.make_dirs(folder)
+        discard_uncommitted(folder)
     total = 0
     if _has_downloads(layout):
         # The plan is deterministic; one left by an interrupted run of this stage is whole.
-        total = (pl.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
-                 if layout.shard_plan.exists() else plan_shards(recipe, engine))
+        total = (storage.scan_parquet(layout.shard_plan).select(pl.len()).collect().item()
+                 if is_committed(layout.shard_plan) else plan_shards(recipe, engine))
     else:
         SHARD_PLAN.write(pl.DataFrame(schema=SHARD_PLAN.columns), layout.shard_plan)
     count = -(-total // recipe.shard.samples_per_shard)
@@ -202,16 +216,20 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
                    keep_columns)
         for shard in range(count)
     ]
-    todo = [t for t in tasks if not (t.tar_path.exists() and t.manifest_path.exists())]
+    todo = [t for t in tasks if not (is_committed(t.tar_path) and is_committed(t.manifest_path))]
     engine.map_parts(write_shard, todo, "shard: write tars", recipe.shard.processes)
     rejects = write_rejects(layout, keep_columns, engine, stages)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
     sizes = {
-        t.tar_path.name: pl.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
+        Path(t.tar_path).name: storage.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
     }
-    write_json_atomic(layout.shards_dir / "sizes.json", sizes)
+    sizes_path = at(layout.shards_dir, "sizes.json")
+    if storage.is_url(sizes_path):  # committed like every published part
+        write_part(sizes_path, json.dumps(sizes, ensure_ascii=False, indent=2).encode("utf-8"))
+    else:
+        write_json_atomic(sizes_path, sizes)
     funnel = write_funnel(layout, recipe.name, [s.name for s in stages if s.in_funnel], engine)
-    published = [t.tar_path for t in tasks] + [layout.shards_dir / "sizes.json"]
+    published = [t.tar_path for t in tasks] + [sizes_path]
     published += [t.manifest_path for t in tasks] + rejects + [layout.funnel_path]
     write_checksums(layout.manifest_dir, layout.shards_dir, published, recipe.shard.processes, engine)
     return funnel
@@ -222,6 +240,9 @@ def reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
     changed is removed and the stage resumed, which rewrites just those (and the small files
     written at its end); without a checksums record the stage is redone."""
     if not state.complete:
+        return
+    if layout.remote:
+        _redo_if_damaged_remotely(layout, state)
         return
     try:
         record = read_checksums(layout.manifest_dir)
@@ -242,6 +263,23 @@ def reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
         state.reopen()
 
 
+def _redo_if_damaged_remotely(layout: BuildLayout, state: StageState) -> None:
+    """A finished shard stage written to URLs: every recorded object read back and hashed
+    (publish.published_problems); anything missing, uncommitted, changed or foreign redoes it."""
+    from cnclip.corpus.runtime.publish import published_problems
+
+    problems = published_problems(str(layout.manifest_dir))
+    foreign = [p for p in problems if p.endswith("not recorded in checksums.json")]
+    for problem in foreign:  # the user's, not the build's: left where it is, as locally
+        warn(f"{problem}; remove it: readers would take it for part of the corpus")
+    damaged = [p for p in problems if p not in foreign]
+    if damaged:
+        for problem in damaged:
+            warn(problem)
+        info(f"shard: redoing the shard stage for {len(damaged)} damaged object(s)")
+        state.discard()
+
+
 class ShardStage(Stage):
     """Plan + tars + samples/ + rejected/ + funnel.json + checksums.json; covers the shard
     settings and where the manifests go."""
@@ -255,7 +293,7 @@ class ShardStage(Stage):
 
     def outputs(self, layout: BuildLayout) -> tuple:
         return (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                layout.checksums_path, layout.shard_plan.parent)
+                layout.checksums_path, layout.shard_work_dir)
 
     def prepare(self, context: StageContext, state: StageState) -> None:
         reopen_if_damaged(context.layout, state)

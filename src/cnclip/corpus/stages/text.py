@@ -13,7 +13,6 @@ from pathlib import Path
 
 import polars as pl
 
-from cnclip._common.atomic import remove_temporaries
 from cnclip.corpus.manifests.schemas import (
     TEXT_ACCEPTED,
     TEXT_DUPLICATE_PAIRS,
@@ -23,9 +22,11 @@ from cnclip.corpus.manifests.schemas import (
 )
 from cnclip.corpus.ops.normalize import normalize_captions, normalize_phrases
 from cnclip.corpus.recipe import Recipe, RecipeError, TextSettings
+from cnclip.corpus.runtime import storage
+from cnclip.corpus.runtime.commit import committed_parts, discard_uncommitted, is_committed, remove_part
 from cnclip.corpus.runtime.engine import Engine, Table, default_engine, make_engine
 from cnclip.corpus.runtime.fingerprints import input_listing
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.stages.ingest import ROW_BITS
 
@@ -114,8 +115,8 @@ def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bo
 
 @dataclass(frozen=True)
 class _NormalizeTask:
-    source_part: Path
-    out_part: Path
+    source_part: Path | str  # a local path or a URL (runtime/storage.py), as every part below
+    out_part: Path | str
     settings: TextSettings
     blacklist: tuple[str, ...]
     local_files: bool = False
@@ -126,7 +127,7 @@ def normalize_part(task: _NormalizeTask) -> int:
 
     Rows ingest already rejected (a part of a file with bad rows carries `reason` and `detail`)
     keep ingest's verdict; every other row gets the filters' (detail null)."""
-    frame = pl.read_parquet(task.source_part)
+    frame = storage.read_parquet(task.source_part)
     caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
     verdict = per_row_reason(task.settings, list(task.blacklist), task.local_files)
     if "reason" in frame.columns:
@@ -153,12 +154,12 @@ GROUP BY caption HAVING COUNT(*) > {cap}
 """
 
 
-def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path,
-                        engine: Engine | None = None) -> tuple[Path, Path]:
+def find_global_rejects(parts: list[Path | str], settings: TextSettings, out_dir: Path | str,
+                        engine: Engine | None = None) -> tuple[Path | str, Path | str]:
     """Duplicate (url, caption) pairs and over-frequent captions, over every part at once."""
     engine = engine or default_engine()
     rows = engine.sql(f"SELECT {', '.join(_COMMON)} FROM parts WHERE reason IS NULL", parts=engine.scan(parts))
-    duplicates_path, repeated_path = out_dir / "duplicate_pairs.parquet", out_dir / "repeated_captions.parquet"
+    duplicates_path, repeated_path = at(out_dir, "duplicate_pairs.parquet"), at(out_dir, "repeated_captions.parquet")
     if settings.dedup_pairs:
         pairs = engine.sql(_DUPLICATE_PAIRS, rows=rows)
     else:
@@ -175,19 +176,19 @@ def find_global_rejects(parts: list[Path], settings: TextSettings, out_dir: Path
 
 @dataclass(frozen=True)
 class _SplitTask:
-    normalized_part: Path
-    duplicates: Path
-    repeated: Path
-    accepted_part: Path
-    rejected_part: Path
+    normalized_part: Path | str
+    duplicates: Path | str
+    repeated: Path | str
+    accepted_part: Path | str
+    rejected_part: Path | str
     max_caption_repeats: int | None
 
 
 def split_part(task: _SplitTask) -> tuple[int, int]:
     """Apply the global verdicts to one part and write its accepted and rejected rows."""
-    frame = pl.scan_parquet(task.normalized_part)
-    duplicates = pl.scan_parquet(task.duplicates)
-    repeated = pl.scan_parquet(task.repeated)
+    frame = storage.scan_parquet(task.normalized_part)
+    duplicates = storage.scan_parquet(task.duplicates)
+    repeated = storage.scan_parquet(task.repeated)
     judged = (
         frame.join(duplicates, on="uid", how="left")
         .join(repeated, on="caption", how="left")
@@ -223,7 +224,7 @@ def split_part(task: _SplitTask) -> tuple[int, int]:
         if frame.height:
             table.write(frame, path)
         else:
-            path.unlink(missing_ok=True)
+            remove_part(path)
     return accepted.height, rejected.height
 
 
@@ -234,23 +235,25 @@ def run_text_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     layout = BuildLayout.of(recipe)
     settings = recipe.text
     blacklist = tuple(load_blacklist(settings))
-    normalized_dir = layout.text_dir / "normalized"
+    normalized_dir = at(layout.text_dir, "normalized")
     for folder in (normalized_dir, layout.text_accepted_dir, layout.text_rejected_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(folder)
+        storage.make_dirs(folder)
+        discard_uncommitted(folder)
     engine = engine or make_engine(recipe.engine)
     processes = settings.processes
-    ingest_parts = sorted(layout.ingest_dir.glob("*.parquet"))
+    ingest_parts = committed_parts(layout.ingest_dir, ".parquet")
     local_files = bool(recipe.download.allow_local_files)
-    tasks = [_NormalizeTask(p, normalized_dir / p.name, settings, blacklist, local_files) for p in ingest_parts]
-    engine.map_parts(normalize_part, [t for t in tasks if not t.out_part.exists()], "text: normalize + filter",
+    tasks = [_NormalizeTask(p, at(normalized_dir, Path(p).name), settings, blacklist, local_files)
+             for p in ingest_parts]
+    engine.map_parts(normalize_part, [t for t in tasks if not is_committed(t.out_part)], "text: normalize + filter",
                       processes)
     normalized = [t.out_part for t in tasks]
     if not normalized:
         return {"accepted": 0, "rejected": 0}
     duplicates, repeated = find_global_rejects(normalized, settings, layout.text_dir, engine)
     splits = [
-        _SplitTask(p, duplicates, repeated, layout.text_accepted_dir / p.name, layout.text_rejected_dir / p.name,
+        _SplitTask(p, duplicates, repeated, at(layout.text_accepted_dir, Path(p).name),
+                   at(layout.text_rejected_dir, Path(p).name),
                    settings.max_caption_repeats)
         for p in normalized
     ]
@@ -283,5 +286,5 @@ class TextStage(Stage):
         """One rejected/ part per text part (ingest's rejects among them), naming the kept
         sample a duplicate pair repeats."""
         named = "SELECT r.*, k.duplicate_of FROM part r LEFT JOIN keys k ON r.duplicate_of_uid = k.duplicate_of_uid"
-        return [(f"text-{part.name}", engine.sql(named, part=engine.scan([part]), keys=tables["keys"]))
-                for part in sorted(layout.text_rejected_dir.glob("*.parquet"))]
+        return [(f"text-{Path(part).name}", engine.sql(named, part=engine.scan([part]), keys=tables["keys"]))
+                for part in committed_parts(layout.text_rejected_dir, ".parquet")]
