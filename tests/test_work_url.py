@@ -55,6 +55,25 @@ def remote_recipe(make_recipe, sources, bucket: str, **sections):
                        work_dir=f"{bucket}/build", shard={"samples_per_shard": 2}, **sections)
 
 
+def assert_same_corpus(published: dict[str, bytes], root) -> None:
+    """The published corpus is the local build under `root`: its tars and sizes.json byte for
+    byte, each samples/ and rejected/ part row for row."""
+    shards = root / "out" / "shards"
+    remote_tars = sorted(k for k in published if k.startswith("corpus/shards/") and k.endswith((".tar", ".json"))
+                         and not k.rsplit("/", 1)[1].startswith("."))
+    assert [k.rsplit("/", 1)[1] for k in remote_tars] == sorted(p.name for p in shards.iterdir())
+    for key in remote_tars:
+        assert published[key] == (shards / key.rsplit("/", 1)[1]).read_bytes(), key
+    for folder in ("samples", "rejected"):
+        names = sorted(p.name for p in (root / "manifests" / folder).glob("*.parquet"))
+        assert sorted(k.rsplit("/", 1)[1] for k in published
+                      if k.startswith(f"manifests/{folder}/") and k.endswith(".parquet")
+                      and not k.rsplit("/", 1)[1].startswith(".")) == names
+        for name in names:
+            remote = pl.read_parquet(io.BytesIO(published[f"manifests/{folder}/{name}"]))
+            assert remote.equals(pl.read_parquet(root / "manifests" / folder / name)), name
+
+
 def test_a_build_with_its_work_on_s3_is_the_local_build(make_recipe, sources, s3_bucket, tmp_path):
     local = build(make_recipe(sources, shard={"samples_per_shard": 2}), show_funnel=False)
     funnel = build(remote_recipe(make_recipe, sources, s3_bucket), show_funnel=False)
@@ -72,21 +91,7 @@ def test_a_build_with_its_work_on_s3_is_the_local_build(make_recipe, sources, s3
         if key.rsplit("/", 1)[0] in ("build/work/ingest", "build/work/hash", "build/work/text/accepted"):
             marker = json.loads(published[key.replace(key.rsplit("/", 1)[1], "." + key.rsplit("/", 1)[1]) + ".committed"])
             assert marker["size"] == len(published[key])
-    # The corpus: the local build's tars byte for byte, its manifests row for row.
-    shards = tmp_path / "out" / "shards"
-    remote_tars = sorted(k for k in published if k.startswith("corpus/shards/") and k.endswith((".tar", ".json"))
-                         and not k.rsplit("/", 1)[1].startswith("."))
-    assert [k.rsplit("/", 1)[1] for k in remote_tars] == sorted(p.name for p in shards.iterdir())
-    for key in remote_tars:
-        assert published[key] == (shards / key.rsplit("/", 1)[1]).read_bytes(), key
-    for folder in ("samples", "rejected"):
-        names = sorted(p.name for p in (tmp_path / "manifests" / folder).glob("*.parquet"))
-        assert sorted(k.rsplit("/", 1)[1] for k in published
-                      if k.startswith(f"manifests/{folder}/") and k.endswith(".parquet")
-                      and not k.rsplit("/", 1)[1].startswith(".")) == names
-        for name in names:
-            remote = pl.read_parquet(io.BytesIO(published[f"manifests/{folder}/{name}"]))
-            assert remote.equals(pl.read_parquet(tmp_path / "manifests" / folder / name)), name
+    assert_same_corpus(published, tmp_path)
     reasons = pl.read_parquet(io.BytesIO(published["manifests/rejected/dedup.parquet"]))["reason"].to_list()
     assert reasons == ["dedup:exact_duplicate"]  # the copy of 0.png, under another URL
     first = pl.read_parquet(io.BytesIO(published["manifests/samples/00000.parquet"])).row(0, named=True)
@@ -96,3 +101,149 @@ def test_a_build_with_its_work_on_s3_is_the_local_build(make_recipe, sources, s3
     assert record["shards_dir"] == "../corpus/shards" and "funnel.json" in record["files"]
     assert published_problems(f"{s3_bucket}/manifests") == []
     assert "build/.cnclip-build.lock" not in published  # released when the build ended
+
+
+def _lock_record(host: str, pid: int) -> bytes:
+    return json.dumps({"tool": "cnclip", "host": host, "pid": pid, "token": "theirs",
+                       "since": "2026-01-01T00:00:00Z"}).encode()
+
+
+def test_a_second_build_on_the_same_work_dir_is_refused(make_recipe, sources, s3_bucket):
+    """Another live build holds the lock object (a process of its own here): this one stops with
+    one line, writing no work file, and the holder's lock stays."""
+    import subprocess
+    import sys
+
+    from cnclip.corpus.pipeline import run_text
+    from cnclip.corpus.runtime.ownership import BuildLockedError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from cnclip.corpus.runtime.url_lock import url_build_lock\n"
+         f"with url_build_lock('{s3_bucket}/build'):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(BuildLockedError) as refused:
+            run_text(remote_recipe(make_recipe, sources, s3_bucket))
+        lock = json.loads(storage.read_bytes(f"{s3_bucket}/build/.cnclip-build.lock"))
+        assert str(refused.value) == (
+            f"{s3_bucket}/build: another build (PID {holder.pid} on {lock['host']}, since {lock['since']}) is running "
+            f"on this work_dir; wait for it to end (or remove {s3_bucket}/build/.cnclip-build.lock once it is gone)")
+        assert not [k for k in objects(s3_bucket) if k.startswith("build/work/")]
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0 and not storage.exists(f"{s3_bucket}/build/.cnclip-build.lock")
+
+
+def test_a_lock_from_another_host_is_never_taken_over(make_recipe, sources, s3_bucket):
+    from cnclip.corpus.pipeline import run_text
+    from cnclip.corpus.runtime.ownership import BuildLockedError
+
+    storage.write_bytes(f"{s3_bucket}/build/.cnclip-build.lock", _lock_record("other-host", 1))
+    with pytest.raises(BuildLockedError, match=r"another build \(PID 1 on other-host, since 2026-01-01T00:00:00Z\)"):
+        run_text(remote_recipe(make_recipe, sources, s3_bucket))
+    assert json.loads(storage.read_bytes(f"{s3_bucket}/build/.cnclip-build.lock"))["token"] == "theirs"
+
+
+def test_a_lock_left_by_a_killed_build_of_this_host_is_taken_over(make_recipe, sources, s3_bucket):
+    import socket
+    import subprocess
+    import sys
+
+    from cnclip.corpus.pipeline import run_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes(f"{s3_bucket}/build/.cnclip-build.lock", _lock_record(socket.gethostname(), int(dead.stdout)))
+    assert run_text(remote_recipe(make_recipe, sources, s3_bucket))["accepted"] == 7
+    assert not storage.exists(f"{s3_bucket}/build/.cnclip-build.lock")
+
+
+def test_only_one_of_two_exclusive_creates_wins(s3_bucket):
+    path = f"{s3_bucket}/x/lock"
+    assert [storage.create_exclusive(path, b"a"), storage.create_exclusive(path, b"b")] == [True, False]
+    assert storage.read_bytes(path) == b"a"
+
+
+def test_an_interrupted_build_on_s3_resumes_to_the_same_corpus(make_recipe, sources, s3_bucket, tmp_path,
+                                                               monkeypatch):
+    """Killed after the first part of the text stage (a half-written part left without its
+    marker), then after the first shard: each rerun keeps what was committed and ends with the
+    local build's corpus."""
+    from cnclip.corpus.stages import shard, text
+
+    build(make_recipe(sources, shard={"samples_per_shard": 2}), show_funnel=False)
+    recipe = remote_recipe(make_recipe, sources, s3_bucket)
+
+    def crash_after(module, name: str, calls: int):
+        real, done = getattr(module, name), []
+
+        def crashing(task):
+            if len(done) == calls:
+                raise KeyboardInterrupt("killed")
+            done.append(task)
+            return real(task)
+
+        monkeypatch.setattr(module, name, crashing)
+        return done
+
+    crash_after(text, "normalize_part", 1)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, show_funnel=False)
+    normalized = f"{s3_bucket}/build/work/text/normalized"
+    assert [p.rsplit("/", 1)[1] for p in storage.list_files(normalized)] == [
+        ".000-00000.parquet.committed", "000-00000.parquet"]
+    storage.write_bytes(f"{normalized}/000-00001.parquet", b"half a part")  # a writer cut short
+    first = boto3.client("s3").head_object(Bucket=s3_bucket.removeprefix("s3://"),
+                                           Key="build/work/text/normalized/000-00000.parquet")["ETag"]
+    monkeypatch.undo()
+    crash_after(shard, "write_shard", 1)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, show_funnel=False)
+    assert boto3.client("s3").head_object(Bucket=s3_bucket.removeprefix("s3://"),
+                                          Key="build/work/text/normalized/000-00000.parquet")["ETag"] == first
+    assert [p.rsplit("/", 1)[1] for p in storage.list_files(f"{s3_bucket}/corpus/shards")] == [
+        ".00000.tar.committed", "00000.tar"]
+    monkeypatch.undo()
+    funnel = build(recipe, show_funnel=False)
+    assert funnel["samples"] == 5
+    assert_same_corpus(objects(s3_bucket), tmp_path)
+    assert published_problems(f"{s3_bucket}/manifests") == []
+
+
+def test_clean_removes_the_work_files_on_s3_and_not_the_users(make_recipe, sources, s3_bucket):
+    from cnclip.corpus.pipeline import clean, run_text
+
+    recipe = remote_recipe(make_recipe, sources, s3_bucket)
+    run_text(recipe)
+    storage.write_bytes(f"{s3_bucket}/notes.txt", b"mine")
+    assert any(k.startswith("build/work/text/") for k in objects(s3_bucket))
+    clean(recipe)
+    assert sorted(objects(s3_bucket)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(("folders", "message"), [
+    ({"output_dir": "out", "manifest_dir": "manifests"}, "work_dir is only for a URL output_dir"),
+    ({"output_dir": "out"}, "work_dir is a URL: output_dir must be one too"),
+    ({"sources": [{"name": "web", "kind": "sample_web", "images": 10}]},
+     r"work_dir is a URL: sources\[0\] \(sample_web\) writes its pages or images to a local folder"),
+])
+def test_a_url_work_dir_needs_url_outputs_and_sources_read_as_they_are(folders, message):
+    from cnclip.corpus.recipe import RecipeError, parse_recipe
+
+    data = {"name": "t", "output_dir": "s3://b/out", "manifest_dir": "s3://b/m", "work_dir": "s3://b/build",
+            "sources": [{"name": "m", "kind": "metadata", "path": "s3://b/in/*.parquet"}], **folders}
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data, "t")
+
+
+def test_a_url_work_dir_lays_the_build_out_on_the_urls():
+    from cnclip.corpus.recipe import parse_recipe
+    from cnclip.corpus.runtime.layout import BuildLayout
+
+    recipe = parse_recipe({"name": "t", "output_dir": "s3://b/out/", "manifest_dir": "s3://b/m",
+                           "work_dir": "s3://b/build/", "sources": [
+                               {"name": "m", "kind": "metadata", "path": "s3://b/in/*.parquet"}]}, "t")
+    layout = BuildLayout.of(recipe)
+    assert recipe.work_dir == "s3://b/build" and layout.remote and layout.lock_root == "s3://b/build"
+    assert (layout.ingest_dir, layout.shard_plan, layout.shards_dir, layout.samples_dir) == (
+        "s3://b/build/work/ingest", "s3://b/build/work/shard/plan.parquet", "s3://b/out/shards", "s3://b/m/samples")
