@@ -34,6 +34,7 @@ from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import is_committed
+from cnclip.corpus.runtime.layout import at
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
 PART_DIGITS = 5
@@ -93,12 +94,12 @@ def write_plan(rows: pl.DataFrame, input_dir: Path | str, plan_name: str, lanes:
                per_part: int, first_part: int) -> pl.DataFrame:
     """The part inputs img2dataset's downloader reads (Arrow IPC files), then the plan; an
     existing plan is kept: its parts may already be downloaded."""
-    plan_path = storage.join(input_dir, plan_name)
+    plan_path = at(input_dir, plan_name)
     if is_committed(plan_path):
         return storage.read_parquet(plan_path)
     routed = route(rows, lanes, per_host, per_part, first_part)
     for (part,), frame in routed.partition_by("part", as_dict=True, maintain_order=True).items():
-        _write_input(frame, storage.join(input_dir, part_name(part, ".arrow")))
+        _write_input(frame, at(input_dir, part_name(part, ".arrow")))
     DOWNLOAD_PLAN.write(routed.select("uid", "lane", "part"), plan_path)
     return routed.select("uid", "lane", "part")
 
