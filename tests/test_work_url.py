@@ -51,8 +51,9 @@ def sources(tmp_path, web_root, web):
 
 
 def remote_recipe(make_recipe, sources, bucket: str, **sections):
+    sections = {"shard": {"samples_per_shard": 2}, **sections}
     return make_recipe(sources, output_dir=f"{bucket}/corpus", manifest_dir=f"{bucket}/manifests",
-                       work_dir=f"{bucket}/build", shard={"samples_per_shard": 2}, **sections)
+                       work_dir=f"{bucket}/build", **sections)
 
 
 def assert_same_corpus(published: dict[str, bytes], root) -> None:
@@ -76,7 +77,9 @@ def assert_same_corpus(published: dict[str, bytes], root) -> None:
 
 def test_a_build_with_its_work_on_s3_is_the_local_build(make_recipe, sources, s3_bucket, tmp_path):
     local = build(make_recipe(sources, shard={"samples_per_shard": 2}), show_funnel=False)
-    funnel = build(remote_recipe(make_recipe, sources, s3_bucket), show_funnel=False)
+    # Per-part maps in spawned workers here, as executors would run them: each reaches the store itself.
+    workers = {"text": {"processes": 2}, "dedup": {"processes": 2}, "shard": {"samples_per_shard": 2, "processes": 2}}
+    funnel = build(remote_recipe(make_recipe, sources, s3_bucket, **workers), show_funnel=False)
     assert funnel["samples"] == 5 and {k: v for k, v in funnel.items() if k != "shards_dir"} == {
         k: v for k, v in local.items() if k != "shards_dir"}
     assert funnel["shards_dir"] == f"{s3_bucket}/corpus/shards"

@@ -7,6 +7,8 @@ checksums.json records: every tar and Parquet part is uploaded and committed by 
 (commit.py), the funnel is published naming the remote shards, and checksums.json is written
 last, so a corpus whose checksums.json is there is whole. A rerun uploads only what changed
 (each marker records the SHA-256 it was uploaded with) and verifies nothing else it need not.
+A URL work_dir stages nothing: the stages write the same objects in place (layout.py), and
+nothing is published afterwards.
 """
 
 from __future__ import annotations
