@@ -104,6 +104,12 @@ def test_a_build_with_its_work_on_s3_is_the_local_build(make_recipe, sources, s3
     assert record["shards_dir"] == "../corpus/shards" and "funnel.json" in record["files"]
     assert published_problems(f"{s3_bucket}/manifests") == []
     assert "build/.cnclip-build.lock" not in published  # released when the build ended
+    # A damaged object is found by the next build, which writes the corpus again.
+    client, bucket = boto3.client("s3"), s3_bucket.removeprefix("s3://")
+    client.put_object(Bucket=bucket, Key="corpus/shards/00001.tar", Body=b"truncated")  # its marker stays
+    build(remote_recipe(make_recipe, sources, s3_bucket), show_funnel=False)
+    assert_same_corpus(objects(s3_bucket), tmp_path)
+    assert published_problems(f"{s3_bucket}/manifests") == []
 
 
 def _lock_record(host: str, pid: int) -> bytes:

@@ -265,7 +265,9 @@ def reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
 
 def _redo_if_damaged_remotely(layout: BuildLayout, state: StageState) -> None:
     """A finished shard stage written to URLs: every recorded object read back and hashed
-    (publish.published_problems); anything missing, uncommitted, changed or foreign redoes it."""
+    (publish.published_problems); one missing, uncommitted or changed redoes the whole stage
+    (simpler than the local per-file repair, and as deterministic), one it did not write is
+    reported and left."""
     from cnclip.corpus.runtime.publish import published_problems
 
     problems = published_problems(str(layout.manifest_dir))
