@@ -256,3 +256,37 @@ def test_a_url_work_dir_lays_the_build_out_on_the_urls():
     assert recipe.work_dir == "s3://b/build" and layout.remote and layout.lock_root == "s3://b/build"
     assert (layout.ingest_dir, layout.shard_plan, layout.shards_dir, layout.samples_dir) == (
         "s3://b/build/work/ingest", "s3://b/build/work/shard/plan.parquet", "s3://b/out/shards", "s3://b/m/samples")
+
+
+def test_retry_failed_on_s3_fetches_only_transient_failures(make_recipe, tmp_path, s3_bucket):
+    """--retry-failed on a URL work_dir: the plans and img2dataset's parts are objects; a new
+    round's parts are numbered after the first's and the attempts table holds the latest."""
+    from cnclip.corpus import run_download
+    from loopback_routes import RouteServer, jpeg_bytes
+
+    calls = {"n": 0}
+
+    def busy_then_ok(hit):
+        calls["n"] += 1
+        return (429, {"Retry-After": "1"}, b"slow down") if calls["n"] == 1 else (
+            200, {"Content-Type": "image/jpeg"}, jpeg_bytes(64, (200, 200, 30)))
+
+    routes = {"/ok.jpg": (200, {"Content-Type": "image/jpeg"}, jpeg_bytes(64, (10, 10, 200))),
+              "/busy.jpg": busy_then_ok, "/gone.jpg": (404, {}, b"")}
+    with RouteServer(routes) as site:
+        pl.DataFrame({"url": [f"{site.base}/{p}" for p in ("ok.jpg", "busy.jpg", "gone.jpg")],
+                      "caption": ["第一张正常的图片", "第二张先限流的图片", "第三张已删除的图片"]}
+                     ).write_parquet(tmp_path / "list.parquet")
+        recipe = remote_recipe(make_recipe, [{"name": "m", "kind": "metadata", "path": str(tmp_path / "list.parquet")}],
+                               s3_bucket)
+        assert build(recipe, show_funnel=False)["samples"] == 1
+        summary = run_download(recipe, retry_failed=True)
+        funnel = build(recipe, show_funnel=False)
+        hits = site.paths()
+    assert summary["retried"] == 1 and funnel["samples"] == 2
+    assert (hits.count("/ok.jpg"), hits.count("/busy.jpg"), hits.count("/gone.jpg")) == (1, 2, 1)
+    download = [p.rsplit("/", 1)[1] for p in storage.list_files(f"{s3_bucket}/build/work/download")]
+    assert {"00000.tar", "00001.tar", "00000_stats.json", "00001_stats.json", "attempts.parquet"} <= set(download)
+    rejected = pl.concat([pl.read_parquet(io.BytesIO(data)) for key, data in objects(s3_bucket, "manifests/rejected/").items()
+                          if key.endswith(".parquet") and not key.rsplit("/", 1)[1].startswith(".")], how="diagonal_relaxed")
+    assert rejected["reason"].to_list() == ["download:failed_to_download"]
