@@ -16,6 +16,7 @@ from rich.table import Table
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.console import console
 from cnclip._common.errors import CnclipError
+from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout
 
@@ -24,23 +25,40 @@ class AccountingError(CnclipError, RuntimeError):
     """Samples and rejects do not add up to the input: a bug, never silently published."""
 
 
-def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
-    parts = sorted(folder.glob("*.parquet"))
+def _join(folder: Path | str, name: str) -> Path | str:
+    return storage.join(folder, name) if storage.is_url(folder) else Path(folder) / name
+
+
+def _parts(folder: Path | str) -> list[Path] | list[str]:
+    """The Parquet parts of a manifest folder, local or a URL (markers and hidden objects left out)."""
+    if storage.is_url(folder):
+        return storage.visible_parts(folder, ".parquet")
+    return sorted(Path(folder).glob("*.parquet"))
+
+
+def scan_manifest(folder: Path | str, columns: list[str]) -> pl.LazyFrame | None:
+    parts = _parts(folder)
     if not parts:
         return None
+    if storage.is_url(folder):
+        return storage.scan_parquet(parts).select(columns)
     return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
 
 
-def _parts(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet"))
+def _scan(engine: Engine, parts: list, schema: dict) -> pl.LazyFrame:
+    """The engine's scan of local parts; URL parts through storage.py's fsspec reader, which the
+    local engine's SQL takes as any other polars frame."""
+    if parts and storage.is_url(parts[0]):
+        return storage.scan_parquet(parts)
+    return engine.scan(parts, schema)
 
 
-def tally(manifest_dir: Path, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
+def tally(manifest_dir: Path | str, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
     """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
     engine = engine or default_engine()
-    samples = engine.scan(_parts(manifest_dir / "samples"), {"uid": pl.Int64})
-    rejected = engine.scan(_parts(manifest_dir / "rejected"), {"uid": pl.Int64, "stage": pl.String,
-                                                               "reason": pl.String})
+    samples = _scan(engine, _parts(_join(manifest_dir, "samples")), {"uid": pl.Int64})
+    rejected = _scan(engine, _parts(_join(manifest_dir, "rejected")), {"uid": pl.Int64, "stage": pl.String,
+                                                                         "reason": pl.String})
     sample_count = engine.rows(engine.sql("SELECT COUNT(*) FROM samples", samples=samples))[0][0]
     counts = engine.rows(engine.sql(
         "SELECT stage, reason, COUNT(*) FROM rejected GROUP BY stage, reason ORDER BY stage, reason",
@@ -63,13 +81,13 @@ def _imbalance(manifest_dir: Path, input_rows: int, counts: tuple) -> str | None
     return None
 
 
-def accounting_problem(manifest_dir: Path) -> str | None:
+def accounting_problem(manifest_dir: Path | str) -> str | None:
     """Whether the manifests on disk still add up to the input rows funnel.json counted."""
     try:
-        input_rows = json.loads((manifest_dir / "funnel.json").read_text(encoding="utf-8"))["input_rows"]
+        input_rows = json.loads(storage.read_text(_join(manifest_dir, "funnel.json")))["input_rows"]
         return _imbalance(manifest_dir, input_rows, tally(manifest_dir))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{manifest_dir / 'funnel.json'}: unreadable ({err})"
+        return f"{_join(manifest_dir, 'funnel.json')}: unreadable ({err})"
     except pl.exceptions.PolarsError as err:
         return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
 

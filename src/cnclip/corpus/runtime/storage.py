@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnclip._common.atomic import write_text_atomic
+from cnclip._common.errors import CnclipError
 
 
 def is_url(path: str | Path) -> bool:
@@ -158,3 +159,58 @@ def _local_info(path: str) -> dict:
     of seconds; the exact value keeps a rewrite within the same microsecond visible)."""
     stat = Path(path).stat()
     return {"name": path, "type": "file", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+# --- reading a corpus back from a URL ------------------------------------------------------------
+
+class StorageError(CnclipError, OSError):
+    """A URL that cannot be read: its driver is not installed, its bucket or folder is not there."""
+
+
+def checked_filesystem(path: str | Path) -> tuple[Any, str]:
+    """filesystem(), with a missing driver or an unknown scheme as one line naming the URL (and
+    the package to install) instead of fsspec's ImportError."""
+    from cnclip._common.urls import url_filesystem
+
+    fs, stripped = url_filesystem(str(path), StorageError)
+    fs.invalidate_cache()
+    return fs, stripped
+
+
+def require_folder(path: str | Path) -> None:
+    """Before a URL folder is read: its filesystem loads and it holds something, or a one-line
+    StorageError says which (no such bucket, nothing there). Local folders are left to the
+    reader, whose messages name the missing file."""
+    if not is_url(path):
+        return
+    from cnclip._common.urls import missing_location
+
+    fs, stripped = checked_filesystem(path)
+    if not fs.isdir(stripped):
+        raise StorageError(missing_location(fs, str(path), stripped))
+
+
+def visible_parts(folder: str | Path, suffix: str) -> list[str]:
+    """The files in a URL folder ending in `suffix`, markers and other hidden objects left out:
+    what a reader globbing `folder/*suffix` takes for parts (committed or not), from one listing."""
+    return [name for name in list_files(folder)
+            if name.endswith(suffix) and not name.rpartition("/")[2].startswith(".")]
+
+
+def scan_parquet(paths: list[str] | list[Path]):
+    """One lazy polars frame over Parquet parts, local or URLs; columns missing from a part are
+    null. A URL part is read through a pyarrow dataset over its fsspec filesystem (the driver's
+    credentials and endpoint, as for every other read here), only the columns a query selects."""
+    import polars as pl
+
+    if not paths:
+        raise ValueError("scan_parquet: no parts")
+    if not is_url(paths[0]):
+        frames = [pl.scan_parquet(path) for path in paths]
+    else:
+        import pyarrow.dataset as ds
+
+        fs, _ = checked_filesystem(paths[0])
+        frames = [pl.scan_pyarrow_dataset(ds.dataset(fs._strip_protocol(str(path)), filesystem=fs,
+                                                     format="parquet")) for path in paths]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
