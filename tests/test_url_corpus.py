@@ -219,7 +219,9 @@ def test_a_tar_whose_members_disagree_with_its_samples_part(where, corpus, tmp_p
 def test_cnclip_train_streams_the_published_shards(published, loopback_only, tmp_path):
     bucket, root, funnel = published
     shards = [f"s3://{bucket}/corpus/shards/{i:05d}.tar" for i in range(3)]
-    config = write_config(tmp_path / "cfg", None, data={"manifest_dir": f"s3://{bucket}/manifests", "workers": 0},
+    # One DataLoader worker: a process of its own opens the tars, with the driver's settings from
+    # the environment (the endpoint on 127.0.0.1).
+    config = write_config(tmp_path / "cfg", None, data={"manifest_dir": f"s3://{bucket}/manifests", "workers": 1},
                           batch_size=4, stage1={"steps": 2}, stage2={"steps": 2})
     result = runner.invoke(app, ["train", config])
     assert result.exit_code == 0, result.output
@@ -264,6 +266,13 @@ def test_a_missing_bucket_or_folder_is_one_line(s3_bucket, tmp_path):
     result = runner.invoke(app, ["train", config])
     assert result.exit_code == 2
     assert error_lines(result.output) == [f"data.train: no such shard: {s3_bucket}/shards/00000.tar"]
+
+
+def test_an_unknown_scheme_is_one_line():
+    result = runner.invoke(app, ["corpus", "verify", "s4://corpora/manifests"])
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [
+        "s4://corpora/manifests: no fsspec filesystem knows the scheme s4:// (a typo, or a driver not installed)"]
 
 
 def test_a_scheme_whose_driver_is_not_installed_names_the_package(monkeypatch, tmp_path):
