@@ -179,6 +179,30 @@ def test_a_changed_byte_a_lost_manifest_part_and_a_missing_record_on_the_store(c
     assert error_lines(result.output) == [f"{manifests}/checksums.json: missing (not a finished build)"]
 
 
+def test_shards_moved_off_the_store_verify_with_shards_dir(corpus, tmp_path):
+    """--shards-dir names where the shards are now: here a local folder beside manifests that stay
+    on the store (tars checked locally, their members against the store's samples/ parts)."""
+    manifests, shards = corpus["manifests"], corpus["shards"]
+    moved = tmp_path / "shards"
+    moved.mkdir()
+    for name in ("00000.tar", "00001.tar", "00002.tar", "sizes.json"):
+        (moved / name).write_bytes(storage.read_bytes(f"{shards}/{name}"))
+        delete(f"{shards}/{name}")
+    result = runner.invoke(app, ["corpus", "verify", manifests])
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [f"{shards}/{name}: missing"
+                                          for name in ("00000.tar", "00001.tar", "00002.tar", "sizes.json")]
+    result = runner.invoke(app, ["corpus", "verify", manifests, "--shards-dir", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{manifests}: intact: 11 files match checksums.json")
+    size = (moved / "00002.tar").stat().st_size
+    with open(moved / "00002.tar", "r+b") as stream:
+        stream.truncate(100)
+    result = runner.invoke(app, ["corpus", "verify", manifests, "--shards-dir", str(moved)])
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [f"{moved / '00002.tar'}: 100 bytes, checksums.json records {size} (truncated)"]
+
+
 def without_last_sample(data: bytes) -> tuple[bytes, str]:
     """The tar with every member of its last sample left out, and that sample's key."""
     source = tarfile.open(fileobj=io.BytesIO(data))
