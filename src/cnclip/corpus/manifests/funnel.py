@@ -25,10 +25,6 @@ class AccountingError(CnclipError, RuntimeError):
     """Samples and rejects do not add up to the input: a bug, never silently published."""
 
 
-def _join(folder: Path | str, name: str) -> Path | str:
-    return storage.join(folder, name) if storage.is_url(folder) else Path(folder) / name
-
-
 def _parts(folder: Path | str) -> list[Path] | list[str]:
     """The Parquet parts of a manifest folder, local or a URL (markers and hidden objects left out)."""
     if storage.is_url(folder):
@@ -56,9 +52,9 @@ def _scan(engine: Engine, parts: list, schema: dict) -> pl.LazyFrame:
 def tally(manifest_dir: Path | str, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
     """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
     engine = engine or default_engine()
-    samples = _scan(engine, _parts(_join(manifest_dir, "samples")), {"uid": pl.Int64})
-    rejected = _scan(engine, _parts(_join(manifest_dir, "rejected")), {"uid": pl.Int64, "stage": pl.String,
-                                                                         "reason": pl.String})
+    samples = _scan(engine, _parts(storage.join(manifest_dir, "samples")), {"uid": pl.Int64})
+    rejected = _scan(engine, _parts(storage.join(manifest_dir, "rejected")),
+                     {"uid": pl.Int64, "stage": pl.String, "reason": pl.String})
     sample_count = engine.rows(engine.sql("SELECT COUNT(*) FROM samples", samples=samples))[0][0]
     counts = engine.rows(engine.sql(
         "SELECT stage, reason, COUNT(*) FROM rejected GROUP BY stage, reason ORDER BY stage, reason",
@@ -84,10 +80,10 @@ def _imbalance(manifest_dir: Path, input_rows: int, counts: tuple) -> str | None
 def accounting_problem(manifest_dir: Path | str) -> str | None:
     """Whether the manifests on disk still add up to the input rows funnel.json counted."""
     try:
-        input_rows = json.loads(storage.read_text(_join(manifest_dir, "funnel.json")))["input_rows"]
+        input_rows = json.loads(storage.read_text(storage.join(manifest_dir, "funnel.json")))["input_rows"]
         return _imbalance(manifest_dir, input_rows, tally(manifest_dir))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{_join(manifest_dir, 'funnel.json')}: unreadable ({err})"
+        return f"{storage.join(manifest_dir, 'funnel.json')}: unreadable ({err})"
     except pl.exceptions.PolarsError as err:
         return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
 

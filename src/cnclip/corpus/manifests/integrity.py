@@ -30,12 +30,14 @@ _SHARDS = "shards/"  # recorded names under this prefix live in shards_dir, the 
 _CHUNK = 1 << 20
 
 
-def _where(folder: str | Path) -> Location:
-    """A folder or file as this module handles it: a URL stays a string, without a trailing `/`."""
+def as_location(folder: str | Path) -> Location:
+    """A folder or file as the manifest readers handle it: a local one a Path, a URL a string
+    without a trailing `/`."""
     return str(folder).rstrip("/") if storage.is_url(folder) else Path(folder)
 
 
-def _join(folder: Location, *names: str) -> Location:
+def location_in(folder: Location, *names: str) -> Location:
+    """`folder/names...`, of the same kind as `folder`."""
     return storage.join(folder, *names) if isinstance(folder, str) else folder.joinpath(*names)
 
 
@@ -109,7 +111,7 @@ class ChecksumsError(CnclipError, ValueError):
 
 def read_checksums(manifest_dir: Location) -> dict:
     """The record, or a one-line problem (ChecksumsError) when it is missing or unreadable."""
-    path = _join(_where(manifest_dir), CHECKSUMS)
+    path = location_in(as_location(manifest_dir), CHECKSUMS)
     try:
         record = json.loads(storage.read_text(path))
     except FileNotFoundError:
@@ -124,7 +126,7 @@ def read_checksums(manifest_dir: Location) -> dict:
 def recorded_shards_dir(manifest_dir: Location, record: dict) -> Location:
     """Where the record says the shards are: relative to the manifests (a corpus moved or copied
     as a whole), a URL, or, for manifests on a store beside shards on this machine, a local path."""
-    manifest_dir, relation = _where(manifest_dir), str(record.get("shards_dir", ""))
+    manifest_dir, relation = as_location(manifest_dir), str(record.get("shards_dir", ""))
     if isinstance(manifest_dir, Path):
         return Path(os.path.normpath(manifest_dir / relation))
     if storage.is_url(relation):
@@ -136,7 +138,9 @@ def recorded_shards_dir(manifest_dir: Location, record: dict) -> Location:
 
 
 def _location(name: str, manifest_dir: Location, shards_dir: Location) -> Location:
-    return _join(shards_dir, name.removeprefix(_SHARDS)) if name.startswith(_SHARDS) else _join(manifest_dir, name)
+    if name.startswith(_SHARDS):
+        return location_in(shards_dir, name.removeprefix(_SHARDS))
+    return location_in(manifest_dir, name)
 
 
 _UNCOMMITTED = -1
@@ -172,8 +176,8 @@ def damaged_files(manifest_dir: Location, shards_dir: Location | None = None, fu
 def _damaged(manifest_dir: Location, shards_dir: Location | None, full: bool, record: dict | None,
              sha256: Callable[[Location], str]) -> tuple[list[str], list[Location]]:
     record = record if record is not None else read_checksums(manifest_dir)
-    manifest_dir = _where(manifest_dir)
-    shards_dir = _where(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)
+    manifest_dir = as_location(manifest_dir)
+    shards_dir = as_location(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)
     entries = sorted(record["files"].items())
     locations = [_location(name, manifest_dir, shards_dir) for name, _ in entries]
     sizes = _sizes(locations)
@@ -204,9 +208,9 @@ def _parts_in(folder: Location, suffix: str) -> list[Location]:
 def unexpected_files(manifest_dir: Location, shards_dir: Location, recorded: dict) -> list[str]:
     """Published-looking files (tars, manifest parts) that the build did not record: readers of
     `samples/*.parquet` or `shards/*.tar` would take them for part of the corpus."""
-    manifest_dir, shards_dir = _where(manifest_dir), _where(shards_dir)
-    found = [*_parts_in(shards_dir, ".tar"), *_parts_in(_join(manifest_dir, "samples"), ".parquet"),
-             *_parts_in(_join(manifest_dir, "rejected"), ".parquet")]
+    manifest_dir, shards_dir = as_location(manifest_dir), as_location(shards_dir)
+    found = [*_parts_in(shards_dir, ".tar"), *_parts_in(location_in(manifest_dir, "samples"), ".parquet"),
+             *_parts_in(location_in(manifest_dir, "rejected"), ".parquet")]
     if any(isinstance(path, str) for path in found):  # a URL beside local paths: one order for both
         found.sort(key=str)
     else:
@@ -220,7 +224,7 @@ def verify_corpus(manifest_dir: str | Path, shards_dir: str | Path | None = None
     from cnclip.corpus.manifests.funnel import accounting_problem
     from cnclip.corpus.manifests.members import member_problems
 
-    manifest_dir = _where(manifest_dir)
+    manifest_dir = as_location(manifest_dir)
     members: dict[Location, list[str] | None] = {}
 
     def sha256(path: Location) -> str:
@@ -232,7 +236,7 @@ def verify_corpus(manifest_dir: str | Path, shards_dir: str | Path | None = None
     try:
         storage.require_folder(manifest_dir)
         record = read_checksums(manifest_dir)
-        shards = _where(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)
+        shards = as_location(shards_dir) if shards_dir else recorded_shards_dir(manifest_dir, record)
         storage.require_folder(shards)
         problems, damaged = _damaged(manifest_dir, shards, True, record, sha256)
     except CnclipError as err:
@@ -245,8 +249,8 @@ def verify_corpus(manifest_dir: str | Path, shards_dir: str | Path | None = None
 
 def intact_summary(manifest_dir: str | Path) -> str:
     """The line `verify` prints for an intact corpus."""
-    manifest_dir = _where(manifest_dir)
+    manifest_dir = as_location(manifest_dir)
     files = len(read_checksums(manifest_dir)["files"])
-    funnel = json.loads(storage.read_text(_join(manifest_dir, "funnel.json")))
+    funnel = json.loads(storage.read_text(location_in(manifest_dir, "funnel.json")))
     return (f"{manifest_dir}: intact: {files} files match {CHECKSUMS}; {funnel['samples']} samples + "
             f"{funnel['rejected']} rejected = {funnel['input_rows']} input rows")

@@ -9,10 +9,9 @@ shard's keys in memory at a time.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 
+from cnclip.corpus.manifests.integrity import Location, location_in
 from cnclip.corpus.runtime import storage
 
 _SHOWN = 3  # keys named per problem line
@@ -29,14 +28,12 @@ def _listed(keys: list[str]) -> str:
     return shown + (", …" if len(keys) > _SHOWN else "")
 
 
-def _part_of(tar: Path | str, manifest_dir: Path | str) -> Path | str:
+def _part_of(tar: Location, manifest_dir: Location) -> Location:
     stem = str(tar).rpartition("/")[2].removesuffix(".tar")
-    if isinstance(manifest_dir, Path):
-        return manifest_dir / "samples" / f"{stem}.parquet"
-    return storage.join(manifest_dir, "samples", f"{stem}.parquet")
+    return location_in(manifest_dir, "samples", f"{stem}.parquet")
 
 
-def shard_disagreement(tar: Path | str, members: list[str] | None, part: Path | str) -> str | None:
+def shard_disagreement(tar: Location, members: list[str] | None, part: Location) -> str | None:
     """One line when the tar's samples and the part's rows differ (keys only in one of them, rows
     naming another shard), or the tar is not readable; None when they agree."""
     if members is None:
@@ -56,7 +53,7 @@ def shard_disagreement(tar: Path | str, members: list[str] | None, part: Path | 
     return f"{tar}: " + "; ".join(problems) if problems else None
 
 
-def member_problems(manifest_dir: Path | str, members: dict, damaged: set) -> list[str]:
+def member_problems(manifest_dir: Location, members: dict, damaged: set) -> list[str]:
     """A line per intact tar whose members disagree with its intact samples/ part. `members`: tar
     -> member names (None: unreadable), read while its checksum was checked."""
     problems = []

@@ -11,7 +11,7 @@ from rich.table import Table
 from cnclip._common.console import console, warn
 from cnclip._common.errors import CnclipError
 from cnclip.corpus.manifests.funnel import funnel_table, scan_manifest
-from cnclip.corpus.manifests.integrity import damaged_files
+from cnclip.corpus.manifests.integrity import as_location, damaged_files, location_in
 from cnclip.corpus.runtime import storage
 
 _QUANTILES = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -28,15 +28,15 @@ class ManifestError(CnclipError, FileNotFoundError):
 
 def corpus_stats(manifest_dir: str | Path) -> dict:
     """The figures of a built corpus, from a local manifest_dir or one published to a URL."""
-    manifest_dir = str(manifest_dir).rstrip("/") if storage.is_url(manifest_dir) else Path(manifest_dir)
+    manifest_dir = as_location(manifest_dir)
     storage.require_folder(manifest_dir)
-    samples = scan_manifest(_join(manifest_dir, "samples"), ["source", "caption", "width", "height",
+    samples = scan_manifest(location_in(manifest_dir, "samples"), ["source", "caption", "width", "height",
                                                              "original_width", "original_height"])
-    rejected = scan_manifest(_join(manifest_dir, "rejected"), ["reason"])
+    rejected = scan_manifest(location_in(manifest_dir, "rejected"), ["reason"])
     if samples is None and rejected is None:
         raise ManifestError(f"{manifest_dir}: no samples/ or rejected/ manifests here")
     stats: dict = {"manifest_dir": str(manifest_dir)}
-    funnel_path = _join(manifest_dir, "funnel.json")
+    funnel_path = location_in(manifest_dir, "funnel.json")
     if storage.exists(funnel_path):
         stats["funnel"] = json.loads(storage.read_text(funnel_path))
     if samples is not None:
@@ -52,10 +52,6 @@ def corpus_stats(manifest_dir: str | Path) -> dict:
         stats["rejected_by_reason"] = dict(reasons.rows())
     stats["problems"] = _disagreements(manifest_dir, stats)
     return stats
-
-
-def _join(folder: Path | str, name: str) -> Path | str:
-    return storage.join(folder, name) if isinstance(folder, str) else folder / name
 
 
 def _disagreements(manifest_dir: Path | str, stats: dict) -> list[str]:

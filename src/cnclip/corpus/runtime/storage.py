@@ -186,7 +186,11 @@ def require_folder(path: str | Path) -> None:
     from cnclip._common.urls import missing_location
 
     fs, stripped = checked_filesystem(path)
-    if not fs.isdir(stripped):
+    try:
+        there = fs.isdir(stripped)
+    except PermissionError as err:
+        raise StorageError(f"{path}: access denied ({err})") from None
+    if not there:
         raise StorageError(missing_location(fs, str(path), stripped))
 
 
