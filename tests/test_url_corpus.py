@@ -245,8 +245,11 @@ def test_cnclip_train_streams_the_published_shards(published, loopback_only, tmp
     shards = [f"s3://{bucket}/corpus/shards/{i:05d}.tar" for i in range(3)]
     # One DataLoader worker: a process of its own opens the tars, with the driver's settings from
     # the environment (the endpoint on 127.0.0.1).
+    # An evaluation set on the store too, read at each stage end.
     config = write_config(tmp_path / "cfg", None, data={"manifest_dir": f"s3://{bucket}/manifests", "workers": 1},
-                          batch_size=4, stage1={"steps": 2}, stage2={"steps": 2})
+                          batch_size=4, stage1={"steps": 2}, stage2={"steps": 2},
+                          eval={"sets": [{"name": "held", "data": f"s3://{bucket}/corpus/shards/{{00000..00001}}.tar"}],
+                                "at_start": False})
     result = runner.invoke(app, ["train", config])
     assert result.exit_code == 0, result.output
     train_log = read_log(tmp_path / "cfg" / "run", "train")
@@ -258,6 +261,8 @@ def test_cnclip_train_streams_the_published_shards(published, loopback_only, tmp
     read = {url for event in read_log(tmp_path / "cfg" / "run", "data") for rank in event["shards_by_rank"]
             for url in rank}
     assert read == set(shards)
+    evals = read_log(tmp_path / "cfg" / "run", "eval")
+    assert [(e["stage"], e["set"], e["images"], e["texts"]) for e in evals] == [(1, "held", 4, 4), (2, "held", 4, 4)]
     vocab = (tmp_path / "cfg" / "run" / "vocab.txt").read_text(encoding="utf-8").split()
     assert {"彩", "方", "形"} <= set(vocab)  # the corpus vocab, from the captions in the store's samples/
 
