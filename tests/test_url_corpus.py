@@ -42,7 +42,7 @@ def new_bucket() -> str:
 
 @pytest.fixture(scope="module")
 def published(s3, tmp_path_factory):
-    """A two-source-free small build (5 images, one 404, one caption too short) published to a
+    """A small build (5 images, one 404, one caption too short) published to a
     module bucket: (bucket name, the local staged copy's folder, the funnel)."""
     root = tmp_path_factory.mktemp("url_corpus")
     site = root / "site"
