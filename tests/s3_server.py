@@ -3,11 +3,13 @@
 The fixtures point every AWS client of this process (and of the worker processes it spawns,
 through the environment) at it: explicit dummy credentials, an explicit endpoint, instance
 metadata and the user's ~/.aws files switched off, so nothing here can reach a real AWS address.
-Import the fixtures into a test module: `from s3_server import loopback_only, s3, s3_bucket  # noqa: F401`.
+Import the fixtures into a test module: `from s3_server import loopback_only, s3, s3_bucket  # noqa: F401`;
+a module-scoped fixture that talks to the server wraps its work in `refusing_non_loopback()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -64,11 +66,10 @@ def s3():
 _LOOPBACK = ("127.0.0.1", "::1")
 
 
-@pytest.fixture
-def loopback_only(monkeypatch):
-    """Refuse (and record) every TCP connection this process opens to anything but loopback, for
-    the test's duration: a client that fell back to a real endpoint or to instance metadata
-    (169.254.169.254) fails the test instead of leaving the machine."""
+@contextlib.contextmanager
+def refusing_non_loopback():
+    """Refuse (and record) every TCP connection this process opens to anything but loopback
+    while the block runs; yields the list of refused attempts."""
     attempts: list = []
     connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
 
@@ -86,9 +87,19 @@ def loopback_only(monkeypatch):
     def guarded_connect_ex(sock, address):
         return 111 if refused(sock, address) else connect_ex(sock, address)  # ECONNREFUSED
 
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
-    yield attempts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", guarded_connect)
+        patch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+        yield attempts
+
+
+@pytest.fixture
+def loopback_only():
+    """Refuse (and record) every TCP connection this process opens to anything but loopback, for
+    the test's duration: a client that fell back to a real endpoint or to instance metadata
+    (169.254.169.254) fails the test instead of leaving the machine."""
+    with refusing_non_loopback() as attempts:
+        yield attempts
     assert attempts == [], f"connections attempted outside loopback: {attempts}"
 
 

@@ -338,3 +338,17 @@ def test_a_worker_whose_shards_are_all_unreadable_fails_instead_of_hanging(tmp_p
                            tokenizer=lambda captions: torch.zeros(len(captions), 4), seed=0, workers=1,
                            shuffle_buffer=0, resampled=resampled)
     assert next(iter(readable))["image"].shape == (4, 3, 8, 8)
+
+
+def test_a_one_sample_shard_read_twice_in_a_row_gives_two_whole_samples(tmp_path):
+    """An epoch boundary or a resampled draw can read the same one-sample tar twice running: each
+    read is its own sample, not one sample with every member twice."""
+    from cnclip.train.data import tarfile_samples
+
+    (shard,) = write_shards(tmp_path, shape_samples(1, seed=5), per_shard=1)
+    errors = []
+    samples = list(tarfile_samples([{"url": shard}, {"url": shard}], handler=lambda exn: errors.append(exn) or True))
+    assert errors == []
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("000000000", ["jpg", "json", "txt"]), ("000000000", ["jpg", "json", "txt"])]
+    assert samples[0]["jpg"] == samples[1]["jpg"]

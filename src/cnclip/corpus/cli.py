@@ -120,12 +120,14 @@ def shard(recipe: Path = RecipeArg) -> None:
 
 @app.command()
 def verify(
-    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
-    shards_dir: Optional[Path] = typer.Option(None, "--shards-dir",
-                                              help="where the shards are, if moved since the build"),
+    manifest_dir: str = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo or "
+                                                 "s3://bucket/manifests/demo"),
+    shards_dir: Optional[str] = typer.Option(None, "--shards-dir",
+                                             help="where the shards are, if moved since the build"),
 ) -> None:
     """Check a built corpus: every published file (tars, sizes.json, manifest parts, funnel.json)
-    against the sizes and SHA-256 in checksums.json, and samples + rejected = input rows.
+    against the sizes and SHA-256 in checksums.json, each tar's members against its samples/ part,
+    and samples + rejected = input rows. Local folders or fsspec URLs (s3://, gs://...).
 
     Exits 0 when intact; 2 with one line per problem.
 
@@ -143,10 +145,12 @@ def verify(
 
 @app.command()
 def stats(
-    manifest_dir: Path = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo"),
+    manifest_dir: str = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo or "
+                                                 "s3://bucket/manifests/demo"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON instead of tables"),
 ) -> None:
-    """Counts, the funnel, caption-length and image-size distributions of a built corpus.
+    """Counts, the funnel, caption-length and image-size distributions of a built corpus (a local
+    manifest_dir or an fsspec URL).
 
     Example: cnclip corpus stats manifests/demo
     """

@@ -55,7 +55,8 @@ class TokenizerSettings(StrictModel):
 class DataSettings(StrictModel):
     train: Optional[ShardSpec] = Field(default=None, description="shard globs or brace patterns")
     corpus: Optional[Path] = Field(default=None, description="a corpus recipe: train on its shards")
-    manifest_dir: Optional[Path] = Field(
+    # A folder or an fsspec URL (s3://bucket/manifests): a URL stays a string, which Path would fold.
+    manifest_dir: Optional[Union[Path, str]] = Field(
         default=None, description="a build's manifest_dir: sample counts, and the shards when no train/corpus")
     shuffle_buffer: int = Field(default=1000, ge=0)
     resampled: bool = False
@@ -63,6 +64,13 @@ class DataSettings(StrictModel):
     augment: bool = True
     # Exact resume replays each worker's sample stream up to its position (tar reads, no decoding).
     exact_resume: bool = True
+
+    @field_validator("manifest_dir", mode="before")
+    @classmethod
+    def _location(cls, value: object) -> object:
+        if isinstance(value, str) and "://" not in value:
+            return Path(value)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSettings":

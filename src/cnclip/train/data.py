@@ -13,31 +13,34 @@ position of every worker and a resumed run replays precisely the batches it woul
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
 import random
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
-from webdataset.tariterators import tarfile_samples
 
-from cnclip._common.errors import CnclipError
 from cnclip._common.mainguard import default_start_method, require_main_guard
 from cnclip.train.config import DataSettings
 
+# Where the shards are and how many samples they hold live in shards.py; the loader's users import
+# these names from here too.
+from cnclip.train.shards import (  # noqa: F401
+    DataError,
+    ShardSet,
+    count_samples,
+    expand_patterns,
+    resolve_train_shards,
+    scan_samples,
+    tarfile_samples,
+)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-class DataError(CnclipError, ValueError):
-    """Shards that cannot be found or used."""
 
 
 def unwrap_worker_error(err: DataError) -> DataError:
@@ -46,93 +49,6 @@ def unwrap_worker_error(err: DataError) -> DataError:
     marker = f"{DataError.__module__}.{DataError.__qualname__}: "
     text = str(err)
     return DataError(text.rsplit(marker, 1)[1].strip()) if marker in text else err
-
-
-def expand_patterns(patterns: Sequence[str], origin: str = "data.train") -> list[str]:
-    """Brace patterns (`shards/{00000..00099}.tar`) and globs -> a sorted list of existing files."""
-    found: list[str] = []
-    for pattern in patterns:
-        for item in braceexpand(pattern):
-            if item.startswith("pipe:") or "://" in item:
-                found.append(item)  # streamed by webdataset's opener, not checked here
-            elif any(ch in item for ch in "*?["):
-                found.extend(sorted(glob.glob(item)))
-            elif Path(item).is_file():
-                found.append(item)
-            else:
-                raise DataError(f"{origin}: no such shard: {item}")
-    shards = sorted(dict.fromkeys(found))
-    if not shards:
-        raise DataError(f"{origin}: the patterns match no shard: {', '.join(patterns)}")
-    return shards
-
-
-@dataclass
-class ShardSet:
-    shards: list[str]
-    samples: Optional[int]  # from the corpus build (manifests or sizes.json); None if unknown
-    manifest_dir: Optional[Path] = None
-
-
-def resolve_train_shards(data: DataSettings) -> ShardSet:
-    """The training shards and their sample count, from patterns, a corpus recipe, or a build's
-    manifest_dir (its funnel.json names the shards folder)."""
-    if data.corpus is not None:
-        # The one place train reads corpus code: data.corpus names a corpus recipe, and only the
-        # corpus's own loader knows where its build puts the shards.
-        from cnclip.corpus.recipe import RecipeError, load_recipe
-
-        try:
-            recipe = load_recipe(data.corpus, check_paths=False)  # only its output folders matter here
-        except RecipeError as err:
-            raise DataError(f"data.corpus: {err}") from None
-        shards = expand_patterns([str(Path(recipe.output_dir) / "shards" / "*.tar")], "data.corpus")
-        manifest_dir = data.manifest_dir or Path(recipe.manifest_dir)
-    elif data.train is None:
-        funnel = Path(data.manifest_dir) / "funnel.json"
-        try:
-            shards_dir = json.loads(funnel.read_text(encoding="utf-8"))["shards_dir"]
-        except (OSError, ValueError, KeyError):
-            raise DataError(f"data.manifest_dir: {funnel} does not name the build's shards folder "
-                            "(rebuild with this cnclip, or give data.train)") from None
-        shards = expand_patterns([str(Path(shards_dir) / "*.tar")], "data.manifest_dir")
-        manifest_dir = data.manifest_dir
-    else:
-        shards = expand_patterns(data.train_patterns)
-        manifest_dir = data.manifest_dir
-    return ShardSet(shards, count_samples(shards, manifest_dir), manifest_dir)
-
-
-def count_samples(shards: list[str], manifest_dir: Optional[Path]) -> Optional[int]:
-    """Samples in `shards` per the build's samples/ manifest, else the sizes.json beside them."""
-    names = {Path(s).name for s in shards}
-    if manifest_dir is not None:
-        import polars as pl
-
-        parts = sorted((Path(manifest_dir) / "samples").glob("*.parquet"))
-        if not parts:
-            raise DataError(f"data.manifest_dir: {manifest_dir}/samples has no manifest parts")
-        try:
-            counts = pl.scan_parquet(parts).group_by("shard").len().collect()
-        except (OSError, pl.exceptions.PolarsError) as err:
-            raise DataError(f"data.manifest_dir: cannot read {manifest_dir}/samples "
-                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        per_shard = {f"{s:05d}.tar": n for s, n in counts.rows()}
-        return sum(per_shard.get(n, 0) for n in names)
-    total = 0
-    for folder in {Path(s).parent for s in shards}:
-        sizes_path = folder / "sizes.json"
-        if not sizes_path.is_file():
-            return None
-        try:
-            sizes = json.loads(sizes_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise DataError(f"{sizes_path}: cannot read ({err})") from None
-        mine = [n for n in names if (folder / n).as_posix() in {Path(s).as_posix() for s in shards}]
-        if any(n not in sizes for n in mine):
-            return None
-        total += sum(sizes[n] for n in mine)
-    return total
 
 
 def _warn_and_continue(exn: Exception) -> bool:

@@ -15,7 +15,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from cnclip.train import checkpoint as ckpt
 from cnclip.train.config import ConfigError, TrainConfig
-from cnclip.train.data import ShardSet, read_captions
+from cnclip.train.data import ShardSet, read_captions, scan_samples
 from cnclip.train.models import create_model, load_clip_weights, load_image_tower, rebuild_model
 from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer, build_corpus_vocab, read_vocab
 
@@ -32,11 +32,9 @@ def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
     if choice == "corpus":
         saved = Path(cfg.output_dir) / "vocab.txt"
         if not saved.is_file():  # built once per run directory, so a resumed run gets the same ids
-            if shard_set.manifest_dir is not None:
-                import polars as pl
-
-                captions = pl.scan_parquet(Path(shard_set.manifest_dir) / "samples" / "*.parquet").select(
-                    "caption").collect()["caption"].to_list()
+            samples = scan_samples(shard_set.manifest_dir) if shard_set.manifest_dir is not None else None
+            if samples is not None:
+                captions = samples.select("caption").collect()["caption"].to_list()
             else:
                 captions = read_captions(shard_set.shards)
             saved.parent.mkdir(parents=True, exist_ok=True)

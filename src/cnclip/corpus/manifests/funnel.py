@@ -25,22 +25,22 @@ class AccountingError(CnclipError, RuntimeError):
     """Samples and rejects do not add up to the input: a bug, never silently published."""
 
 
-def scan_manifest(folder: Path, columns: list[str]) -> pl.LazyFrame | None:
-    parts = sorted(folder.glob("*.parquet"))
-    if not parts:
-        return None
-    return pl.concat([pl.scan_parquet(p).select(columns) for p in parts])
-
-
-def _parts(folder: Path | str) -> list[Path | str]:
-    if storage.is_url(folder):  # the committed parts of a URL manifest_dir
+def _parts(folder: Path | str) -> list[Path] | list[str]:
+    """The Parquet parts of a manifest folder: locally every part; on a URL the committed ones (a
+    part without its marker never finished uploading; verify reports it)."""
+    if storage.is_url(folder):
         from cnclip.corpus.runtime.commit import committed_parts
 
         return committed_parts(folder, ".parquet")
     return sorted(Path(folder).glob("*.parquet"))
 
 
-def tally(manifest_dir: Path, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
+def scan_manifest(folder: Path | str, columns: list[str]) -> pl.LazyFrame | None:
+    parts = _parts(folder)
+    return storage.scan_parquet(parts).select(columns) if parts else None
+
+
+def tally(manifest_dir: Path | str, engine: Engine | None = None) -> tuple[int, dict[str, dict[str, int]], int]:
     """From the manifest parts on disk: samples, rejects by stage and reason, distinct uids."""
     engine = engine or default_engine()
     samples = engine.scan(_parts(at(manifest_dir, "samples")), {"uid": pl.Int64})
@@ -68,13 +68,13 @@ def _imbalance(manifest_dir: Path, input_rows: int, counts: tuple) -> str | None
     return None
 
 
-def accounting_problem(manifest_dir: Path) -> str | None:
+def accounting_problem(manifest_dir: Path | str) -> str | None:
     """Whether the manifests on disk still add up to the input rows funnel.json counted."""
     try:
-        input_rows = json.loads((manifest_dir / "funnel.json").read_text(encoding="utf-8"))["input_rows"]
+        input_rows = json.loads(storage.read_text(storage.join(manifest_dir, "funnel.json")))["input_rows"]
         return _imbalance(manifest_dir, input_rows, tally(manifest_dir))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{manifest_dir / 'funnel.json'}: unreadable ({err})"
+        return f"{storage.join(manifest_dir, 'funnel.json')}: unreadable ({err})"
     except pl.exceptions.PolarsError as err:
         return f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]})"
 

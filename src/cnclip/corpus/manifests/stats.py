@@ -11,7 +11,8 @@ from rich.table import Table
 from cnclip._common.console import console, warn
 from cnclip._common.errors import CnclipError
 from cnclip.corpus.manifests.funnel import funnel_table, scan_manifest
-from cnclip.corpus.manifests.integrity import damaged_files
+from cnclip.corpus.manifests.integrity import as_location, damaged_files, location_in
+from cnclip.corpus.runtime import storage
 
 _QUANTILES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
@@ -26,16 +27,18 @@ class ManifestError(CnclipError, FileNotFoundError):
 
 
 def corpus_stats(manifest_dir: str | Path) -> dict:
-    manifest_dir = Path(manifest_dir)
-    samples = scan_manifest(manifest_dir / "samples", ["source", "caption", "width", "height", "original_width",
-                                                        "original_height"])
-    rejected = scan_manifest(manifest_dir / "rejected", ["reason"])
+    """The figures of a built corpus, from a local manifest_dir or one published to a URL."""
+    manifest_dir = as_location(manifest_dir)
+    storage.require_folder(manifest_dir)
+    samples = scan_manifest(location_in(manifest_dir, "samples"), ["source", "caption", "width", "height",
+                                                             "original_width", "original_height"])
+    rejected = scan_manifest(location_in(manifest_dir, "rejected"), ["reason"])
     if samples is None and rejected is None:
         raise ManifestError(f"{manifest_dir}: no samples/ or rejected/ manifests here")
     stats: dict = {"manifest_dir": str(manifest_dir)}
-    funnel_path = manifest_dir / "funnel.json"
-    if funnel_path.exists():
-        stats["funnel"] = json.loads(funnel_path.read_text(encoding="utf-8"))
+    funnel_path = location_in(manifest_dir, "funnel.json")
+    if storage.exists(funnel_path):
+        stats["funnel"] = json.loads(storage.read_text(funnel_path))
     if samples is not None:
         stats["samples"] = samples.select(pl.len()).collect().item()
         by_source = samples.group_by("source").agg(pl.len()).sort("source").collect()
@@ -51,7 +54,7 @@ def corpus_stats(manifest_dir: str | Path) -> dict:
     return stats
 
 
-def _disagreements(manifest_dir: Path, stats: dict) -> list[str]:
+def _disagreements(manifest_dir: Path | str, stats: dict) -> list[str]:
     """Where funnel.json or checksums.json (what was built) and the disk (what is left) differ;
     cheap checks only (sizes, not hashes): `cnclip corpus verify` does the full one."""
     problems = []

@@ -100,9 +100,7 @@ class LocalEngine:
 
         if not paths:
             return pl.LazyFrame(schema=dict(schema or {}))
-        if len(paths) == 1:
-            return scan_parquet(paths[0])
-        return pl.concat([scan_parquet(p) for p in paths], how="diagonal_relaxed")
+        return scan_parquet(paths)
 
     def sql(self, query: str, **tables: Table) -> Table:
         import polars as pl

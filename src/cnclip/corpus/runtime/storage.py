@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import glob as _glob
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
 from cnclip._common.atomic import write_text_atomic
+from cnclip._common.errors import CnclipError
 
 
 def is_url(path: str | Path) -> bool:
@@ -166,20 +167,6 @@ def make_dirs(path: str | Path) -> None:
         Path(local_path(path)).mkdir(parents=True, exist_ok=True)
 
 
-def scan_parquet(path: str | Path):
-    """One Parquet file as a polars LazyFrame: locally polars' own scan; on a URL a pyarrow dataset
-    over the fsspec filesystem, so the endpoint and credentials are the driver's (polars' own cloud
-    reader would need them again in its own form) and row groups still stream."""
-    import polars as pl
-
-    if not is_url(path):
-        return pl.scan_parquet(local_path(path))
-    import pyarrow.dataset as ds
-
-    fs, stripped = filesystem(path)
-    return pl.scan_pyarrow_dataset(ds.dataset(stripped, filesystem=fs, format="parquet"))
-
-
 def create_exclusive(path: str | Path, data: bytes) -> bool:
     """Write `path` only if nothing is there; False when something already is. Locally O_EXCL;
     on S3 a conditional PUT (If-None-Match: *), which the store decides atomically. A filesystem
@@ -216,3 +203,65 @@ def read_parquet(path: str | Path):
     if not is_url(path):
         return pl.read_parquet(local_path(path))
     return scan_parquet(path).collect()
+
+
+# --- reading a corpus back from a URL ------------------------------------------------------------
+
+class StorageError(CnclipError, OSError):
+    """A URL that cannot be read: its driver is not installed, its bucket or folder is not there."""
+
+
+def checked_filesystem(path: str | Path) -> tuple[Any, str]:
+    """filesystem(), with a missing driver or an unknown scheme as one line naming the URL (and
+    the package to install) instead of fsspec's ImportError."""
+    from cnclip._common.urls import url_filesystem
+
+    fs, stripped = url_filesystem(str(path), StorageError)
+    fs.invalidate_cache()
+    return fs, stripped
+
+
+def require_folder(path: str | Path) -> None:
+    """Before a URL folder is read: its filesystem loads and it holds something, or a one-line
+    StorageError says which (no such bucket, nothing there). Local folders are left to the
+    reader, whose messages name the missing file."""
+    if not is_url(path):
+        return
+    from cnclip._common.urls import missing_location
+
+    fs, stripped = checked_filesystem(path)
+    try:
+        there = fs.isdir(stripped)
+    except PermissionError as err:
+        raise StorageError(f"{path}: access denied ({err})") from None
+    if not there:
+        raise StorageError(missing_location(fs, str(path), stripped))
+
+
+def visible_parts(folder: str | Path, suffix: str) -> list[str]:
+    """The files in a URL folder ending in `suffix`, markers and other hidden objects left out:
+    what a reader globbing `folder/*suffix` takes for parts (committed or not), from one listing."""
+    return [name for name in list_files(folder)
+            if name.endswith(suffix) and not name.rpartition("/")[2].startswith(".")]
+
+
+def scan_parquet(paths: str | Path | Sequence[str | Path]):
+    """One lazy polars frame over one Parquet file or several parts, local or URLs; columns missing
+    from a part are null. Locally polars' own scan; a URL part through a pyarrow dataset over its
+    fsspec filesystem, so the endpoint and credentials are the driver's (polars' own cloud reader
+    would need them again in its own form) and only the columns a query selects are read."""
+    import polars as pl
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("scan_parquet: no parts")
+    if not is_url(paths[0]):
+        frames = [pl.scan_parquet(local_path(path)) for path in paths]
+    else:
+        import pyarrow.dataset as ds
+
+        fs, _ = checked_filesystem(paths[0])
+        frames = [pl.scan_pyarrow_dataset(ds.dataset(fs._strip_protocol(str(path)), filesystem=fs,
+                                                     format="parquet")) for path in paths]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
