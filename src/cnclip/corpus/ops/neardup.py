@@ -50,6 +50,8 @@ _CANDIDATE_COST = 1.5
 # Greedy coverings are searched where the exhaustive check stays small (milliseconds).
 _COVERING_MAX_POINTS = 12
 _COVERING_MAX_SUBSETS = 5_000
+_CHUNK = 1 << 16  # words per pass of the element-wise steps: the chunk and its temporaries stay in cache
+_CHUNK_OFFSETS = 3  # offsets walked inside a chunk (still in cache); the few longer runs go on after
 
 
 def block_masks(blocks: int) -> list[int]:
@@ -186,25 +188,54 @@ def _segments(masks: tuple[int, ...] | list[int], band: tuple[int, ...]) -> list
     return [(low, width) for low, width in runs]
 
 
-def _packed_band_keys(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray,
-                      index_bits: int) -> np.ndarray:
-    """key << index_bits | index in one uint64 per hash, built in place chunk by chunk (the
-    temporaries stay in cache)."""
-    out = np.empty(len(hashes), dtype=np.uint64)
+def _rest_runs(masks: tuple[int, ...] | list[int], band: tuple[int, ...], width: int) -> list[tuple[int, int]]:
+    """Up to `width` bits outside the band, as (low bit, width) runs, the widest runs first: the
+    spare bits of a packed word, which reject most candidates before their hashes are fetched."""
+    inside = sum(masks[i] for i in band)
+    runs, bit = [], 0
+    while bit < BITS:
+        if inside >> bit & 1:
+            bit += 1
+            continue
+        start = bit
+        while bit < BITS and not inside >> bit & 1:
+            bit += 1
+        runs.append((start, bit - start))
+    chosen = []
+    for low, run in sorted(runs, key=lambda r: (-r[1], r[0])):
+        take = min(run, width - sum(w for _, w in chosen))
+        if take > 0:
+            chosen.append((low, take))
+    return chosen
+
+
+def _packed_band_keys(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
+                      spare_bits: int = 0) -> np.ndarray:
+    """key << (spare_bits + index_bits) | spare << index_bits | index in one uint64 per hash, where
+    spare holds `spare_bits` hash bits outside the key; built in place chunk by chunk, the index
+    counted up per chunk (the temporaries stay in cache, and no index array is read)."""
     placed, offset = [], index_bits
-    for low, width in _segments(plan.masks, band):
+    for low, width in _rest_runs(plan.masks, band, spare_bits) + _segments(plan.masks, band):
         placed.append((low, offset, np.uint64(((1 << width) - 1) << offset)))
         offset += width
-    step = 1 << 18
-    scratch = np.empty(min(step, len(hashes)), dtype=np.uint64)
-    for start in range(0, len(hashes), step):
-        part, acc = hashes[start:start + step], out[start:start + step]
+    return _chunked_words(hashes, placed)
+
+
+def _chunked_words(hashes: np.ndarray, placed: list[tuple[int, int, np.uint64]]) -> np.ndarray:
+    """index | OR of (hash bits moved from `low` to `offset`, masked) per (low, offset, mask)."""
+    out = np.empty(len(hashes), dtype=np.uint64)
+    ramp = np.arange(min(_CHUNK, len(hashes)), dtype=np.uint64)
+    scratch = np.empty(len(ramp), dtype=np.uint64)
+    for start in range(0, len(hashes), _CHUNK):
+        part, acc = hashes[start:start + _CHUNK], out[start:start + _CHUNK]
         tmp = scratch[: len(part)]
-        np.copyto(acc, index[start:start + step])
+        np.add(ramp[: len(part)], np.uint64(start), out=acc)
         for low, offset, mask in placed:
-            shift = np.uint64(abs(offset - low))
-            (np.left_shift if offset >= low else np.right_shift)(part, shift, out=tmp)
-            np.bitwise_and(tmp, mask, out=tmp)
+            if offset == low:
+                np.bitwise_and(part, mask, out=tmp)
+            else:
+                (np.left_shift if offset > low else np.right_shift)(part, np.uint64(abs(offset - low)), out=tmp)
+                np.bitwise_and(tmp, mask, out=tmp)
             np.bitwise_or(acc, tmp, out=acc)
     return out
 
@@ -226,7 +257,7 @@ def _sort_u64(values: np.ndarray) -> np.ndarray:
     return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
 
 
-def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray, index_bits: int,
+def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
                 max_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a < b) sharing the band's key and within `max_distance`: sort (key, index),
     walk equal neighbours, verify by popcount."""
@@ -236,47 +267,71 @@ def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index
         a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
         close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
         return a[close], b[close]
-    packed = _sort_u64(_packed_band_keys(hashes, plan, band, index, index_bits))
-    return _equal_key_pairs(packed, index_bits, hashes, max_distance)
+    spare_bits = BITS - plan.key_bits(band) - index_bits
+    packed = _sort_u64(_packed_band_keys(hashes, plan, band, index_bits, spare_bits))
+    return _equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits)
 
 
 def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
-                     max_distance: int = BITS) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs with equal keys in sorted (key, index) words (with `hashes`, only those within
-    `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset of
-    those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
-    and each offset's candidates are verified before the next, so memory holds found pairs only."""
-    low = np.uint64((1 << index_bits) - 1)
-    first = _same_as_next(packed, low)
-    found_a, found_b, offset = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 1
-    while len(first):
-        a = (packed[first] & low).astype(np.int64)
-        b = (packed[first + offset] & low).astype(np.int64)
-        if hashes is not None:
-            close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+                     max_distance: int = BITS, spare_bits: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs with equal keys in sorted (key, spare, index) words (with `hashes`, only those
+    within `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset
+    of those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
+    and each offset's candidates are verified before the next, so memory holds found pairs only.
+
+    The first offsets are walked chunk by chunk, while the chunk's words are in cache; a pair whose
+    spare bits alone differ in more than `max_distance` bits is dropped from the XOR that compares
+    the keys, before any hash is fetched (random reads, the costly part once the table outgrows
+    the cache)."""
+    walk = _Walk(packed, index_bits, hashes, max_distance, spare_bits)
+    rest = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(packed) - 1, _CHUNK):
+        stop = min(start + _CHUNK, len(packed) - 1)
+        xor = packed[start + 1:stop + 1] ^ packed[start:stop]
+        same = np.flatnonzero(xor <= walk.below_key)
+        walk.emit(same + start, xor[same], 1)
+        rest.append(walk.follow(same + start, 2, _CHUNK_OFFSETS))
+    walk.follow(np.concatenate(rest), _CHUNK_OFFSETS + 1, None)
+    return np.concatenate(walk.found_a), np.concatenate(walk.found_b)
+
+
+class _Walk:
+    """The state of one band's walk over equal-key runs: the words, the check, the pairs found."""
+
+    def __init__(self, packed: np.ndarray, index_bits: int, hashes: np.ndarray | None, max_distance: int,
+                 spare_bits: int) -> None:
+        self.packed, self.hashes, self.max_distance = packed, hashes, max_distance
+        self.below_key = np.uint64((1 << (index_bits + spare_bits)) - 1)
+        self.index_mask = np.uint64((1 << index_bits) - 1)
+        self.spare_shift = np.uint64(index_bits) if spare_bits else None
+        self.found_a, self.found_b = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+
+    def follow(self, first: np.ndarray, offset: int, last: int | None) -> np.ndarray:
+        """Walk offsets from `offset` to `last` (or to the end of the runs) for positions `first`
+        equal to the word offset - 1 ahead; the positions still equal after `last`."""
+        packed = self.packed
+        while len(first) and (last is None or offset <= last):
+            first = first[first + offset < len(packed)]
+            xor = packed[first] ^ packed[first + offset]
+            same = xor <= self.below_key
+            first = first[same]
+            self.emit(first, xor[same], offset)
+            offset += 1
+        return first
+
+    def emit(self, first: np.ndarray, xor: np.ndarray, offset: int) -> None:
+        """Record the pairs (p, p + offset), p in `first` (equal keys, word XOR `xor`), within the distance."""
+        if self.spare_shift is not None:
+            first = first[np.bitwise_count(xor >> self.spare_shift) <= self.max_distance]
+        a = (self.packed[first] & self.index_mask).astype(np.int64)
+        b = (self.packed[first + offset] & self.index_mask).astype(np.int64)
+        if self.spare_shift is not None:  # within a run the words are ordered by spare bits, not by index
+            a, b = np.minimum(a, b), np.maximum(a, b)
+        if self.hashes is not None:
+            close = np.bitwise_count(self.hashes[a] ^ self.hashes[b]) <= self.max_distance
             a, b = a[close], b[close]
-        found_a.append(a)
-        found_b.append(b)
-        offset += 1
-        first = first[first + offset < len(packed)]
-        first = first[(packed[first] ^ packed[first + offset]) <= low]
-    return np.concatenate(found_a), np.concatenate(found_b)
-
-
-def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
-    """Positions whose word has the same key (bits above `low`) as the next word, chunk by chunk
-    so the temporaries stay in cache."""
-    step = 1 << 18
-    scratch = np.empty(min(step, len(packed)), dtype=np.uint64)
-    flags = np.empty(len(scratch), dtype=bool)
-    found = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(packed) - 1, step):
-        stop = min(start + step, len(packed) - 1)
-        xor, same = scratch[: stop - start], flags[: stop - start]
-        np.bitwise_xor(packed[start + 1:stop + 1], packed[start:stop], out=xor)
-        np.less_equal(xor, low, out=same)
-        found.append(np.flatnonzero(same) + start)
-    return np.concatenate(found)
+        self.found_a.append(a)
+        self.found_b.append(b)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -289,10 +344,9 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
         return empty, empty
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
     index_bits = max(1, (count - 1).bit_length())
-    index = np.arange(count, dtype=np.uint64)
     found: list[np.ndarray] = []
     for band in plan.bands:
-        a, b = _band_pairs(hashes, plan, band, index, index_bits, max_distance)
+        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance)
         found.append(a * count + b)  # one int64 per pair (a < b), so pairs found by several bands collapse
     unique = np.unique(np.concatenate(found))
     return unique // count, unique % count
@@ -330,12 +384,10 @@ def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return empty, empty
     index_bits = max(1, (count - 1).bit_length())
     low = np.uint64((1 << index_bits) - 1)
-    packed = _sort_u64(((hashes >> np.uint64(index_bits)) << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
-    same = (packed[1:] ^ packed[:-1]) <= low
-    in_run = np.zeros(count, dtype=bool)
-    in_run[:-1] = same
-    in_run[1:] |= same
-    rows = (packed[in_run] & low).astype(np.int64)
+    high = np.uint64((2**BITS - 1) ^ ((1 << index_bits) - 1))
+    packed = _sort_u64(_chunked_words(hashes, [(0, 0, high)]))
+    same = _same_as_next(packed, low)
+    rows = (packed[np.union1d(same, same + 1)] & low).astype(np.int64)
     if len(rows) == 0:
         return empty, empty
     rows = rows[np.lexsort((rows, hashes[rows]))]  # by value, then index: a value's first row leads
@@ -344,6 +396,15 @@ def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = rows[np.flatnonzero(starts)][np.cumsum(starts) - 1]
     later = ~starts
     return rows[later], first[later]
+
+
+def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
+    """Positions whose word equals the next one above the bits `low`, chunk by chunk (in cache)."""
+    found = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(packed) - 1, _CHUNK):
+        stop = min(start + _CHUNK, len(packed) - 1)
+        found.append(np.flatnonzero((packed[start + 1:stop + 1] ^ packed[start:stop]) <= low) + start)
+    return np.concatenate(found)
 
 
 def component_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
