@@ -258,22 +258,33 @@ def _sort_u64(values: np.ndarray) -> np.ndarray:
 
 
 def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
-                max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (a < b) sharing the band's key and within `max_distance`: sort (key, index),
-    walk equal neighbours, verify by popcount."""
+                max_distance: int, earlier: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a < b) sharing the band's key and within `max_distance`, but none sharing the
+    key of an earlier band (bit masks `earlier`), so each pair comes from one band: sort (key,
+    index), walk equal neighbours, verify by popcount."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
         a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
         a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
-        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-        return a[close], b[close]
+        keep = _new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
+        return a[keep], b[keep]
     spare_bits = BITS - plan.key_bits(band) - index_bits
     packed = _sort_u64(_packed_band_keys(hashes, plan, band, index_bits, spare_bits))
-    return _equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits)
+    return _equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
+
+
+def _new_and_close(xor: np.ndarray, max_distance: int, earlier: tuple[int, ...]) -> np.ndarray:
+    """Pairs (hash XORs) within `max_distance` whose hashes differ under every earlier band's mask:
+    a pair equal under an earlier band was found there (its walk sees every equal-key pair)."""
+    keep = np.bitwise_count(xor) <= max_distance
+    for mask in earlier:
+        keep &= (xor & np.uint64(mask)) != 0
+    return keep
 
 
 def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
-                     max_distance: int = BITS, spare_bits: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     max_distance: int = BITS, spare_bits: int = 0, earlier: tuple[int, ...] = ()
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs with equal keys in sorted (key, spare, index) words (with `hashes`, only those
     within `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset
     of those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
@@ -282,8 +293,8 @@ def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | N
     The first offsets are walked chunk by chunk, while the chunk's words are in cache; a pair whose
     spare bits alone differ in more than `max_distance` bits is dropped from the XOR that compares
     the keys, before any hash is fetched (random reads, the costly part once the table outgrows
-    the cache)."""
-    walk = _Walk(packed, index_bits, hashes, max_distance, spare_bits)
+    the cache). With `hashes`, pairs equal under an `earlier` band mask are left out."""
+    walk = _Walk(packed, index_bits, hashes, max_distance, spare_bits, earlier)
     rest = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(packed) - 1, _CHUNK):
         stop = min(start + _CHUNK, len(packed) - 1)
@@ -299,8 +310,8 @@ class _Walk:
     """The state of one band's walk over equal-key runs: the words, the check, the pairs found."""
 
     def __init__(self, packed: np.ndarray, index_bits: int, hashes: np.ndarray | None, max_distance: int,
-                 spare_bits: int) -> None:
-        self.packed, self.hashes, self.max_distance = packed, hashes, max_distance
+                 spare_bits: int, earlier: tuple[int, ...]) -> None:
+        self.packed, self.hashes, self.max_distance, self.earlier = packed, hashes, max_distance, earlier
         self.below_key = np.uint64((1 << (index_bits + spare_bits)) - 1)
         self.index_mask = np.uint64((1 << index_bits) - 1)
         self.spare_shift = np.uint64(index_bits) if spare_bits else None
@@ -328,8 +339,8 @@ class _Walk:
         if self.spare_shift is not None:  # within a run the words are ordered by spare bits, not by index
             a, b = np.minimum(a, b), np.maximum(a, b)
         if self.hashes is not None:
-            close = np.bitwise_count(self.hashes[a] ^ self.hashes[b]) <= self.max_distance
-            a, b = a[close], b[close]
+            keep = _new_and_close(self.hashes[a] ^ self.hashes[b], self.max_distance, self.earlier)
+            a, b = a[keep], b[keep]
         self.found_a.append(a)
         self.found_b.append(b)
 
@@ -345,11 +356,12 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
     index_bits = max(1, (count - 1).bit_length())
     found: list[np.ndarray] = []
-    for band in plan.bands:
-        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance)
-        found.append(a * count + b)  # one int64 per pair (a < b), so pairs found by several bands collapse
-    unique = np.unique(np.concatenate(found))
-    return unique // count, unique % count
+    for number, band in enumerate(plan.bands):
+        earlier = tuple(sum(plan.masks[i] for i in other) for other in plan.bands[:number])
+        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance, earlier)
+        found.append(a * count + b)  # one int64 per pair (a < b): sorted, the pairs in (a, b) order
+    pairs = np.sort(np.concatenate(found))
+    return pairs // count, pairs % count
 
 
 def cross_pairs(left: np.ndarray, right: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
