@@ -10,11 +10,11 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cnclip.corpus.ops import neardup
+from cnclip.corpus.ops import band_walk
+from cnclip.corpus.ops.band_walk import equal_key_pairs as _equal_key_pairs
 from cnclip.corpus.ops.dedup import eval_overlaps, near_duplicates
 from cnclip.corpus.ops.neardup import (
     BandPlan,
-    _equal_key_pairs,
     band_plan,
     block_masks,
     component_labels,
@@ -102,7 +102,7 @@ def test_a_pair_many_bands_share_is_returned_once_in_pair_order(d, blocks):
 def test_the_walk_across_chunk_edges_and_long_runs(monkeypatch):
     # Chunks of 5 words: runs of one key (the cluster, 120 values equal on the top 40 bits) cross
     # many chunk edges and outlast the offsets walked inside a chunk.
-    monkeypatch.setattr(neardup, "_CHUNK", 5)
+    monkeypatch.setattr(band_walk, "_CHUNK", 5)
     hashes = np.unique(hostile_hashes(2))
     for d in (3, 6):
         a, b = near_pairs(hashes, d)

@@ -7,7 +7,8 @@ then every pair within d shares the band key of some band, and recall is 100% by
 (the tests check that property exhaustively for the plans chosen).
 
 The relational form, which the numpy code here runs band by band so that peak memory is one band
-of keys, and which a Spark SQL / DataFrame engine runs over all bands at once:
+of keys (band_walk.py: one sort of packed words per band, then a walk over equal keys), and which
+a Spark SQL / DataFrame engine runs over all bands at once:
 
     hashes     = rows GROUP BY phash SELECT phash, min(uid) AS id    -- equal hashes: one value
     keys       = hashes EXPLODE(band) SELECT id, phash, band, band_key(phash, band) AS key
@@ -43,15 +44,22 @@ from math import comb
 import numpy as np
 import polars as pl
 
-BITS = 64
+from cnclip.corpus.ops.band_walk import (
+    BITS,
+    chunked_words,
+    equal_key_pairs,
+    new_and_close,
+    packed_band_keys,
+    same_as_next,
+    sort_u64,
+)
+
 # Relative costs per hash sorted and per candidate verified (measured: 10M hashes, d = 4, numpy 2.4).
 _SORT_COST = 1.0
 _CANDIDATE_COST = 1.5
 # Greedy coverings are searched where the exhaustive check stays small (milliseconds).
 _COVERING_MAX_POINTS = 12
 _COVERING_MAX_SUBSETS = 5_000
-_CHUNK = 1 << 16  # words per pass of the element-wise steps: the chunk and its temporaries stay in cache
-_CHUNK_OFFSETS = 3  # offsets walked inside a chunk (still in cache); the few longer runs go on after
 
 
 def block_masks(blocks: int) -> list[int]:
@@ -175,174 +183,32 @@ def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...])
     return keys, width
 
 
-def _segments(masks: tuple[int, ...] | list[int], band: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The band's blocks as (low bit, width) runs, adjacent blocks merged: fewer shifts per key."""
-    runs: list[list[int]] = []
-    for i in sorted(band):
-        low = (masks[i] & -masks[i]).bit_length() - 1
-        width = masks[i].bit_length() - low
-        if runs and runs[-1][0] == low + width:  # block i sits just below the previous run
-            runs[-1] = [low, runs[-1][1] + width]
-        else:
-            runs.append([low, width])
-    return [(low, width) for low, width in runs]
-
-
-def _rest_runs(masks: tuple[int, ...] | list[int], band: tuple[int, ...], width: int) -> list[tuple[int, int]]:
-    """Up to `width` bits outside the band, as (low bit, width) runs, the widest runs first: the
-    spare bits of a packed word, which reject most candidates before their hashes are fetched."""
-    inside = sum(masks[i] for i in band)
-    runs, bit = [], 0
-    while bit < BITS:
-        if inside >> bit & 1:
-            bit += 1
-            continue
-        start = bit
-        while bit < BITS and not inside >> bit & 1:
-            bit += 1
-        runs.append((start, bit - start))
-    chosen = []
-    for low, run in sorted(runs, key=lambda r: (-r[1], r[0])):
-        take = min(run, width - sum(w for _, w in chosen))
-        if take > 0:
-            chosen.append((low, take))
-    return chosen
-
-
-def _packed_band_keys(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
-                      spare_bits: int = 0) -> np.ndarray:
-    """key << (spare_bits + index_bits) | spare << index_bits | index in one uint64 per hash, where
-    spare holds `spare_bits` hash bits outside the key; built in place chunk by chunk, the index
-    counted up per chunk (the temporaries stay in cache, and no index array is read)."""
-    placed, offset = [], index_bits
-    for low, width in _rest_runs(plan.masks, band, spare_bits) + _segments(plan.masks, band):
-        placed.append((low, offset, np.uint64(((1 << width) - 1) << offset)))
-        offset += width
-    return _chunked_words(hashes, placed)
-
-
-def _chunked_words(hashes: np.ndarray, placed: list[tuple[int, int, np.uint64]]) -> np.ndarray:
-    """index | OR of (hash bits moved from `low` to `offset`, masked) per (low, offset, mask)."""
-    out = np.empty(len(hashes), dtype=np.uint64)
-    ramp = np.arange(min(_CHUNK, len(hashes)), dtype=np.uint64)
-    scratch = np.empty(len(ramp), dtype=np.uint64)
-    for start in range(0, len(hashes), _CHUNK):
-        part, acc = hashes[start:start + _CHUNK], out[start:start + _CHUNK]
-        tmp = scratch[: len(part)]
-        np.add(ramp[: len(part)], np.uint64(start), out=acc)
-        for low, offset, mask in placed:
-            if offset == low:
-                np.bitwise_and(part, mask, out=tmp)
-            else:
-                (np.left_shift if offset > low else np.right_shift)(part, np.uint64(abs(offset - low)), out=tmp)
-                np.bitwise_and(tmp, mask, out=tmp)
-            np.bitwise_or(acc, tmp, out=acc)
-    return out
-
-
 def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, sorted keys). Packs key and index into one uint64 when they fit: polars' sort of a
     uint64 column is ~5x faster than numpy's argsort and ~3x faster than numpy's sort here."""
     index_bits = max(1, (count - 1).bit_length())
     if key_bits + index_bits <= 64:
-        packed = _sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
+        packed = sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
         order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
         return order, packed >> np.uint64(index_bits)
     order = np.argsort(keys)
     return order, keys[order]
 
 
-def _sort_u64(values: np.ndarray) -> np.ndarray:
-    """On one thread: on 2 shared cores polars' threaded sort of 10M words took 0.30 s, one thread 0.19 s."""
-    return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
-
-
 def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
                 max_distance: int, earlier: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a < b) sharing the band's key and within `max_distance`, but none sharing the
     key of an earlier band (bit masks `earlier`), so each pair comes from one band: sort (key,
-    index), walk equal neighbours, verify by popcount."""
+    spare, index) words, walk equal neighbours, verify by popcount."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
         a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
         a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
-        keep = _new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
+        keep = new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
         return a[keep], b[keep]
     spare_bits = BITS - plan.key_bits(band) - index_bits
-    packed = _sort_u64(_packed_band_keys(hashes, plan, band, index_bits, spare_bits))
-    return _equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
-
-
-def _new_and_close(xor: np.ndarray, max_distance: int, earlier: tuple[int, ...]) -> np.ndarray:
-    """Pairs (hash XORs) within `max_distance` whose hashes differ under every earlier band's mask:
-    a pair equal under an earlier band was found there (its walk sees every equal-key pair)."""
-    keep = np.bitwise_count(xor) <= max_distance
-    for mask in earlier:
-        keep &= (xor & np.uint64(mask)) != 0
-    return keep
-
-
-def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
-                     max_distance: int = BITS, spare_bits: int = 0, earlier: tuple[int, ...] = ()
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs with equal keys in sorted (key, spare, index) words (with `hashes`, only those
-    within `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset
-    of those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
-    and each offset's candidates are verified before the next, so memory holds found pairs only.
-
-    The first offsets are walked chunk by chunk, while the chunk's words are in cache; a pair whose
-    spare bits alone differ in more than `max_distance` bits is dropped from the XOR that compares
-    the keys, before any hash is fetched (random reads, the costly part once the table outgrows
-    the cache). With `hashes`, pairs equal under an `earlier` band mask are left out."""
-    walk = _Walk(packed, index_bits, hashes, max_distance, spare_bits, earlier)
-    rest = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(packed) - 1, _CHUNK):
-        stop = min(start + _CHUNK, len(packed) - 1)
-        xor = packed[start + 1:stop + 1] ^ packed[start:stop]
-        same = np.flatnonzero(xor <= walk.below_key)
-        walk.emit(same + start, xor[same], 1)
-        rest.append(walk.follow(same + start, 2, _CHUNK_OFFSETS))
-    walk.follow(np.concatenate(rest), _CHUNK_OFFSETS + 1, None)
-    return np.concatenate(walk.found_a), np.concatenate(walk.found_b)
-
-
-class _Walk:
-    """The state of one band's walk over equal-key runs: the words, the check, the pairs found."""
-
-    def __init__(self, packed: np.ndarray, index_bits: int, hashes: np.ndarray | None, max_distance: int,
-                 spare_bits: int, earlier: tuple[int, ...]) -> None:
-        self.packed, self.hashes, self.max_distance, self.earlier = packed, hashes, max_distance, earlier
-        self.below_key = np.uint64((1 << (index_bits + spare_bits)) - 1)
-        self.index_mask = np.uint64((1 << index_bits) - 1)
-        self.spare_shift = np.uint64(index_bits) if spare_bits else None
-        self.found_a, self.found_b = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-
-    def follow(self, first: np.ndarray, offset: int, last: int | None) -> np.ndarray:
-        """Walk offsets from `offset` to `last` (or to the end of the runs) for positions `first`
-        equal to the word offset - 1 ahead; the positions still equal after `last`."""
-        packed = self.packed
-        while len(first) and (last is None or offset <= last):
-            first = first[first + offset < len(packed)]
-            xor = packed[first] ^ packed[first + offset]
-            same = xor <= self.below_key
-            first = first[same]
-            self.emit(first, xor[same], offset)
-            offset += 1
-        return first
-
-    def emit(self, first: np.ndarray, xor: np.ndarray, offset: int) -> None:
-        """Record the pairs (p, p + offset), p in `first` (equal keys, word XOR `xor`), within the distance."""
-        if self.spare_shift is not None:
-            first = first[np.bitwise_count(xor >> self.spare_shift) <= self.max_distance]
-        a = (self.packed[first] & self.index_mask).astype(np.int64)
-        b = (self.packed[first + offset] & self.index_mask).astype(np.int64)
-        if self.spare_shift is not None:  # within a run the words are ordered by spare bits, not by index
-            a, b = np.minimum(a, b), np.maximum(a, b)
-        if self.hashes is not None:
-            keep = _new_and_close(self.hashes[a] ^ self.hashes[b], self.max_distance, self.earlier)
-            a, b = a[keep], b[keep]
-        self.found_a.append(a)
-        self.found_b.append(b)
+    packed = sort_u64(packed_band_keys(hashes, plan.masks, band, index_bits, spare_bits))
+    return equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -397,8 +263,8 @@ def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index_bits = max(1, (count - 1).bit_length())
     low = np.uint64((1 << index_bits) - 1)
     high = np.uint64((2**BITS - 1) ^ ((1 << index_bits) - 1))
-    packed = _sort_u64(_chunked_words(hashes, [(0, 0, high)]))
-    same = _same_as_next(packed, low)
+    packed = sort_u64(chunked_words(hashes, [(0, 0, high)]))
+    same = same_as_next(packed, low)
     rows = (packed[np.union1d(same, same + 1)] & low).astype(np.int64)
     if len(rows) == 0:
         return empty, empty
@@ -408,15 +274,6 @@ def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = rows[np.flatnonzero(starts)][np.cumsum(starts) - 1]
     later = ~starts
     return rows[later], first[later]
-
-
-def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
-    """Positions whose word equals the next one above the bits `low`, chunk by chunk (in cache)."""
-    found = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(packed) - 1, _CHUNK):
-        stop = min(start + _CHUNK, len(packed) - 1)
-        found.append(np.flatnonzero((packed[start + 1:stop + 1] ^ packed[start:stop]) <= low) + start)
-    return np.concatenate(found)
 
 
 def component_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
