@@ -54,20 +54,24 @@ def rest_runs(masks: tuple[int, ...] | list[int], band: tuple[int, ...], width: 
 
 
 def packed_band_keys(hashes: np.ndarray, masks: tuple[int, ...], band: tuple[int, ...], index_bits: int,
-                     spare_bits: int = 0) -> np.ndarray:
+                     spare_bits: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """key << (spare_bits + index_bits) | spare << index_bits | index in one uint64 per hash, where
     spare holds `spare_bits` hash bits outside the key; built in place chunk by chunk, the index
-    counted up per chunk (the temporaries stay in cache, and no index array is read)."""
+    counted up per chunk (the temporaries stay in cache, and no index array is read); into `out`
+    if given."""
     placed, offset = [], index_bits
     for low, width in rest_runs(masks, band, spare_bits) + band_segments(masks, band):
         placed.append((low, offset, np.uint64(((1 << width) - 1) << offset)))
         offset += width
-    return chunked_words(hashes, placed)
+    return chunked_words(hashes, placed, out)
 
 
-def chunked_words(hashes: np.ndarray, placed: list[tuple[int, int, np.uint64]]) -> np.ndarray:
-    """index | OR of (hash bits moved from `low` to `offset`, masked) per (low, offset, mask)."""
-    out = np.empty(len(hashes), dtype=np.uint64)
+def chunked_words(hashes: np.ndarray, placed: list[tuple[int, int, np.uint64]], out: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """index | OR of (hash bits moved from `low` to `offset`, masked) per (low, offset, mask), into
+    `out` if given: one buffer for every band, since an array past glibc's 32 MiB mmap threshold
+    comes back from the kernel as fresh pages to fault in and zero on every allocation."""
+    out = np.empty(len(hashes), dtype=np.uint64) if out is None else out
     ramp = np.arange(min(_CHUNK, len(hashes)), dtype=np.uint64)
     scratch = np.empty(len(ramp), dtype=np.uint64)
     for start in range(0, len(hashes), _CHUNK):

@@ -196,10 +196,10 @@ def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndar
 
 
 def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
-                max_distance: int, earlier: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+                max_distance: int, earlier: tuple[int, ...], words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a < b) sharing the band's key and within `max_distance`, but none sharing the
     key of an earlier band (bit masks `earlier`), so each pair comes from one band: sort (key,
-    spare, index) words, walk equal neighbours, verify by popcount."""
+    spare, index) words (built in the buffer `words`), walk equal neighbours, verify by popcount."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
         a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
@@ -207,7 +207,7 @@ def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index
         keep = new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
         return a[keep], b[keep]
     spare_bits = BITS - plan.key_bits(band) - index_bits
-    packed = sort_u64(packed_band_keys(hashes, plan.masks, band, index_bits, spare_bits))
+    packed = sort_u64(packed_band_keys(hashes, plan.masks, band, index_bits, spare_bits, words))
     return equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
 
 
@@ -222,9 +222,10 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
     index_bits = max(1, (count - 1).bit_length())
     found: list[np.ndarray] = []
+    words = np.empty(count, dtype=np.uint64)
     for number, band in enumerate(plan.bands):
         earlier = tuple(sum(plan.masks[i] for i in other) for other in plan.bands[:number])
-        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance, earlier)
+        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance, earlier, words)
         found.append(a * count + b)  # one int64 per pair (a < b): sorted, the pairs in (a, b) order
     pairs = np.sort(np.concatenate(found))
     return pairs // count, pairs % count
