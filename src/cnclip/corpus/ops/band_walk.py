@@ -15,7 +15,9 @@ import numpy as np
 import polars as pl
 
 BITS = 64
-_CHUNK = 1 << 16  # words per pass of the element-wise steps: the chunk and its temporaries stay in cache
+# Words per pass of the element-wise steps: 2 MB stays in cache; smaller chunks cost more calls
+# (10M rows: 2^16 words per chunk took 5% longer).
+_CHUNK = 1 << 18
 _CHUNK_OFFSETS = 3  # offsets walked inside a chunk (still in cache); the few longer runs go on after
 
 
@@ -94,12 +96,17 @@ def sort_u64(values: np.ndarray) -> np.ndarray:
 
 
 def new_and_close(xor: np.ndarray, max_distance: int, earlier: tuple[int, ...]) -> np.ndarray:
-    """Pairs (hash XORs) within `max_distance` whose hashes differ under every earlier band's mask:
-    a pair equal under an earlier band was found there (its walk sees every equal-key pair)."""
-    keep = np.bitwise_count(xor) <= max_distance
-    for mask in earlier:
-        keep &= (xor & np.uint64(mask)) != 0
-    return keep
+    """Positions of the pairs (hash XORs) within `max_distance` whose hashes differ under every
+    earlier band's mask: a pair equal under an earlier band was found there (its walk sees every
+    equal-key pair). The masks are tested on the close pairs only, the few."""
+    close = np.flatnonzero(np.bitwise_count(xor) <= max_distance)
+    if earlier and len(close):
+        found = xor[close]
+        keep = np.ones(len(close), dtype=bool)
+        for mask in earlier:
+            keep &= (found & np.uint64(mask)) != 0
+        close = close[keep]
+    return close
 
 
 def equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
