@@ -7,7 +7,8 @@ then every pair within d shares the band key of some band, and recall is 100% by
 (the tests check that property exhaustively for the plans chosen).
 
 The relational form, which the numpy code here runs band by band so that peak memory is one band
-of keys, and which a Spark SQL / DataFrame engine runs over all bands at once:
+of keys (band_walk.py: one sort of packed words per band, then a walk over equal keys), and which
+a Spark SQL / DataFrame engine runs over all bands at once:
 
     hashes     = rows GROUP BY phash SELECT phash, min(uid) AS id    -- equal hashes: one value
     keys       = hashes EXPLODE(band) SELECT id, phash, band, band_key(phash, band) AS key
@@ -43,7 +44,16 @@ from math import comb
 import numpy as np
 import polars as pl
 
-BITS = 64
+from cnclip.corpus.ops.band_walk import (
+    BITS,
+    chunked_words,
+    equal_key_pairs,
+    new_and_close,
+    packed_band_keys,
+    same_as_next,
+    sort_u64,
+)
+
 # Relative costs per hash sorted and per candidate verified (measured: 10M hashes, d = 4, numpy 2.4).
 _SORT_COST = 1.0
 _CANDIDATE_COST = 1.5
@@ -173,110 +183,32 @@ def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...])
     return keys, width
 
 
-def _segments(masks: tuple[int, ...] | list[int], band: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The band's blocks as (low bit, width) runs, adjacent blocks merged: fewer shifts per key."""
-    runs: list[list[int]] = []
-    for i in sorted(band):
-        low = (masks[i] & -masks[i]).bit_length() - 1
-        width = masks[i].bit_length() - low
-        if runs and runs[-1][0] == low + width:  # block i sits just below the previous run
-            runs[-1] = [low, runs[-1][1] + width]
-        else:
-            runs.append([low, width])
-    return [(low, width) for low, width in runs]
-
-
-def _packed_band_keys(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray,
-                      index_bits: int) -> np.ndarray:
-    """key << index_bits | index in one uint64 per hash, built in place chunk by chunk (the
-    temporaries stay in cache)."""
-    out = np.empty(len(hashes), dtype=np.uint64)
-    placed, offset = [], index_bits
-    for low, width in _segments(plan.masks, band):
-        placed.append((low, offset, np.uint64(((1 << width) - 1) << offset)))
-        offset += width
-    step = 1 << 18
-    scratch = np.empty(min(step, len(hashes)), dtype=np.uint64)
-    for start in range(0, len(hashes), step):
-        part, acc = hashes[start:start + step], out[start:start + step]
-        tmp = scratch[: len(part)]
-        np.copyto(acc, index[start:start + step])
-        for low, offset, mask in placed:
-            shift = np.uint64(abs(offset - low))
-            (np.left_shift if offset >= low else np.right_shift)(part, shift, out=tmp)
-            np.bitwise_and(tmp, mask, out=tmp)
-            np.bitwise_or(acc, tmp, out=acc)
-    return out
-
-
 def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, sorted keys). Packs key and index into one uint64 when they fit: polars' sort of a
     uint64 column is ~5x faster than numpy's argsort and ~3x faster than numpy's sort here."""
     index_bits = max(1, (count - 1).bit_length())
     if key_bits + index_bits <= 64:
-        packed = _sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
+        packed = sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
         order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
         return order, packed >> np.uint64(index_bits)
     order = np.argsort(keys)
     return order, keys[order]
 
 
-def _sort_u64(values: np.ndarray) -> np.ndarray:
-    """On one thread: on 2 shared cores polars' threaded sort of 10M words took 0.30 s, one thread 0.19 s."""
-    return pl.Series(values, dtype=pl.UInt64).sort(multithreaded=False).to_numpy()
-
-
-def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index: np.ndarray, index_bits: int,
-                max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (a < b) sharing the band's key and within `max_distance`: sort (key, index),
-    walk equal neighbours, verify by popcount."""
+def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
+                max_distance: int, earlier: tuple[int, ...], words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a < b) sharing the band's key and within `max_distance`, but none sharing the
+    key of an earlier band (bit masks `earlier`), so each pair comes from one band: sort (key,
+    spare, index) words (built in the buffer `words`), walk equal neighbours, verify by popcount."""
     if plan.key_bits(band) + index_bits > 64:
         keys, width = _compact_keys(hashes, list(plan.masks), band)
         a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
         a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
-        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-        return a[close], b[close]
-    packed = _sort_u64(_packed_band_keys(hashes, plan, band, index, index_bits))
-    return _equal_key_pairs(packed, index_bits, hashes, max_distance)
-
-
-def _equal_key_pairs(packed: np.ndarray, index_bits: int, hashes: np.ndarray | None = None,
-                     max_distance: int = BITS) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs with equal keys in sorted (key, index) words (with `hashes`, only those within
-    `max_distance`), walking offsets 1, 2, ...: the rows still equal at offset k are a subset of
-    those equal at k - 1, so the work is the number of pairs, not the square of the longest run,
-    and each offset's candidates are verified before the next, so memory holds found pairs only."""
-    low = np.uint64((1 << index_bits) - 1)
-    first = _same_as_next(packed, low)
-    found_a, found_b, offset = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 1
-    while len(first):
-        a = (packed[first] & low).astype(np.int64)
-        b = (packed[first + offset] & low).astype(np.int64)
-        if hashes is not None:
-            close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-            a, b = a[close], b[close]
-        found_a.append(a)
-        found_b.append(b)
-        offset += 1
-        first = first[first + offset < len(packed)]
-        first = first[(packed[first] ^ packed[first + offset]) <= low]
-    return np.concatenate(found_a), np.concatenate(found_b)
-
-
-def _same_as_next(packed: np.ndarray, low: np.uint64) -> np.ndarray:
-    """Positions whose word has the same key (bits above `low`) as the next word, chunk by chunk
-    so the temporaries stay in cache."""
-    step = 1 << 18
-    scratch = np.empty(min(step, len(packed)), dtype=np.uint64)
-    flags = np.empty(len(scratch), dtype=bool)
-    found = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(packed) - 1, step):
-        stop = min(start + step, len(packed) - 1)
-        xor, same = scratch[: stop - start], flags[: stop - start]
-        np.bitwise_xor(packed[start + 1:stop + 1], packed[start:stop], out=xor)
-        np.less_equal(xor, low, out=same)
-        found.append(np.flatnonzero(same) + start)
-    return np.concatenate(found)
+        keep = new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
+        return a[keep], b[keep]
+    spare_bits = BITS - plan.key_bits(band) - index_bits
+    packed = sort_u64(packed_band_keys(hashes, plan.masks, band, index_bits, spare_bits, words))
+    return equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -289,13 +221,14 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None)
         return empty, empty
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
     index_bits = max(1, (count - 1).bit_length())
-    index = np.arange(count, dtype=np.uint64)
     found: list[np.ndarray] = []
-    for band in plan.bands:
-        a, b = _band_pairs(hashes, plan, band, index, index_bits, max_distance)
-        found.append(a * count + b)  # one int64 per pair (a < b), so pairs found by several bands collapse
-    unique = np.unique(np.concatenate(found))
-    return unique // count, unique % count
+    words = np.empty(count, dtype=np.uint64)
+    for number, band in enumerate(plan.bands):
+        earlier = tuple(sum(plan.masks[i] for i in other) for other in plan.bands[:number])
+        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance, earlier, words)
+        found.append(a * count + b)  # one int64 per pair (a < b): sorted, the pairs in (a, b) order
+    pairs = np.sort(np.concatenate(found))
+    return pairs // count, pairs % count
 
 
 def cross_pairs(left: np.ndarray, right: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,12 +263,10 @@ def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return empty, empty
     index_bits = max(1, (count - 1).bit_length())
     low = np.uint64((1 << index_bits) - 1)
-    packed = _sort_u64(((hashes >> np.uint64(index_bits)) << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
-    same = (packed[1:] ^ packed[:-1]) <= low
-    in_run = np.zeros(count, dtype=bool)
-    in_run[:-1] = same
-    in_run[1:] |= same
-    rows = (packed[in_run] & low).astype(np.int64)
+    high = np.uint64((2**BITS - 1) ^ ((1 << index_bits) - 1))
+    packed = sort_u64(chunked_words(hashes, [(0, 0, high)]))
+    same = same_as_next(packed, low)
+    rows = (packed[np.union1d(same, same + 1)] & low).astype(np.int64)
     if len(rows) == 0:
         return empty, empty
     rows = rows[np.lexsort((rows, hashes[rows]))]  # by value, then index: a value's first row leads
