@@ -1,0 +1,198 @@
+"""The Spark engine: the same interface as LocalEngine (engine.py), on a SparkSession.
+
+What runs where:
+- `map_parts`: one Spark task per part (`parallelize(parts, len(parts))`), the stage's function
+  shipped to the executors by pyspark's cloudpickle; results come back to the driver in part
+  order (they are counts and small summaries, never rows).
+- `scan` / `sql`: Spark DataFrames over the Parquet parts (`mergeSchema`, so a column missing from
+  a part is null there) and `spark.sql` over temporary views; the stages' SQL strings are written
+  for both dialects.
+- `write`: the executors write the table as Spark part files into a hidden folder beside the
+  target; then one task turns them into the one Parquet file the stages read, cast to the
+  declared types and checked by the same writer as the local engine (LocalEngine.write). That
+  last step is where types Spark has not (UInt64 pHashes, which Spark reads as DECIMAL(20,0))
+  come back. The driver never holds the rows.
+- `rows`: collect, for the small results stages ask for (counts, a funnel).
+- `find_duplicates`: the dedup rules as DataFrame operations (ops/neardup_spark.py), so no
+  step gathers every row in one process.
+
+Every path the stages hand over must be readable and writable by every executor: on local[N]
+that is this machine's disk; on a cluster a filesystem they all mount (HDFS, NFS, S3, GCS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from cnclip._common.console import stage_progress
+from cnclip._common.errors import CnclipError
+from cnclip.corpus.runtime.engine import LocalEngine, Part, Result, Table
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from cnclip.corpus.manifests.schemas import Table as FileSchema
+    from cnclip.corpus.recipe import DedupSettings, EngineSettings
+
+
+class SparkMissingError(CnclipError, RuntimeError):
+    """engine.kind is spark but pyspark cannot be imported."""
+
+
+def import_pyspark() -> Any:
+    """pyspark.sql, or one line saying how to install it."""
+    try:
+        from pyspark import sql
+    except ImportError:
+        raise SparkMissingError("engine.kind is spark but pyspark is not installed: "
+                                "pip install 'cnclip[spark]'") from None
+    return sql
+
+
+def session_from_settings(settings: EngineSettings, app_name: str = "cnclip") -> Any:
+    """A SparkSession for the recipe's engine block (or the one already running in this process:
+    Spark allows one per driver). Its Python workers run this interpreter, so the executors
+    import the cnclip and polars of the driver (on a cluster, the same path must hold the same
+    environment on every node, or `conf` names another with spark.pyspark.python)."""
+    sql = import_pyspark()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = sql.SparkSession.builder.master(settings.master or "local[*]").appName(app_name)
+    builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+    for key, value in settings.conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def spark_type(dtype: pl.DataType) -> Any:
+    """The Spark type a column of this polars type is read as from Parquet (unsigned types widen:
+    UInt32 to BIGINT, UInt64 to DECIMAL(20,0), as Spark's Parquet reader does)."""
+    import polars as pl
+    from pyspark.sql import types as T
+
+    simple = {pl.Int64: T.LongType(), pl.Int32: T.IntegerType(), pl.Int16: T.ShortType(), pl.Int8: T.ByteType(),
+              pl.UInt32: T.LongType(), pl.UInt16: T.IntegerType(), pl.UInt8: T.ShortType(),
+              pl.UInt64: T.DecimalType(20, 0), pl.String: T.StringType(), pl.Float64: T.DoubleType(),
+              pl.Float32: T.FloatType(), pl.Boolean: T.BooleanType(), pl.Binary: T.BinaryType(),
+              pl.Date: T.DateType(), pl.Null: T.StringType()}
+    for polars_type, spark in simple.items():
+        if dtype == polars_type:
+            return spark
+    raise TypeError(f"no Spark type for the polars type {dtype}")
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """Spark's part files of one table -> the one file the stages read."""
+
+    folder: Path
+    path: Path
+    schema: Any
+
+
+def commit_parts(task: _Commit) -> int:
+    """Runs as a Spark task: the part files in partition order (their names), through the local
+    engine's writer (declared types, checked, renamed into place whole); returns the rows."""
+    import polars as pl
+
+    parts = sorted(task.folder.glob("part-*.parquet"))
+    if not parts:
+        raise RuntimeError(f"{task.folder}: Spark wrote no part file")
+    LocalEngine(1).write(pl.scan_parquet(parts), task.path, task.schema)
+    return pl.scan_parquet(task.path).select(pl.len()).collect().item()
+
+
+class SparkEngine:
+    """A SparkSession: executors run the per-part maps, Spark SQL the global steps."""
+
+    kind = "spark"
+
+    def __init__(self, spark: Any):
+        self.spark = spark
+        self._views = 0
+
+    @property
+    def processes(self) -> int:
+        """The cores Spark spreads a stage over (informational: every part is its own task)."""
+        return self.spark.sparkContext.defaultParallelism
+
+    def map_parts(self, fn: Callable[[Part], Result], parts: Sequence[Part], description: str,
+                  processes: int | None = None) -> list[Result]:
+        """One task per part; results in the order of `parts`. `processes` (a stage's own worker
+        count) does not apply: the cluster's executors share the tasks."""
+        if not parts:
+            return []
+        with stage_progress(description, total=len(parts)) as advance:
+            context = self.spark.sparkContext
+            context.setJobDescription(description)
+            try:
+                results = context.parallelize(list(parts), len(parts)).map(fn).collect()
+            finally:
+                context.setJobDescription(None)
+            advance(len(results))
+        return results
+
+    def scan(self, paths: Sequence[Path | str], schema: Mapping[str, Any] | None = None) -> Table:
+        if not paths:
+            from pyspark.sql import types as T
+
+            fields = [T.StructField(name, spark_type(dtype), True) for name, dtype in (schema or {}).items()]
+            return self.spark.createDataFrame([], T.StructType(fields))
+        return self.spark.read.option("mergeSchema", "true").parquet(*(str(p) for p in paths))
+
+    def sql(self, query: str, **tables: Table) -> Table:
+        """Each table a temporary view under its keyword's name for the analysis of this query
+        (the result keeps the plans it read, so later views of the same name do not change it)."""
+        for name, table in tables.items():
+            table.createOrReplaceTempView(name)
+        try:
+            return self.spark.sql(query)
+        finally:
+            for name in tables:
+                self.spark.catalog.dropTempView(name)
+
+    def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
+        """The executors write part files beside `path`; one task makes them the one file (see
+        the module's docstring); the folder of parts is removed whatever happens."""
+        path = Path(path)
+        folder = path.with_name(f".{path.name}.spark-{uuid.uuid4().hex[:8]}")
+        try:
+            table.write.mode("overwrite").parquet(str(folder))
+            self.map_parts(commit_parts, [_Commit(folder, path, schema)], f"write {path.name}")
+        except Exception as err:
+            converted = _python_error(err)
+            if converted is not None:
+                raise converted from None
+            raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def rows(self, table: Table) -> list[tuple]:
+        return [tuple(row) for row in table.collect()]
+
+    def find_duplicates(self, rows: Table, settings: DedupSettings, eval_hashes: pl.DataFrame | None) -> Table:
+        """The dedup rules of ops/dedup.py as Spark operations (ops/neardup_spark.py)."""
+        from cnclip.corpus.ops.neardup_spark import find_duplicates
+
+        return find_duplicates(self.spark, rows, settings, eval_hashes)
+
+
+def _python_error(err: Exception) -> Exception | None:
+    """A SchemaError raised inside a task reaches the driver as a py4j/pyspark error whose message
+    holds the worker's traceback: the same error again, with its own one line."""
+    from cnclip.corpus.manifests.schemas import SchemaError
+
+    text = str(err)
+    marker = "SchemaError: "
+    if type(err).__module__.split(".")[0] in ("py4j", "pyspark") and marker in text:
+        return SchemaError(text.split(marker, 1)[1].strip().splitlines()[0])
+    return None
+
+
+def make_spark_engine(settings: EngineSettings) -> SparkEngine:
+    return SparkEngine(session_from_settings(settings))
