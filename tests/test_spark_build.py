@@ -1,0 +1,47 @@
+"""The demo web built on the Spark engine (local[2]) against the build recorded with the local
+engine (golden_demo.py): byte-identical tars, the same sample keys and manifest rows, the same
+funnel. The demo has exact and near duplicates, so dedup runs its Spark form on real images."""
+
+import json
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from cnclip.corpus import build, parse_recipe
+from golden_demo import GOLDEN, demo_recipe, funnel, manifest_rows, tar_digests
+from spark_session import spark  # noqa: F401 (the session fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def spark_demo(tmp_path_factory, spark):
+    root = tmp_path_factory.mktemp("spark-golden")
+    build(parse_recipe(demo_recipe(root)), show_funnel=False, spark=spark)
+    return root
+
+
+def test_tars_are_byte_identical(spark_demo):
+    recorded = json.loads((GOLDEN / "tars.json").read_text())
+    assert len(recorded) == 3
+    assert tar_digests(spark_demo / "out" / "shards") == recorded
+
+
+@pytest.mark.parametrize("folder", ["samples", "rejected"])
+def test_manifest_rows_are_the_same(spark_demo, folder):
+    recorded = pl.read_parquet(GOLDEN / f"{folder}.parquet")
+    assert recorded.height > 0
+    assert_frame_equal(manifest_rows(spark_demo / "manifests", folder), recorded)
+
+
+def test_sample_keys_are_the_same(spark_demo):
+    keys = manifest_rows(spark_demo / "manifests", "samples")["key"].sort().to_list()
+    assert keys == pl.read_parquet(GOLDEN / "samples.parquet")["key"].sort().to_list()
+    assert len(keys) == len(set(keys)) > 0
+
+
+def test_funnel_is_the_same(spark_demo):
+    recorded = json.loads((GOLDEN / "funnel.json").read_text(encoding="utf-8"))
+    assert recorded["stages"][3]["rejected"]  # dedup dropped rows: its Spark form ran on them
+    assert funnel(spark_demo / "manifests") == recorded
