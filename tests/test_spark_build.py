@@ -18,7 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.spark]
 @pytest.fixture(scope="module")
 def spark_demo(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("spark-golden")
-    build(parse_recipe(demo_recipe(root)), show_funnel=False, spark=spark)
+    spark.sparkContext.setJobGroup("spark-demo", "the demo build on the Spark engine")
+    try:
+        build(parse_recipe(demo_recipe(root)), show_funnel=False, spark=spark)
+    finally:
+        spark.sparkContext.setJobGroup("", "")
+    # The stages' maps and queries ran as Spark jobs (not on a local engine beside the session).
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup("spark-demo")) > 20
     return root
 
 
