@@ -9,21 +9,36 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from cnclip.corpus import build, parse_recipe
+from cnclip.corpus.runtime.spark_engine import SparkEngine
 from golden_demo import GOLDEN, demo_recipe, funnel, manifest_rows, tar_digests
 from spark_session import spark  # noqa: F401 (the session fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
 
+MAPS = {"text: normalize + filter", "text: duplicates + caption cap", "download: lanes",
+        "hash: pHash of stored images", "shard: write tars", "shard: checksums"}
+
+
 @pytest.fixture(scope="module")
 def spark_demo(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("spark-golden")
+    maps = []
+    original = SparkEngine.map_parts
+
+    def recorded(self, fn, parts, description, processes=None):
+        maps.append(description)
+        return original(self, fn, parts, description, processes)
+
     spark.sparkContext.setJobGroup("spark-demo", "the demo build on the Spark engine")
     try:
-        build(parse_recipe(demo_recipe(root)), show_funnel=False, spark=spark)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SparkEngine, "map_parts", recorded)
+            build(parse_recipe(demo_recipe(root)), show_funnel=False, spark=spark)
     finally:
         spark.sparkContext.setJobGroup("", "")
-    # The stages' maps and queries ran as Spark jobs (not on a local engine beside the session).
+    # Every stage's per-part map ran as Spark tasks, and the global steps as Spark jobs.
+    assert MAPS <= set(maps)
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup("spark-demo")) > 20
     return root
 

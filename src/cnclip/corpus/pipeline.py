@@ -138,7 +138,7 @@ def run_download(recipe: Recipe | str | Path, retry_failed: bool = False, engine
         states = context.states
         if not states["download"].complete:
             raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
-        summary = retry_transient_failures(recipe, states["download"].summary)
+        summary = retry_transient_failures(recipe, states["download"].summary, context.engine)
         states["download"].finish(summary)
         # New parts to hash; dedup over everything again; shards planned afresh.
         states["hash"].reopen()

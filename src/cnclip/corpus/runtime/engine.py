@@ -74,6 +74,17 @@ class FindsDuplicates(Protocol):
         """rows (uid, sha256, phash, caption) -> one decision row per dropped row (DECISION_SCHEMA)."""
 
 
+@runtime_checkable
+class IsolatedMaps(Protocol):
+    """A capability: an engine whose workers are not this build's own processes (Spark's reused
+    Python workers) runs a map whose parts must each start clean (the download's lanes: OpenCV
+    reads its pixel limit once per process, the guarded opener is process-wide) in a fresh
+    process per part. Without it, the stage spawns its own workers."""
+
+    def map_isolated(self, fn: Callable[[Part], Result], parts: Sequence[Part], description: str) -> list[Result]:
+        """fn over every part, each in a process started for it; results in the order of `parts`."""
+
+
 class LocalEngine:
     """This machine: a process pool ('spawn': polars and OpenCV are not fork-safe) and polars."""
 

@@ -13,6 +13,9 @@ What runs where:
   last step is where types Spark has not (UInt64 pHashes, which Spark reads as DECIMAL(20,0))
   come back. The driver never holds the rows.
 - `rows`: collect, for the small results stages ask for (counts, a funnel).
+- `map_isolated`: as map_parts, each part's function in a process its task spawns: the
+  download's lanes (img2dataset behind the in-process guard, one lane per task, all rows of a
+  host in the same lanes) on the executors.
 - `find_duplicates`: the dedup rules as DataFrame operations (ops/neardup_spark.py), so no
   step gathers every row in one process.
 
@@ -107,6 +110,36 @@ def commit_parts(task: _Commit) -> int:
     return pl.scan_parquet(task.path).select(pl.len()).collect().item()
 
 
+def _watched(fn: Callable[[Part], Result], parent: int, part: Part) -> Result:
+    """fn in a process that exits when its parent (the Spark task's worker) is gone, so a killed
+    job leaves nothing running that a rerun would race with."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return fn(part)
+
+
+@dataclass(frozen=True)
+class _FreshProcess:
+    """A task's function run in a freshly spawned process of its own ('spawn': nothing of the
+    reused Spark worker, its imports or installed openers, carries over)."""
+
+    fn: Callable[[Any], Any]
+
+    def __call__(self, part: Any) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_watched, self.fn, os.getpid(), part).result()
+
+
 class SparkEngine:
     """A SparkSession: executors run the per-part maps, Spark SQL the global steps."""
 
@@ -136,6 +169,10 @@ class SparkEngine:
                 context.setJobDescription(None)
             advance(len(results))
         return results
+
+    def map_isolated(self, fn: Callable[[Part], Result], parts: Sequence[Part], description: str) -> list[Result]:
+        """One task per part, each running fn in a process it spawns (see engine.IsolatedMaps)."""
+        return self.map_parts(_FreshProcess(fn), parts, description)
 
     def scan(self, paths: Sequence[Path | str], schema: Mapping[str, Any] | None = None) -> Table:
         if not paths:

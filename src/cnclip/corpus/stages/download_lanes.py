@@ -30,6 +30,7 @@ import polars as pl
 from cnclip._common.atomic import atomic_path
 from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
+from cnclip.corpus.runtime.engine import Engine, IsolatedMaps
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
 PART_DIGITS = 5
@@ -134,6 +135,9 @@ def run_lane(task: LaneTask) -> dict[str, int]:
 
     if task.parent is not None:
         _exit_with_parent(task.parent)
+    # Set here too: a lane on a cluster's executor does not inherit the build's environment.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(task.arguments["max_image_area"]))
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     downloader = _downloader(task.arguments)
     output = Path(task.arguments["output_folder"])
     with guarded_urlopen(task.config) as policy:
@@ -153,14 +157,19 @@ def lane_tasks(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: Gua
 
 
 def run_lanes(plan: pl.DataFrame, input_dir: Path, arguments: dict, config: GuardConfig,
-              processes: int) -> dict[str, int]:
+              processes: int, engine: Engine | None = None) -> dict[str, int]:
     """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
     counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
     it loads, and the installed opener is process-wide, so neither may come from the caller's
-    process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
+    process (a second build in the same Python with another pixel limit, the caller's own urllib).
+    An engine with isolated maps (Spark) runs each lane as a task of its own, in a process it starts."""
     Path(arguments["output_folder"]).mkdir(parents=True, exist_ok=True)
-    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     totals: collections.Counter = collections.Counter()
+    if isinstance(engine, IsolatedMaps):
+        for stats in engine.map_isolated(run_lane, lane_tasks(plan, input_dir, arguments, config), "download: lanes"):
+            totals.update(stats)
+        return dict(sorted(totals.items()))
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
         for stats in pool.map(run_lane, tasks):
