@@ -98,6 +98,24 @@ def test_spark_without_pyspark_is_one_line(monkeypatch):
     assert str(raised.value) == "engine.kind is spark but pyspark is not installed: pip install 'cnclip[spark]'"
 
 
+def test_a_spark_recipe_without_pyspark_stops_the_cli_with_one_line_writing_nothing(monkeypatch, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from cnclip.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "out"),
+                                      "manifest_dir": str(tmp_path / "manifests"),
+                                      "engine": {"kind": "spark", "master": "local[2]"}}))
+    monkeypatch.setitem(sys.modules, "pyspark", None)
+    result = CliRunner().invoke(app, ["corpus", "build", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        "error: engine.kind is spark but pyspark is not installed: pip install 'cnclip[spark]'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
 @pytest.mark.parametrize("master", ["local", "local[2]", "local[*]", "spark://head-node:7077", "yarn",
                                     "k8s://https://10.0.0.1:6443"])
 def test_spark_masters_a_session_can_be_built_for(master):

@@ -225,8 +225,9 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
     """Every stage of STAGES in order (resuming an interrupted build) on one engine (the recipe's
     `engine:` block unless one is given, or `spark`, a running SparkSession); returns the funnel."""
     recipe = _recipe(recipe)
-    engine = _session_engine(engine, spark)
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
+    # Built before any folder is claimed: an engine that cannot start (no pyspark) writes nothing.
+    engine = _session_engine(engine, spark) or make_engine(recipe.engine)
     with _owned(recipe):
         if fresh:
             remove_owned(BuildLayout.of(recipe), recipe.name)

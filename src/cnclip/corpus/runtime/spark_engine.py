@@ -64,9 +64,8 @@ def session_from_settings(settings: EngineSettings, app_name: str = "cnclip") ->
     import the cnclip and polars of the driver (on a cluster, the same path must hold the same
     environment on every node, or `conf` names another with spark.pyspark.python)."""
     sql = import_pyspark()
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = sql.SparkSession.builder.master(settings.master or "local[*]").appName(app_name)
-    builder = builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+    builder = builder.config("spark.pyspark.python", sys.executable)  # over PYSPARK_PYTHON; conf may override
     for key, value in settings.conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
