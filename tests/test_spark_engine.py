@@ -5,6 +5,7 @@ the recipe block and API that select it."""
 
 import os
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -50,6 +51,18 @@ def test_scan_fills_missing_columns_and_sql_keeps_what_it_read(spark, tmp_path):
     empty = engine.scan([], {"uid": pl.Int64, "phash": pl.UInt64, "caption": pl.String})
     assert engine.rows(engine.sql("SELECT COUNT(*) FROM e", e=empty)) == [(0,)]
     assert [f.name for f in empty.schema.fields] == ["uid", "phash", "caption"]
+
+
+@pytest.mark.spark
+def test_relative_paths_are_this_process_folder_not_the_jvm_one(spark, tmp_path, monkeypatch):
+    from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+    engine = SparkEngine(spark)
+    monkeypatch.chdir(tmp_path)  # the JVM keeps the folder it started in
+    pl.DataFrame({"uid": [4, 5]}).write_parquet("rel.parquet")
+    engine.write(engine.sql("SELECT uid FROM t", t=engine.scan([Path("rel.parquet")])), Path("out/copy.parquet"),
+                 {"uid": pl.Int64})
+    assert pl.read_parquet(tmp_path / "out" / "copy.parquet")["uid"].sort().to_list() == [4, 5]
 
 
 @pytest.mark.spark

@@ -88,6 +88,16 @@ def spark_type(dtype: pl.DataType) -> Any:
     raise TypeError(f"no Spark type for the polars type {dtype}")
 
 
+def spark_path(path: Path | str) -> str:
+    """A local path as Spark must be told it: absolute and file://, since Spark resolves a bare
+    path against the cluster's default filesystem (HDFS on YARN) and a relative one against its
+    own working folder; a URL (hdfs://, s3a://) is passed as it is."""
+    text = str(path)
+    if "://" in text:
+        return text
+    return "file://" + str(Path(text).absolute())
+
+
 @dataclass(frozen=True)
 class _Commit:
     """Spark's part files of one table -> the one file the stages read."""
@@ -179,7 +189,7 @@ class SparkEngine:
 
             fields = [T.StructField(name, spark_type(dtype), True) for name, dtype in (schema or {}).items()]
             return self.spark.createDataFrame([], T.StructType(fields))
-        return self.spark.read.option("mergeSchema", "true").parquet(*(str(p) for p in paths))
+        return self.spark.read.option("mergeSchema", "true").parquet(*(spark_path(p) for p in paths))
 
     def sql(self, query: str, **tables: Table) -> Table:
         """Each table a temporary view under its keyword's name for the analysis of this query
@@ -195,10 +205,10 @@ class SparkEngine:
     def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
         """The executors write part files beside `path`; one task makes them the one file (see
         the module's docstring); the folder of parts is removed whatever happens."""
-        path = Path(path)
+        path = Path(path).absolute()  # the committing task's worker need not share this folder
         folder = path.with_name(f".{path.name}.spark-{uuid.uuid4().hex[:8]}")
         try:
-            table.write.mode("overwrite").parquet(str(folder))
+            table.write.mode("overwrite").parquet(spark_path(folder))
             self.map_parts(commit_parts, [_Commit(folder, path, schema)], f"write {path.name}")
         except Exception as err:
             converted = _python_error(err)
