@@ -69,3 +69,15 @@ def test_spark_dedup_equals_the_array_form(spark, tmp_path, seed, settings):
 def test_every_rule_off_decides_nothing(spark, tmp_path):
     found = spark_decisions(spark, tmp_path, planted_rows(2), DedupSettings(exact=False, near=False), None)
     assert found.height == 0 and found.schema == DEDUP_DECISIONS.columns
+
+
+def test_with_a_checkpoint_folder_the_rounds_are_checkpointed_there_alike(spark, tmp_path):
+    """Where the session has spark.checkpoint.dir (clusters with dynamic allocation), the label
+    propagation's rounds are written there instead of kept on executors, with the same result.
+    (The folder stays set for the rest of the session: Spark has no way to unset it.)"""
+    rows = planted_rows(3)
+    settings = DedupSettings(phash_max_distance=4)
+    spark.sparkContext.setCheckpointDir(str(tmp_path / "checkpoints"))
+    found = spark_decisions(spark, tmp_path, rows, settings, None)
+    assert_frame_equal(found, find_duplicates(rows.lazy(), settings, None))
+    assert any((tmp_path / "checkpoints").rglob("part-*"))

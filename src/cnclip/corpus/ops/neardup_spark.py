@@ -40,6 +40,15 @@ def signed_hash(column: str) -> Any:
                   f"ELSE {column} END AS BIGINT)")
 
 
+def checkpoint(frame: DataFrame) -> DataFrame:
+    """The frame computed once and its plan cut: reliably (to spark.checkpoint.dir) where the
+    session has a checkpoint folder, which survives executors that dynamic allocation removes;
+    otherwise in the executors' storage (localCheckpoint)."""
+    if frame.sparkSession.sparkContext.getCheckpointDir():
+        return frame.checkpoint()
+    return frame.localCheckpoint()
+
+
 def band_keys(hashes: DataFrame, plan: BandPlan) -> DataFrame:
     """id, phash -> id, phash, band, key: one row per hash and band (the explode)."""
     masks = [_signed(sum(plan.masks[i] for i in band)) for band in plan.bands]
@@ -81,9 +90,9 @@ def components(pairs: DataFrame) -> DataFrame:
     label to its smaller one (a join and a group by), then shortcut labels to their labels' labels
     until nothing changes; repeat until every pair's two labels agree. Each round's labels are
     checkpointed, so the plans Spark keeps do not grow with the rounds."""
-    edges = pairs.select("a", "b").localCheckpoint()
+    edges = pairs.select("a", "b").transform(checkpoint)
     labels = (edges.select(F.col("a").alias("id")).union(edges.select(F.col("b").alias("id"))).distinct()
-              .withColumn("label", F.col("id")).localCheckpoint())
+              .withColumn("label", F.col("id")).transform(checkpoint))
     while True:
         ends = (edges.join(labels.select(F.col("id").alias("a"), F.col("label").alias("la")), "a")
                 .join(labels.select(F.col("id").alias("b"), F.col("label").alias("lb")), "b")
@@ -92,10 +101,10 @@ def components(pairs: DataFrame) -> DataFrame:
             return labels
         hooks = ends.groupBy(F.greatest("la", "lb").alias("id")).agg(F.min(F.least("la", "lb")).alias("hook"))
         labels = (labels.join(hooks, "id", "left").select("id", F.least("label", "hook").alias("label"))
-                  .localCheckpoint())
+                  .transform(checkpoint))
         while True:
             jumped = (labels.join(labels.select(F.col("id").alias("label"), F.col("label").alias("jumped")), "label")
-                      .select("id", F.col("jumped").alias("label")).localCheckpoint())
+                      .select("id", F.col("jumped").alias("label")).transform(checkpoint))
             if _same(jumped, labels):
                 break
             labels = jumped
@@ -143,7 +152,7 @@ def eval_overlaps(spark: SparkSession, hashed: DataFrame, evals: pl.DataFrame, m
 def near_duplicates(hashed: DataFrame, max_distance: int) -> DataFrame:
     """Rows in a group of near-identical images other than its lowest uid. Equal hashes are one
     value first (its lowest uid as its id), as in neardup_frames.near_duplicates_frame."""
-    values = hashed.groupBy("phash").agg(F.min("uid").alias("id")).localCheckpoint()
+    values = hashed.groupBy("phash").agg(F.min("uid").alias("id")).transform(checkpoint)
     count = values.count()
     if max_distance > 0 and count > 1:
         labels = components(near_pairs(values, band_plan(count, max_distance), max_distance))
@@ -174,8 +183,8 @@ def find_duplicates(spark: SparkSession, rows: DataFrame, settings: DedupSetting
                     eval_hashes: pl.DataFrame | None = None) -> DataFrame:
     """rows: uid, sha256, phash (null if unhashable), caption -> one decision per dropped row, by
     uid; each rule runs on the rows the rules before it kept."""
-    rows = rows.select("uid", "sha256", signed_hash("phash").alias("phash"), "caption").localCheckpoint()
-    decisions = [exact_duplicates(rows).localCheckpoint()] if settings.exact else []
+    rows = rows.select("uid", "sha256", signed_hash("phash").alias("phash"), "caption").transform(checkpoint)
+    decisions = [exact_duplicates(rows).transform(checkpoint)] if settings.exact else []
     hashed = rows.where(F.col("phash").isNotNull()).select("uid", "phash", "caption")
     d = settings.phash_max_distance
     steps = []
@@ -188,8 +197,8 @@ def find_duplicates(spark: SparkSession, rows: DataFrame, settings: DedupSetting
     for step in steps:
         for earlier in decisions[-1:]:
             hashed = hashed.join(earlier.select("uid"), "uid", "left_anti")
-        hashed = hashed.localCheckpoint()
-        decisions.append(step(hashed).localCheckpoint())
+        hashed = hashed.transform(checkpoint)
+        decisions.append(step(hashed).transform(checkpoint))
     if not decisions:
         return spark.createDataFrame([], ", ".join(f"{n} {t}" for n, t in _DECISION_TYPES.items()))
     found = decisions[0]
