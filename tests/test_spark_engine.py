@@ -54,6 +54,25 @@ def test_scan_fills_missing_columns_and_sql_keeps_what_it_read(spark, tmp_path):
 
 
 @pytest.mark.spark
+def test_parts_of_differing_types_unify_as_on_the_local_engine(spark, tmp_path):
+    """Keep columns of two sources, or CSV files typed one by one, differ in type from part to part:
+    Spark's mergeSchema would refuse them; the scan gives the local engine's unified columns."""
+    from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+    parts = [tmp_path / f"{i}.parquet" for i in range(4)]
+    pl.DataFrame({"uid": [1], "score": pl.Series([0.5], dtype=pl.Float32), "n": pl.Series([1], dtype=pl.Int32),
+                  "tag": [7]}).write_parquet(parts[0])
+    pl.DataFrame({"uid": [2], "score": [0.25], "n": [2], "tag": ["seven"]}).write_parquet(parts[1])
+    pl.DataFrame({"uid": [3]}).write_parquet(parts[2])
+    pl.DataFrame({"uid": [4], "score": [0.75], "n": [4], "tag": ["x"]}).write_parquet(parts[3])
+    spark_engine, local = SparkEngine(spark), LocalEngine(1)
+    query = "SELECT uid, score, n, tag FROM t ORDER BY uid"
+    got = spark_engine.rows(spark_engine.sql(query, t=spark_engine.scan(parts)))
+    assert got == local.rows(local.sql(query, t=local.scan(parts)))
+    assert got[0] == (1, 0.5, 1, "7") and got[2] == (3, None, None, None)
+
+
+@pytest.mark.spark
 def test_relative_paths_are_this_process_folder_not_the_jvm_one(spark, tmp_path, monkeypatch):
     from cnclip.corpus.runtime.spark_engine import SparkEngine
 

@@ -4,9 +4,9 @@ What runs where:
 - `map_parts`: one Spark task per part (`parallelize(parts, len(parts))`), the stage's function
   shipped to the executors by pyspark's cloudpickle; results come back to the driver in part
   order (they are counts and small summaries, never rows).
-- `scan` / `sql`: Spark DataFrames over the Parquet parts (`mergeSchema`, so a column missing from
-  a part is null there) and `spark.sql` over temporary views; the stages' SQL strings are written
-  for both dialects.
+- `scan` / `sql`: Spark DataFrames over the Parquet parts (matched by column name, a column
+  missing from a part null there, types unified as the local engine unifies them) and
+  `spark.sql` over temporary views; the stages' SQL strings are written for both dialects.
 - `write`: the executors write the table as Spark part files into a hidden folder beside the
   target; then one task turns them into the one Parquet file the stages read, cast to the
   declared types and checked by the same writer as the local engine (LocalEngine.write). That
@@ -189,7 +189,37 @@ class SparkEngine:
 
             fields = [T.StructField(name, spark_type(dtype), True) for name, dtype in (schema or {}).items()]
             return self.spark.createDataFrame([], T.StructType(fields))
-        return self.spark.read.option("mergeSchema", "true").parquet(*(spark_path(p) for p in paths))
+        return self._read_unified(paths)
+
+    def _read_unified(self, paths: Sequence[Path | str]) -> Table:
+        """The parts matched by column name, each column of the type polars unifies the parts'
+        types to (as LocalEngine's diagonal_relaxed concat does: Int32 and Int64 -> Int64, Float32
+        and Float64 -> Float64, a number and a text -> text), null where a part lacks it. Spark's
+        own mergeSchema refuses any two types that differ, so parts are read in groups of one
+        schema (from their footers) and cast before the union; one group is one plain read."""
+        import polars as pl
+        from pyspark.sql import functions as F
+
+        groups: dict[tuple, list[Path | str]] = {}
+        for path in paths:
+            groups.setdefault(tuple(pl.read_parquet_schema(path).items()), []).append(path)
+        if len(groups) == 1:
+            return self.spark.read.parquet(*(spark_path(p) for p in paths))
+        unified = pl.concat([pl.LazyFrame(schema=dict(group)) for group in groups],
+                            how="diagonal_relaxed").collect_schema()
+        frames = []
+        for group, members in groups.items():
+            present = dict(group)
+            frame = self.spark.read.parquet(*(spark_path(p) for p in members))
+            frames.append(frame.select(*(
+                (F.col(name) if name in present and present[name] == dtype else
+                 F.col(name).cast(spark_type(dtype)) if name in present else
+                 F.lit(None).cast(spark_type(dtype))).alias(name)
+                for name, dtype in unified.items())))
+        table = frames[0]
+        for frame in frames[1:]:
+            table = table.unionByName(frame)
+        return table
 
     def sql(self, query: str, **tables: Table) -> Table:
         """Each table a temporary view under its keyword's name for the analysis of this query
