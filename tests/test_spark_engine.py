@@ -108,10 +108,17 @@ def test_write_casts_to_the_declared_types_and_refuses_what_does_not_fit(spark, 
 
 
 @pytest.mark.spark
-def test_the_engine_block_reaches_the_session_and_spark_finds_duplicates_itself(spark):
+def test_the_engine_block_reaches_the_session_and_spark_finds_duplicates_itself(spark, monkeypatch):
     from cnclip.corpus.runtime.spark_engine import SparkEngine
 
     before = spark.conf.get("spark.sql.shuffle.partitions")
+    # The workers' interpreter: this one unless the environment or the recipe names another.
+    monkeypatch.delenv("PYSPARK_PYTHON")
+    make_engine(engine_block(kind="spark", master="local[2]"))
+    assert os.environ["PYSPARK_PYTHON"] == sys.executable
+    make_engine(engine_block(kind="spark", conf={"spark.pyspark.python": "/opt/env/bin/python"}))
+    assert os.environ["PYSPARK_PYTHON"] == "/opt/env/bin/python"
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
     try:
         engine = make_engine(engine_block(kind="spark", master="local[2]",
                                           conf={"spark.sql.shuffle.partitions": 3}))

@@ -64,8 +64,13 @@ def session_from_settings(settings: EngineSettings, app_name: str = "cnclip") ->
     import the cnclip and polars of the driver (on a cluster, the same path must hold the same
     environment on every node, or `conf` names another with spark.pyspark.python)."""
     sql = import_pyspark()
+    # pyspark's SparkContext starts its workers with PYSPARK_PYTHON (spark.pyspark.python is read
+    # only by spark-submit): the recipe's conf first, then what the environment says, then this
+    # interpreter.
+    python = settings.conf.get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON") or sys.executable
+    os.environ["PYSPARK_PYTHON"] = python
     builder = sql.SparkSession.builder.master(settings.master or "local[*]").appName(app_name)
-    builder = builder.config("spark.pyspark.python", sys.executable)  # over PYSPARK_PYTHON; conf may override
+    builder = builder.config("spark.pyspark.python", python)
     for key, value in settings.conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
