@@ -19,8 +19,9 @@ What runs where:
 - `find_duplicates`: the dedup rules as DataFrame operations (ops/neardup_spark.py), so no
   step gathers every row in one process.
 
-Every path the stages hand over must be readable and writable by every executor: on local[N]
-that is this machine's disk; on a cluster a filesystem they all mount (HDFS, NFS, S3, GCS).
+Every path the stages hand over must be readable and writable by every executor under the same
+absolute path (tasks open the parts with polars and tarfile, not through Spark): on local[N] this
+machine's disk; on a cluster a folder they all mount (NFS, or HDFS/S3/GCS through a FUSE mount).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def import_pyspark() -> Any:
 
 def session_from_settings(settings: EngineSettings, app_name: str = "cnclip") -> Any:
     """A SparkSession for the recipe's engine block (or the one already running in this process:
-    Spark allows one per driver). Its Python workers run this interpreter, so the executors
-    import the cnclip and polars of the driver (on a cluster, the same path must hold the same
-    environment on every node, or `conf` names another with spark.pyspark.python)."""
+    Spark allows one per driver, and its master stays). Its Python workers run this interpreter
+    unless told otherwise, so the executors import the cnclip and polars of the driver (on a
+    cluster that path must hold the same environment on every node, or `conf` names another with
+    spark.pyspark.python)."""
     sql = import_pyspark()
     # pyspark's SparkContext starts its workers with PYSPARK_PYTHON (spark.pyspark.python is read
     # only by spark-submit): the recipe's conf first, then what the environment says, then this
