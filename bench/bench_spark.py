@@ -33,7 +33,10 @@ def spark_session():
     builder = SparkSession.builder.master("local[2]").appName("cnclip-bench")
     for key, value in {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
                        "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
-                       "spark.sql.shuffle.partitions": "8"}.items():
+                       "spark.sql.shuffle.partitions": "8",
+                       # local[N] runs the executors inside the driver's JVM: its 1g default
+                       # loses task results of 1M-row joins.
+                       "spark.driver.memory": "4g"}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
