@@ -66,6 +66,15 @@ def test_spark_dedup_equals_the_array_form(spark, tmp_path, seed, settings):
     assert_frame_equal(spark_decisions(spark, tmp_path, rows, settings, evals), expected)
 
 
+def test_rows_without_any_hash_leave_only_byte_copies(spark, tmp_path):
+    rows = planted_rows(4).with_columns(pl.lit(None, pl.UInt64).alias("phash"))
+    evals = pl.DataFrame({"id": ["e"], "phash": [5]}, schema={"id": pl.String, "phash": pl.UInt64})
+    settings = DedupSettings(text=True)
+    expected = find_duplicates(rows.lazy(), settings, evals)
+    assert set(expected["reason"]) == {"dedup:exact_duplicate"}
+    assert_frame_equal(spark_decisions(spark, tmp_path, rows, settings, evals), expected)
+
+
 def test_every_rule_off_decides_nothing(spark, tmp_path):
     found = spark_decisions(spark, tmp_path, planted_rows(2), DedupSettings(exact=False, near=False), None)
     assert found.height == 0 and found.schema == DEDUP_DECISIONS.columns

@@ -181,6 +181,10 @@ def test_spark_settings_on_the_local_engine_are_refused():
     with pytest.raises(RecipeError, match=r"^r\.yaml: engine: Value error, master is a setting of kind: spark "
                                           r"\(kind is local\)"):
         engine_block(master="yarn")
+    with pytest.raises(RecipeError, match=r"^r\.yaml: engine: Value error, conf is a setting of kind: spark"):
+        engine_block(kind="local", conf={"spark.ui.enabled": False})
+    # A dumped recipe spells every key out, empty ones too: it loads again.
+    assert engine_block(**engine_block(processes=3).model_dump(mode="json")).processes == 3
     assert engine_block(kind="spark", conf={"spark.ui.enabled": False}).conf == {"spark.ui.enabled": "false"}
 
 

@@ -204,9 +204,10 @@ class EngineSettings(StrictModel):
 
     @model_validator(mode="after")
     def _spark_keys(self) -> "EngineSettings":
-        """master and conf configure a SparkSession: on the local engine they would be ignored."""
+        """master and conf configure a SparkSession: on the local engine they would be ignored.
+        (Their empty values pass: a dumped recipe, which spells every key out, must load again.)"""
         if self.kind != "spark":
-            given = [key for key in ("master", "conf") if key in self.model_fields_set]
+            given = [key for key in ("master", "conf") if getattr(self, key)]
             if given:
                 raise ValueError(f"{given[0]} is a setting of kind: spark (kind is {self.kind})")
         return self
