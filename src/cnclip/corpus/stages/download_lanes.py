@@ -17,6 +17,7 @@ inputs, after them; a resumed run reuses it and redoes only the parts without im
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing
 import os
 import time
@@ -136,7 +137,8 @@ def run_lane(task: LaneTask) -> dict[str, int]:
     if task.parent is not None:
         _exit_with_parent(task.parent)
     # Set here too: a lane on a cluster's executor does not inherit the build's environment.
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(task.arguments["max_image_area"]))
+    if math.isfinite(task.arguments["max_image_area"]):
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(task.arguments["max_image_area"]))
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     downloader = _downloader(task.arguments)
     output = Path(task.arguments["output_folder"])
