@@ -37,6 +37,23 @@ def test_parts_run_as_tasks_in_other_processes_and_come_back_in_order(spark):
 
 
 @pytest.mark.spark
+def test_a_user_error_in_a_task_is_its_own_one_line_on_the_driver(spark):
+    """As on the local engine: the error class and its line, not Spark's Java traceback."""
+    from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+    def refuse(part):  # nested: shipped by value, as this module is not on the workers' path
+        from cnclip.corpus.recipe import RecipeError
+
+        if part == "bad":
+            raise RecipeError(f"r.yaml: text.blacklist: cannot read {part!r} (No such file or directory)")
+        return part
+
+    with pytest.raises(RecipeError) as raised:
+        SparkEngine(spark).map_parts(refuse, ["good", "bad"], "test")
+    assert str(raised.value) == "r.yaml: text.blacklist: cannot read 'bad' (No such file or directory)"
+
+
+@pytest.mark.spark
 def test_scan_fills_missing_columns_and_sql_keeps_what_it_read(spark, tmp_path):
     from cnclip.corpus.runtime.spark_engine import SparkEngine
 

@@ -27,6 +27,7 @@ machine's disk; on a cluster a folder they all mount (NFS, or HDFS/S3/GCS throug
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -180,7 +181,7 @@ class SparkEngine:
             context = self.spark.sparkContext
             context.setJobDescription(description)
             try:
-                results = context.parallelize(list(parts), len(parts)).map(fn).collect()
+                results = _task_errors(context.parallelize(list(parts), len(parts)).map(fn).collect)
             finally:
                 context.setJobDescription(None)
             advance(len(results))
@@ -247,11 +248,6 @@ class SparkEngine:
         try:
             table.write.mode("overwrite").parquet(spark_path(folder))
             self.map_parts(commit_parts, [_Commit(folder, path, schema)], f"write {path.name}")
-        except Exception as err:
-            converted = _python_error(err)
-            if converted is not None:
-                raise converted from None
-            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -265,16 +261,45 @@ class SparkEngine:
         return find_duplicates(self.spark, rows, settings, eval_hashes)
 
 
+# The last line of a Python traceback: the exception's (module-qualified) class and message.
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
+
+
 def _python_error(err: Exception) -> Exception | None:
-    """A SchemaError raised inside a task reaches the driver as a py4j/pyspark error whose message
-    holds the worker's traceback: the same error again, with its own one line."""
+    """An error a task raised reaches the driver as a py4j/pyspark error whose message holds the
+    worker's traceback. A user's error (CnclipError: one line), a disk's (OSError) or the build's
+    own SchemaError is raised again as itself, with its own line, as the local engine would."""
+    import importlib
+
     from cnclip.corpus.manifests.schemas import SchemaError
 
-    text = str(err)
-    marker = "SchemaError: "
-    if type(err).__module__.split(".")[0] in ("py4j", "pyspark") and marker in text:
-        return SchemaError(text.split(marker, 1)[1].strip().splitlines()[0])
+    if type(err).__module__.split(".")[0] not in ("py4j", "pyspark"):
+        return None
+    for name, message in reversed(_RAISED.findall(str(err))):
+        module, _, attribute = name.rpartition(".")
+        try:
+            raised = getattr(importlib.import_module(module or "builtins"), attribute)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if not (isinstance(raised, type) and issubclass(raised, BaseException)):
+            continue
+        if not issubclass(raised, (CnclipError, OSError, SchemaError)):
+            return None  # the task's last error is a bug: Spark's error keeps its traceback
+        try:
+            return raised(message.strip())
+        except Exception:  # a class that needs other arguments: keep Spark's error
+            return None
     return None
+
+
+def _task_errors(run: Callable[[], Result]) -> Result:
+    try:
+        return run()
+    except Exception as err:
+        converted = _python_error(err)
+        if converted is not None:
+            raise converted from None
+        raise
 
 
 def make_spark_engine(settings: EngineSettings) -> SparkEngine:
