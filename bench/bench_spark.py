@@ -3,6 +3,16 @@ engine on local[2], in the same run, on the same inputs. The ratio is Spark's fi
 machine (task scheduling, JVM <-> Python transfers, shuffles to local disk): what running on a
 cluster costs before it gains anything. Both engines must give the same outputs (checked).
 
+Per stage and engine it prints the median of REPEATS runs (CNCLIP_BENCH_REPEATS, default 3):
+seconds, rows/s per core (the rows the stage reads / seconds / the 2 cores both engines are given:
+LocalEngine(2), local[2]), the bytes Spark shuffled (the driver's status store: the difference of
+the executors' totalShuffleWrite before and after the stage, which the listener updates as tasks
+end, so it is exact and needs no UI), and peak memory: the Python driver's resident set, and on
+Spark the JVM's (which on local[N] holds the executors too). Peaks are the kernel's VmHWM of each
+process, reset before each run (/proc/PID/clear_refs), so each run's peak includes what the
+process already held when it began. The stages: text (normalize, filter, pair collapse, caption
+cap), dedup (exact + near, d = 4) and the shard plan (positions, keys, the plan's one file).
+
 CNCLIP_BENCH_ROWS=100000 for a quick run.
 """
 
@@ -11,9 +21,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +33,8 @@ import polars as pl
 
 ROWS = int(os.environ.get("CNCLIP_BENCH_ROWS", 1_000_000))
 PARTS = 8
+REPEATS = int(os.environ.get("CNCLIP_BENCH_REPEATS", 3))
+CORES = 2  # LocalEngine(2) and local[2]
 WORDS = ["一隻貓", "在沙發上", "睡覺", "美丽的", "风景", "高清壁纸", "的照片", "北京", "上海", "夕陽下的", "海邊",
          "小狗", "公园里", "奔跑", "IMG_2023", "a photo of"]
 
@@ -70,17 +84,19 @@ def write_ingest_parts(recipe) -> None:
                    "caption_raw": pl.String}), folder / f"000-{part:05d}.parquet")
 
 
-def time_text(root: Path, engine) -> tuple[float, pl.DataFrame]:
+def text_once(root: Path, engine) -> None:
     from cnclip.corpus.runtime.layout import BuildLayout
     from cnclip.corpus.stages.text import run_text_stage
 
     recipe = text_recipe(root)
     shutil.rmtree(BuildLayout.of(recipe).text_dir, ignore_errors=True)
-    started = time.perf_counter()
     run_text_stage(recipe, engine)
-    seconds = time.perf_counter() - started
-    accepted = pl.read_parquet(BuildLayout.of(recipe).text_accepted_dir / "*.parquet").sort("uid")
-    return seconds, accepted
+
+
+def accepted_rows(root: Path) -> pl.DataFrame:
+    from cnclip.corpus.runtime.layout import BuildLayout
+
+    return pl.read_parquet(Path(BuildLayout.of(text_recipe(root)).text_accepted_dir) / "*.parquet").sort("uid")
 
 
 def dedup_rows(root: Path) -> Path:
@@ -101,6 +117,168 @@ def dedup_rows(root: Path) -> Path:
     return path
 
 
+def _peak_kib(pid: int | str = "self", reset: bool = False, field: str = "VmHWM") -> int | None:
+    """The process's peak resident set (VmHWM, KiB; or another field of its status, VmRSS); with
+    reset, set the peak back to what it holds now first. None where /proc does not say."""
+    try:
+        if reset:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Measured:
+    seconds: float
+    shuffled: int | None  # bytes written to Spark shuffles (None: the local engine)
+    python_kib: int | None
+    python_grew_kib: int | None  # the peak over what the driver held when the run began
+    jvm_kib: int | None
+
+
+class Probe:
+    """Wall time, shuffle bytes and peak memory of one run of a stage (see the module docstring)."""
+
+    def __init__(self, session=None):
+        self.session = session
+        self.jvm_pid = None if session is None else session.sparkContext._jvm.java.lang.management.\
+            ManagementFactory.getRuntimeMXBean().getPid()
+
+    def shuffle_written(self) -> int | None:
+        if self.session is None:
+            return None
+        context = self.session.sparkContext._jsc.sc()
+        try:
+            context.listenerBus().waitUntilEmpty()  # the last tasks' ends reach the status store
+        except Exception:  # not reachable in this Spark: a moment is enough on one machine
+            time.sleep(1.0)
+        executors = context.statusStore().executorList(False)
+        return sum(executors.apply(i).totalShuffleWrite() for i in range(executors.size()))
+
+    def run(self, fn) -> tuple[Measured, object]:
+        before = self.shuffle_written()
+        _peak_kib(reset=True)
+        held = _peak_kib(field="VmRSS")
+        if self.jvm_pid is not None:
+            _peak_kib(self.jvm_pid, reset=True)
+        started = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - started
+        after = self.shuffle_written()
+        peak = _peak_kib()
+        return Measured(seconds, None if before is None else after - before, peak,
+                        None if peak is None or held is None else max(0, peak - held),
+                        None if self.jvm_pid is None else _peak_kib(self.jvm_pid)), result
+
+
+def repeated(probe: Probe, fn) -> tuple[list[Measured], object]:
+    runs, result = [], None
+    for _ in range(REPEATS):
+        measured, result = probe.run(fn)
+        runs.append(measured)
+    return runs, result
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def report(stage: str, rows: int, engine: str, runs: list[Measured], cores: int = CORES) -> float:
+    """One line of medians (the range of seconds beside them); returns the median seconds. A
+    step of the driver's own counts as one core (polars' threads may use the second)."""
+    seconds = _median(r.seconds for r in runs)
+    parts = [f"{stage:<10} {engine:<14} {seconds:6.1f} s ({min(r.seconds for r in runs):.1f}-"
+             f"{max(r.seconds for r in runs):.1f}, {len(runs)} runs)",
+             f"{rows / seconds / cores:>10,.0f} rows/s per core"]
+    shuffled = _median(r.shuffled for r in runs)
+    if shuffled is not None:
+        parts.append(f"shuffled {shuffled / 2**20:,.0f} MiB ({shuffled / rows:,.0f} B/row)")
+    python = _median(r.python_kib for r in runs)
+    if python is not None:
+        grew = _median(r.python_grew_kib for r in runs)
+        parts.append(f"Python driver peak {python / 1024:,.0f} MiB (+{grew / 1024:,.0f} MiB, "
+                     f"{grew * 1024 / rows:,.0f} B/row)")
+    jvm = _median(r.jvm_kib for r in runs)
+    if jvm is not None:
+        parts.append(f"JVM peak {jvm / 1024:,.0f} MiB")
+    print(" | ".join(parts), flush=True)
+    return seconds
+
+
+def write_shard_inputs(root: Path, decisions: pl.DataFrame, hashes: Path) -> None:
+    """What the shard plan reads besides the text stage's accepted parts: every accepted row
+    downloaded (an attempts table), dedup's decisions and the hashes, where the layout puts them."""
+    from cnclip.corpus.manifests.schemas import ATTEMPTS, DEDUP_DECISIONS, HASHES
+    from cnclip.corpus.runtime.layout import BuildLayout
+    from cnclip.corpus.stages.download_attempts import attempts_path
+
+    layout = BuildLayout.of(text_recipe(root))
+    uids = pl.read_parquet(Path(layout.text_accepted_dir) / "*.parquet", columns=["uid"]).sort("uid")["uid"]
+    size = pl.lit(256, pl.Int32)
+    attempts = pl.DataFrame({"uid": uids}).with_columns(
+        (pl.col("uid") // 10_000).alias("part"),
+        pl.format("{}.tar", (pl.col("uid") // 10_000).cast(pl.String).str.zfill(5)).alias("tar"),
+        pl.col("uid").cast(pl.String).str.zfill(9).alias("key"), pl.lit("success").alias("status"),
+        pl.lit(None, pl.String).alias("reason"), pl.lit(None, pl.String).alias("detail"),
+        size.alias("width"), size.alias("height"), size.alias("original_width"), size.alias("original_height"),
+        pl.format("sha{}", pl.col("uid")).alias("sha256"))
+    for folder in (layout.download_dir, layout.hash_dir, Path(layout.dedup_decisions).parent):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    ATTEMPTS.write(attempts, Path(attempts_path(layout.download_dir)))
+    DEDUP_DECISIONS.write(decisions, Path(layout.dedup_decisions))
+    HASHES.write(pl.read_parquet(hashes, columns=["uid", "phash"]), Path(layout.hash_dir) / "00000.parquet")
+
+
+def plan_once(root: Path, engine) -> pl.DataFrame:
+    from cnclip.corpus.runtime.layout import BuildLayout
+    from cnclip.corpus.stages.shard import plan_shards
+
+    recipe = text_recipe(root)
+    Path(BuildLayout.of(recipe).shard_plan).unlink(missing_ok=True)
+    plan_shards(recipe, engine)
+    return pl.read_parquet(BuildLayout.of(recipe).shard_plan)
+
+
+def route_once(root: Path, rows: pl.DataFrame) -> None:
+    """The download's routing as the driver runs it before the lanes start, for 160 lanes (10
+    executors x 16 cores) and 10,000 hosts: every accepted row's uid, url and caption in the
+    driver's memory, routed, written as the lanes' Arrow inputs and the plan."""
+    from cnclip.corpus.stages.download_lanes import write_plan
+
+    folder = root / "download-input"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    write_plan(rows, folder, "plan.parquet", lanes=160, per_host=1, per_part=10_000, first_part=0)
+
+
+def ingest_once(root: Path) -> None:
+    """Ingest as the driver runs it on either engine: one metadata file of ROWS rows (PARTS
+    files would be the same work, one after the other) read, numbered and written as a part."""
+    from cnclip.corpus.recipe import parse_recipe
+    from cnclip.corpus.stages.ingest import ingest
+
+    folder = root / "ingest-bench"
+    shutil.rmtree(folder / "out", ignore_errors=True)
+    ingest(parse_recipe({"name": "bench-ingest", "output_dir": str(folder / "out"),
+                         "manifest_dir": str(folder / "manifests"),
+                         "sources": [{"name": "s", "kind": "metadata", "path": str(folder / "rows.parquet")}]}))
+
+
+def write_metadata(root: Path) -> None:
+    """The ingest parts' urls and captions as one metadata file, as a user's would be."""
+    from cnclip.corpus.runtime.layout import BuildLayout
+
+    folder = root / "ingest-bench"
+    folder.mkdir()
+    (pl.scan_parquet(Path(BuildLayout.of(text_recipe(root)).ingest_dir) / "*.parquet")
+     .select("url", pl.col("caption_raw").alias("caption")).sink_parquet(folder / "rows.parquet"))
+
+
 def main() -> None:
     from cnclip.corpus.manifests.schemas import DEDUP_DECISIONS
     from cnclip.corpus.ops.dedup import find_duplicates
@@ -110,28 +288,56 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="cnclip-bench-spark-"))
     try:
+        print(f"{ROWS:,} rows, {CORES} cores per engine, load average {os.getloadavg()[0]:.1f} at the start",
+              flush=True)
         write_ingest_parts(text_recipe(root))
-        spark = SparkEngine(spark_session())
+        session = spark_session()
+        spark = SparkEngine(session)
         spark.map_parts(abs, [1, 2], "warm-up")  # the Python workers' start is not the stage's
-        local_text, local_accepted = time_text(root, LocalEngine(2))
-        spark_text, spark_accepted = time_text(root, spark)
+        local_probe, spark_probe = Probe(), Probe(session)
+        write_metadata(root)
+        runs, _ = repeated(local_probe, lambda: ingest_once(root))
+        report("ingest", ROWS, "driver (both)", runs, cores=1)
+
+        runs, _ = repeated(local_probe, lambda: text_once(root, LocalEngine(CORES)))
+        local_text = report("text", ROWS, "local engine", runs)
+        local_accepted = accepted_rows(root)
+        runs, _ = repeated(spark_probe, lambda: text_once(root, spark))
+        spark_text = report("text", ROWS, "Spark local[2]", runs)
+        spark_accepted = accepted_rows(root)
         assert local_accepted.equals(spark_accepted), "text: the engines disagree"
-        print(f"text stage, {ROWS:,} rows ({local_accepted.height:,} accepted): local engine (2 processes) "
-              f"{local_text:.1f} s, Spark local[2] {spark_text:.1f} s -> Spark/local {spark_text / local_text:.1f}x")
+        print(f"text: {local_accepted.height:,} accepted; Spark/local {spark_text / local_text:.1f}x", flush=True)
+
+        sent = local_accepted.select("uid", pl.format("http://h{}.example/{}.jpg", pl.col("uid") % 10_000,
+                                                      pl.col("uid")).alias("url"), "caption")
+        del local_accepted, spark_accepted
+        runs, _ = repeated(local_probe, lambda: route_once(root, sent))
+        report("routing", sent.height, "driver (both)", runs, cores=1)
+        local_accepted_height = sent.height
 
         rows = dedup_rows(root)
         settings = DedupSettings()
-        started = time.perf_counter()
-        local = find_duplicates(pl.scan_parquet(rows), settings)
-        local_dedup = time.perf_counter() - started
-        started = time.perf_counter()
-        found = spark.find_duplicates(spark.scan([rows]), settings, None)
-        spark.write(found, root / "decisions.parquet", DEDUP_DECISIONS)
-        spark_dedup = time.perf_counter() - started
+        runs, local = repeated(local_probe, lambda: find_duplicates(pl.scan_parquet(rows), settings))
+        local_dedup = report("dedup", ROWS, "local engine", runs)
+
+        def spark_dedup_once() -> None:
+            found = spark.find_duplicates(spark.scan([rows]), settings, None)
+            spark.write(found, root / "decisions.parquet", DEDUP_DECISIONS)
+
+        runs, _ = repeated(spark_probe, spark_dedup_once)
+        spark_dedup = report("dedup", ROWS, "Spark local[2]", runs)
         assert pl.read_parquet(root / "decisions.parquet").equals(local), "dedup: the engines disagree"
-        ratio = spark_dedup / local_dedup
-        print(f"dedup (exact + near, d = 4), {ROWS:,} rows ({local.height:,} dropped): local engine (arrays) "
-              f"{local_dedup:.1f} s, Spark local[2] {spark_dedup:.1f} s -> Spark/local {ratio:.1f}x")
+        print(f"dedup (exact + near, d = 4): {local.height:,} dropped; Spark/local {spark_dedup / local_dedup:.1f}x",
+              flush=True)
+
+        write_shard_inputs(root, local, rows)
+        runs, local_plan = repeated(local_probe, lambda: plan_once(root, LocalEngine(CORES)))
+        local_shard = report("shard plan", local_accepted_height, "local engine", runs)
+        runs, spark_plan = repeated(spark_probe, lambda: plan_once(root, spark))
+        spark_shard = report("shard plan", local_accepted_height, "Spark local[2]", runs)
+        assert local_plan.equals(spark_plan), "shard plan: the engines disagree"
+        print(f"shard plan: {local_plan.height:,} samples; Spark/local {spark_shard / local_shard:.1f}x", flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
