@@ -244,16 +244,43 @@ def plan_once(root: Path, engine) -> pl.DataFrame:
     return pl.read_parquet(BuildLayout.of(recipe).shard_plan)
 
 
-def route_once(root: Path, rows: pl.DataFrame) -> None:
+def route_once(root: Path) -> dict:
     """The download's routing as the driver runs it before the lanes start, for 160 lanes (10
-    executors x 16 cores) and 10,000 hosts: every accepted row's uid, url and caption in the
-    driver's memory, routed, written as the lanes' Arrow inputs and the plan."""
+    executors x 16 cores) and 10,000 hosts, in a fresh process (so the peak is the routing's, not
+    what earlier stages left in the allocator): every accepted row's uid, url and caption read
+    into memory, routed, written as the lanes' Arrow inputs and the plan."""
     from cnclip.corpus.stages.download_lanes import write_plan
 
+    sent = accepted_rows(root).select("uid", pl.format("http://h{}.example/{}.jpg", pl.col("uid") % 10_000,
+                                                       pl.col("uid")).alias("url"), "caption")
+    held = _peak_kib(reset=True, field="VmRSS")
     folder = root / "download-input"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    write_plan(rows, folder, "plan.parquet", lanes=160, per_host=1, per_part=10_000, first_part=0)
+    started = time.perf_counter()
+    write_plan(sent, folder, "plan.parquet", lanes=160, per_host=1, per_part=10_000, first_part=0)
+    return {"seconds": time.perf_counter() - started, "rows": sent.height, "arrow": sent.estimated_size(),
+            "url": sent["url"].str.len_bytes().mean(), "caption": sent["caption"].str.len_bytes().mean(),
+            "held": held, "peak": _peak_kib()}
+
+
+def report_routing(root: Path) -> None:
+    """route_once REPEATS times, each in a spawned process: the median time, the rows' own size
+    and what routing needs over them, per row."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = []
+    for _ in range(REPEATS):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(route_once, root).result())
+    first, rows = runs[0], runs[0]["rows"]
+    seconds = statistics.median(r["seconds"] for r in runs)
+    over = statistics.median(r["peak"] - r["held"] for r in runs) * 1024 if first["peak"] else float("nan")
+    print(f"routing    driver (both)  {seconds:6.1f} s ({len(runs)} runs, one process each) | "
+          f"{rows / seconds:>10,.0f} rows/s per core | the rows {first['arrow'] / rows:,.0f} B/row in memory "
+          f"(urls {first['url']:.0f} B, captions {first['caption']:.0f} B) + routing's peak over them "
+          f"{over / rows:,.0f} B/row", flush=True)
 
 
 def ingest_once(root: Path) -> None:
@@ -308,12 +335,9 @@ def main() -> None:
         assert local_accepted.equals(spark_accepted), "text: the engines disagree"
         print(f"text: {local_accepted.height:,} accepted; Spark/local {spark_text / local_text:.1f}x", flush=True)
 
-        sent = local_accepted.select("uid", pl.format("http://h{}.example/{}.jpg", pl.col("uid") % 10_000,
-                                                      pl.col("uid")).alias("url"), "caption")
+        local_accepted_height = local_accepted.height
         del local_accepted, spark_accepted
-        runs, _ = repeated(local_probe, lambda: route_once(root, sent))
-        report("routing", sent.height, "driver (both)", runs, cores=1)
-        local_accepted_height = sent.height
+        report_routing(root)
 
         rows = dedup_rows(root)
         settings = DedupSettings()
