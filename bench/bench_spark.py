@@ -1,5 +1,7 @@
-"""The text and dedup stages on ROWS synthetic rows (default 1M): the local engine against the Spark
-engine on local[2], in the same run, on the same inputs. The ratio is Spark's fixed cost on one
+"""The corpus stages' per-row costs on ROWS synthetic rows (default 1M), for the README's cost
+model: the text, dedup and shard-plan stages on the local engine against the Spark engine on
+local[2], in the same run, on the same inputs, and the two steps the driver runs on either engine
+(ingest, the download's routing). The ratio is Spark's fixed cost on one
 machine (task scheduling, JVM <-> Python transfers, shuffles to local disk): what running on a
 cluster costs before it gains anything. Both engines must give the same outputs (checked).
 
@@ -10,8 +12,10 @@ the executors' totalShuffleWrite before and after the stage, which the listener 
 end, so it is exact and needs no UI), and peak memory: the Python driver's resident set, and on
 Spark the JVM's (which on local[N] holds the executors too). Peaks are the kernel's VmHWM of each
 process, reset before each run (/proc/PID/clear_refs), so each run's peak includes what the
-process already held when it began. The stages: text (normalize, filter, pair collapse, caption
-cap), dedup (exact + near, d = 4) and the shard plan (positions, keys, the plan's one file).
+process already held when it began (routing runs in a fresh process each time, so its figure is
+its own). The stages: ingest (one metadata file), text (normalize, filter, pair collapse, caption
+cap), routing (160 lanes, 10,000 hosts), dedup (exact + near, d = 4) and the shard plan
+(positions, keys, the plan's one file).
 
 CNCLIP_BENCH_ROWS=100000 for a quick run.
 """
