@@ -162,7 +162,7 @@ def test_block_masks_are_contiguous_widest_first():
 def expected_blocks(count, d):
     """The cost model of neardup's docstring: tables × (sort + verify the expected candidates)."""
     def cost(m):
-        return comb(m, m - d) * (count + 1.5 * count * count / 2 * 2.0 ** (-64 * (m - d) / m))
+        return comb(m, m - d) * (count + 0.08 * count * count / 2 * 2.0 ** (-64 * (m - d) / m))
     return min(range(d + 1, min(64, d + 8) + 1), key=cost)
 
 
