@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,spark]'
 	touch $(STAMP)
 
 # The main job on the embedded default: build the demo corpus from the built-in sample web,
@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 # Mutation testing over the areas of tools/mutation_areas.toml (not part of `make test`: minutes
 # per area on 2 cores). `make mutation AREAS="text dedup"` runs some; see README "Testing".
 mutation: $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,mutation]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,spark,mutation]'
 	$(BIN)/python tools/mutation.py $(AREAS)
 
 # Speed and memory targets: each benchmark prints its figures and a ratio to a baseline run beside it.

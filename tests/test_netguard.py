@@ -178,3 +178,23 @@ def test_allow_networks_are_validated_in_the_settings():
 def test_error_messages_map_back_to_reasons(message, reason, transient):
     assert reason_from_error_message(message) == reason
     assert is_transient(reason) is transient
+
+
+def test_the_attempts_table_reads_every_failed_rows_reason_in_one_expression():
+    """A table of attempts: successes get no reason, a failure its message's reason, and a failure
+    whose message names none img2dataset's status; the rules are the first that matches."""
+    import polars as pl
+
+    from cnclip.corpus.stages.download_attempts import with_failure_reasons
+
+    rows = [("success", None, None),
+            ("failed_to_download", "HTTP Error 403: cnclip-guard network:blocked_address 127.0.0.2",
+             "network:blocked_address"),
+            ("failed_to_download", "HTTP Error 404: Not Found", "download:failed_to_download"),
+            ("failed_to_download", "HTTP Error 503: timed out", "network:server_error"),
+            ("failed_to_download", "[SSL: CERTIFICATE_VERIFY_FAILED] timed out", "network:tls_failed"),
+            ("failed_to_download", "CONNECTION RESET by peer", "network:connect_failed"),
+            ("failed_to_resize", None, "download:failed_to_resize")]
+    frame = pl.LazyFrame({"status": [r[0] for r in rows], "error_message": [r[1] for r in rows]},
+                         schema={"status": pl.String, "error_message": pl.String})
+    assert with_failure_reasons(frame).collect()["reason"].to_list() == [r[2] for r in rows]

@@ -213,7 +213,8 @@ BASE = {"name": "t", "output_dir": "out", "manifest_dir": "man",
 
 
 @pytest.mark.parametrize("block, expected", [
-    ({"kind": "spark"}, "r.yaml: engine.kind: Input should be 'local' (got 'spark')"),
+    # kind: spark is an engine now (test_spark_engine.py); an unknown kind is still refused.
+    ({"kind": "flink"}, "r.yaml: engine.kind: Input should be 'local' or 'spark' (got 'flink')"),
     ({"processes": 0}, "r.yaml: engine.processes: Input should be greater than or equal to 1 (got 0)"),
     ({"processes": 5000}, "r.yaml: engine.processes: Input should be less than or equal to 1024 (got 5000)"),
     ({"procs": 2}, "r.yaml: engine.procs: unknown key"),

@@ -127,8 +127,8 @@ def test_a_second_build_on_the_same_work_dir_is_refused(make_recipe, sources, s3
     from cnclip.corpus.runtime.ownership import BuildLockedError
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from cnclip.corpus.runtime.url_lock import url_build_lock\n"
-         f"with url_build_lock('{s3_bucket}/build'):\n    print('held', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c", "import sys; from cnclip.corpus.runtime.ownership import build_lock\n"
+         f"with build_lock('{s3_bucket}/build'):\n    print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"

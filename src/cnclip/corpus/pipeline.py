@@ -22,7 +22,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from cnclip._common.console import info
 from cnclip._common.errors import CnclipError, disk_errors
@@ -142,7 +142,7 @@ def run_download(recipe: Recipe | str | Path, retry_failed: bool = False, engine
         states = context.states
         if not states["download"].complete:
             raise StageOrderError(f"{recipe.name}: --retry-failed needs a completed download stage; run it first")
-        summary = retry_transient_failures(recipe, states["download"].summary)
+        summary = retry_transient_failures(recipe, states["download"].summary, context.engine)
         states["download"].finish(summary)
         # New parts to hash; dedup over everything again; shards planned afresh.
         states["hash"].reopen()
@@ -220,12 +220,26 @@ def clean(recipe: Recipe | str | Path) -> None:
             remove_owned(layout, recipe.name, forget=True)
 
 
+def _session_engine(engine: Engine | None, spark: Any) -> Engine | None:
+    """An existing SparkSession handed to the API becomes the build's engine (its master and
+    conf are the session's own; the recipe's engine block is not read)."""
+    if spark is None:
+        return engine
+    if engine is not None:
+        raise ValueError("build: pass engine= or spark=, not both")
+    from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+    return SparkEngine(spark)
+
+
 def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = False,
-          engine: Engine | None = None) -> dict:
+          engine: Engine | None = None, spark: Any = None) -> dict:
     """Every stage of STAGES in order (resuming an interrupted build) on one engine (the recipe's
-    `engine:` block unless one is given); returns the funnel."""
+    `engine:` block unless one is given, or `spark`, a running SparkSession); returns the funnel."""
     recipe = _recipe(recipe)
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
+    # Built before any folder is claimed: an engine that cannot start (no pyspark) writes nothing.
+    engine = _session_engine(engine, spark) or make_engine(recipe.engine)
     with _owned(recipe):
         if fresh:
             if BuildLayout.of(recipe).remote:

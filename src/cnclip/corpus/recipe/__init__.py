@@ -6,6 +6,7 @@ the file, the key and what is wrong, one per line, and nothing runs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -167,11 +168,49 @@ class ShardSettings(StrictModel):
     processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
 
 
-class EngineSettings(StrictModel):
-    """Where the stages' per-part maps and global steps run (runtime/engine.py)."""
+# Spark masters a session can be built for: local threads, a standalone cluster, YARN, Kubernetes.
+_SPARK_MASTER = re.compile(r"local|local\[(?:\*|[1-9][0-9]*)\]|spark://[^\s/:]+:[0-9]{1,5}|yarn|k8s://\S+")
 
-    kind: Literal["local"] = "local"
+
+def _conf_value(value: object) -> str:
+    """A Spark setting as the text SparkConf holds (YAML's true -> "true"); lists and mappings are
+    no Spark setting."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ValueError("expected a text, number or true/false")
+
+
+SparkConfValue = Annotated[str, PlainValidator(_conf_value)]
+
+
+class EngineSettings(StrictModel):
+    """Where the stages' per-part maps and global steps run (runtime/engine.py, spark_engine.py)."""
+
+    kind: Literal["local", "spark"] = "local"
     processes: int = Field(default=2, ge=1, le=MAX_PROCESSES, description="worker processes of each per-part map")
+    master: Optional[str] = Field(default=None, description="kind spark: local[N], local[*], spark://host:port, "
+                                  "yarn or k8s://...; default local[*]")
+    conf: dict[str, SparkConfValue] = Field(
+        default_factory=dict, description="kind spark: settings handed to the SparkSession builder")
+
+    @field_validator("master")
+    @classmethod
+    def _known_master(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _SPARK_MASTER.fullmatch(value):
+            raise ValueError("expected local[N], local[*], spark://host:port, yarn or k8s://<api server>")
+        return value
+
+    @model_validator(mode="after")
+    def _spark_keys(self) -> "EngineSettings":
+        """master and conf configure a SparkSession: on the local engine they would be ignored.
+        (Their empty values pass: a dumped recipe, which spells every key out, must load again.)"""
+        if self.kind != "spark":
+            given = [key for key in ("master", "conf") if getattr(self, key)]
+            if given:
+                raise ValueError(f"{given[0]} is a setting of kind: spark (kind is {self.kind})")
+        return self
 
 
 def _location(value: object) -> Path | str:

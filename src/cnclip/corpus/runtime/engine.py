@@ -14,7 +14,8 @@ Stage code sees only this interface, built once per build from the recipe's `eng
   A table is the backend's own lazy handle: stage code only passes it back to the engine.
 
 LocalEngine runs both on this machine: a process pool and polars' lazy engine, whose plans
-stream from the parts, so the driver never holds all rows of a step.
+stream from the parts, so the driver never holds all rows of a step. The Spark engine
+(spark_engine.py, `engine: {kind: spark}`) runs the same interface on a SparkSession.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
 
 from cnclip._common.console import stage_progress
 from cnclip._common.mainguard import require_main_guard
@@ -61,6 +62,27 @@ class Engine(Protocol):
 
     def rows(self, table: Table) -> list[tuple]:
         """A small result (counts, a summary) on the driver, as tuples."""
+
+
+@runtime_checkable
+class FindsDuplicates(Protocol):
+    """A capability: an engine whose tables may not meet in one process runs the dedup rules
+    itself, as relational steps over its own tables (the Spark engine). An engine without it hands
+    the dedup stage polars frames, which run the array form of ops/dedup.py (faster on one machine)."""
+
+    def find_duplicates(self, rows: Table, settings: Any, eval_hashes: Any) -> Table:
+        """rows (uid, sha256, phash, caption) -> one decision row per dropped row (DECISION_SCHEMA)."""
+
+
+@runtime_checkable
+class IsolatedMaps(Protocol):
+    """A capability: an engine whose workers are not this build's own processes (Spark's reused
+    Python workers) runs a map whose parts must each start clean (the download's lanes: OpenCV
+    reads its pixel limit once per process, the guarded opener is process-wide) in a fresh
+    process per part. Without it, the stage spawns its own workers."""
+
+    def map_isolated(self, fn: Callable[[Part], Result], parts: Sequence[Part], description: str) -> list[Result]:
+        """fn over every part, each in a process started for it; results in the order of `parts`."""
 
 
 class LocalEngine:
@@ -140,8 +162,15 @@ def default_engine() -> Engine:
     return LocalEngine(1)
 
 
+def _spark(settings: "EngineSettings") -> Engine:
+    from cnclip.corpus.runtime.spark_engine import make_spark_engine  # pyspark only when asked for
+
+    return make_spark_engine(settings)
+
+
 ENGINES: dict[str, Callable[["EngineSettings"], Engine]] = {
     "local": lambda settings: LocalEngine(settings.processes),
+    "spark": _spark,
 }
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
@@ -30,7 +30,7 @@ LOCK = ".cnclip-build.lock"
 
 # Locks this process holds, by lock path: (fd, depth). build() holds it around the stage calls,
 # which take it again; a second flock on a new fd would block against ourselves.
-_held: dict[Path, list[int]] = {}
+_held: dict[Path | str, list] = {}  # locks this process holds (a local path or a URL) -> [handle, depth]
 
 
 class OwnershipError(CnclipError, RuntimeError):
@@ -159,43 +159,59 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
+def held_once(key: Path | str, take: Callable[[], Any], release: Callable[[Any], None]) -> Iterator[None]:
+    """Hold a lock once per process: the first hold of `key` calls `take` (which raises when
+    another build has it) and its end `release`; nested holds only count. build() holds the lock
+    around the stage calls, which take it again."""
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    _held[key] = [take(), 1]
+    try:
+        yield
+    finally:
+        release(_held.pop(key)[0])
+
+
+@contextlib.contextmanager
 def build_lock(output_dir: Path | str) -> Iterator[None]:
     """Hold `output_dir`'s build lock (re-entrant within this process); a URL's is a lock object
     (url_lock.py)."""
     from cnclip.corpus.runtime import storage
 
     if storage.is_url(output_dir):
-        from cnclip.corpus.runtime.url_lock import url_build_lock
+        from cnclip.corpus.runtime.url_lock import release_url_lock, take_url_lock, url_lock_path
 
-        with url_build_lock(str(output_dir)):
+        path = url_lock_path(str(output_dir))
+        with held_once(path, lambda: take_url_lock(str(output_dir), path), lambda token: release_url_lock(path, token)):
             yield
         return
     path = (Path(output_dir) / LOCK).absolute()
-    if path in _held:
-        _held[path][1] += 1
+
+    def take() -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            yield
-        finally:
-            _held[path][1] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise BuildLockedError(f"{output_dir}: another build ({_holder(path)}) is running on this output_dir; "
-                               "wait for it to end") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held[path] = [fd, 1]
-    try:
-        yield
-    finally:
-        _held.pop(path)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BuildLockedError(f"{output_dir}: another build ({_holder(path)}) is running on this output_dir; "
+                                   "wait for it to end") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def release(fd: int) -> None:
         os.ftruncate(fd, 0)  # released: no stale PID for the next reader
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+    with held_once(path, take, release):
+        yield
 
 
 @contextlib.contextmanager

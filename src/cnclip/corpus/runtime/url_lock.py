@@ -16,20 +16,15 @@ message naming the holder and the object to remove once that build is known to b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import time
 import uuid
-from typing import Iterator
 
 from cnclip.corpus.runtime import storage
 
 LOCK = ".cnclip-build.lock"  # the name ownership.py gives the local lock file
-
-# Locks this process holds, by URL -> depth: build() holds it around the stage calls, which take it again.
-_held: dict[str, list] = {}
 
 
 def _read(path: str) -> dict:
@@ -71,28 +66,24 @@ def _take(path: str, mine: dict) -> bool:
     return _read(path).get("token") == mine["token"]
 
 
-@contextlib.contextmanager
-def url_build_lock(folder: str) -> Iterator[None]:
-    """Hold the build lock of URL `folder` (re-entrant within this process)."""
+def url_lock_path(folder: str) -> str:
+    return storage.join(folder, LOCK)
+
+
+def take_url_lock(folder: str, path: str) -> str:
+    """Create the lock object of URL `folder` as this process's; its token, or BuildLockedError."""
     from cnclip.corpus.runtime.ownership import BuildLockedError
 
-    path = storage.join(folder, LOCK)
-    if path in _held:
-        _held[path][1] += 1
-        try:
-            yield
-        finally:
-            _held[path][1] -= 1
-        return
     mine = {"tool": "cnclip", "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if not _take(path, mine):
         raise BuildLockedError(f"{folder}: another build ({_holder(_read(path))}) is running on this work_dir; "
                                f"wait for it to end (or remove {path} once it is gone)")
-    _held[path] = [mine["token"], 1]
-    try:
-        yield
-    finally:
-        _held.pop(path)
-        if _read(path).get("token") == mine["token"]:
-            storage.remove(path)
+    return mine["token"]
+
+
+def release_url_lock(path: str, token: str) -> None:
+    """Remove the lock object if it is still ours (a holder taken over as stale must not remove
+    the new holder's)."""
+    if _read(path).get("token") == token:
+        storage.remove(path)

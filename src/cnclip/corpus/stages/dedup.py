@@ -6,17 +6,17 @@ from pathlib import Path
 
 import polars as pl
 
-from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS
+from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS, HASHES
 from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
-from cnclip.corpus.recipe import Recipe
+from cnclip.corpus.recipe import DedupSettings, Recipe
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import committed_parts
-from cnclip.corpus.runtime.engine import Engine, Table
+from cnclip.corpus.runtime.engine import Engine, FindsDuplicates, Table
 from cnclip.corpus.runtime.fingerprints import eval_listing
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.stages.download_attempts import has_attempts, scan_attempts
+from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
 
@@ -31,14 +31,38 @@ def scan_dedup_input(download_dir: Path | str, hash_dir: Path | str, accepted: p
                                                                how="left")
 
 
+# scan_dedup_input in SQL, for an engine that runs the dedup rules on its own tables.
+_DEDUP_INPUT = """
+SELECT t.uid, t.sha256, h.phash, a.caption FROM attempts t
+LEFT JOIN hashes h ON t.uid = h.uid
+LEFT JOIN accepted a ON t.uid = a.uid
+WHERE t.status = 'success'
+"""
+
+
+def _engine_decisions(layout: BuildLayout, engine: FindsDuplicates, settings: DedupSettings,
+                      evals: pl.DataFrame) -> list:
+    """The dedup rules run by the engine on its own tables (no step on one machine); returns the
+    (reason, count) rows of the decisions written."""
+    rows = engine.sql(_DEDUP_INPUT, attempts=engine.scan([attempts_path(layout.download_dir)]),
+                      hashes=engine.scan(committed_parts(layout.hash_dir, ".parquet"), HASHES.columns),
+                      accepted=scan_accepted(layout, engine))
+    engine.write(engine.find_duplicates(rows, settings, evals), layout.dedup_decisions, DEDUP_DECISIONS)
+    return engine.rows(engine.sql("SELECT reason, COUNT(*) FROM decisions GROUP BY reason ORDER BY reason",
+                                  decisions=engine.scan([layout.dedup_decisions])))
+
+
 def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
-    """`engine`: the build's, whose tables the duplicate search reads (polars frames locally)."""
+    """`engine`: the build's. One that finds duplicates itself (FindsDuplicates: Spark) runs the
+    rules on its tables; otherwise the array form of ops/dedup.py runs over polars frames."""
     layout = BuildLayout.of(recipe)
     if not has_attempts(layout.download_dir):
         DEDUP_DECISIONS.write(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
-    rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
+    if isinstance(engine, FindsDuplicates):
+        return {"dropped": dict(_engine_decisions(layout, engine, recipe.dedup, evals)), "eval_images": evals.height}
+    rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
     decisions = find_duplicates(rows, recipe.dedup, evals)
     DEDUP_DECISIONS.write(decisions, layout.dedup_decisions)
     counts = decisions.group_by("reason").len().sort("reason").rows()

@@ -124,7 +124,8 @@ def guard_config(recipe: Recipe) -> GuardConfig:
     return config.spread(lanes_per_host(config, recipe.download.processes))
 
 
-def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: int) -> dict:
+def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: int,
+              engine: Engine | None = None) -> dict:
     """Route the rows to lanes (or take the plan an interrupted run left), then run img2dataset
     in each lane's worker behind the guard; returns the guard's counts."""
     require_main_guard("the download stage (img2dataset)")  # the lanes run in spawned workers
@@ -146,7 +147,7 @@ def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: in
                       config.lanes_per_host, recipe.download.samples_per_part, first_part)
     arguments = img2dataset_arguments(recipe)
     with serve_sample_webs(recipe), _parts_progress(layout.download_dir, plan):
-        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes)
+        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes, engine)
 
 
 @contextlib.contextmanager
@@ -183,19 +184,20 @@ def _statuses(download_dir: Path) -> dict:
     return dict(rows)
 
 
-def run_download_stage(recipe: Recipe) -> dict:
-    """Every accepted row downloaded once; after a crash only parts without their stats are redone."""
+def run_download_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
+    """Every accepted row downloaded once; after a crash only parts without their stats are redone.
+    `engine`: the build's (its lanes run as Spark tasks on a Spark engine)."""
     layout = BuildLayout.of(recipe)
     if not committed_parts(layout.text_accepted_dir, ".parquet"):
         info("download: no rows to download")
         write_attempts(layout.download_dir)
         return {"by_status": {}, "retries": 0}
-    guard = _download(recipe, sent_rows(layout), "plan.parquet", first_part=0)
+    guard = _download(recipe, sent_rows(layout), "plan.parquet", first_part=0, engine=engine)
     write_attempts(layout.download_dir)
     return {"by_status": _statuses(layout.download_dir), "retries": 0, "guard": guard}
 
 
-def retry_failed(recipe: Recipe, previous: dict) -> dict:
+def retry_failed(recipe: Recipe, previous: dict, engine: Engine | None = None) -> dict:
     """Download again only the rows whose latest attempt failed for a transient reason
     (timeouts, 5xx, 429, DNS, refused connections); their new results are added as new parts,
     numbered after every earlier one, and the attempts table then holds their latest attempt."""
@@ -214,7 +216,7 @@ def retry_failed(recipe: Recipe, previous: dict) -> dict:
     plans = [p for p in committed_parts(layout.download_input_dir, ".parquet") if Path(p).name.startswith("plan")]
     used = pl.concat([storage.scan_parquet(p).select("part") for p in plans])
     first_part = (used.select(pl.col("part").max()).collect().item() or 0) + 1
-    guard = _download(recipe, rows, f"plan-retry-{attempt}.parquet", first_part)
+    guard = _download(recipe, rows, f"plan-retry-{attempt}.parquet", first_part, engine)
     write_attempts(layout.download_dir)
     return {"by_status": _statuses(layout.download_dir), "retries": attempt, "retried": rows.height,
             "guard": guard}
@@ -245,7 +247,7 @@ class DownloadStage(Stage):
         return (layout.download_dir, layout.download_input_dir)
 
     def run(self, context: StageContext) -> dict:
-        return run_download_stage(context.recipe)
+        return run_download_stage(context.recipe, context.engine)
 
     def report(self, summary: dict) -> str:
         return f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}"

@@ -36,24 +36,15 @@ def result_parts(download_dir: Path | str) -> list[Path | str]:
     return sorted(parts, key=lambda p: int(Path(p).stem))
 
 
-def failure_reason(status: str, error_message: str | None) -> str:
-    """A failed row's reason: the guard's or a transient network reason when the message names
-    one (network:blocked_address, network:timeout, network:rate_limited...), else img2dataset's."""
-    from cnclip.corpus.net.reasons import reason_from_error_message
-
-    return reason_from_error_message(error_message) or f"download:{status}"
-
-
 def with_failure_reasons(attempts: pl.LazyFrame) -> pl.LazyFrame:
-    # A Python call per failed row only: failures are a minority, and the message rules live
-    # in one place (net/reasons.py).
+    """Each failed row's reason: the guard's or a transient network reason when its message names
+    one (network:blocked_address, network:timeout, network:rate_limited...), else img2dataset's
+    status as `download:<status>`; null for a success."""
+    from cnclip.corpus.net.reasons import reason_of_message
+
+    failed = pl.coalesce(reason_of_message(pl.col("error_message")), pl.lit("download:") + pl.col("status"))
     return attempts.with_columns(
-        pl.when(pl.col("status") == "success")
-        .then(pl.lit(None, pl.String))
-        .otherwise(pl.struct("status", "error_message").map_elements(
-            lambda r: failure_reason(r["status"], r["error_message"]), return_dtype=pl.String))
-        .alias("reason")
-    )
+        pl.when(pl.col("status") == "success").then(pl.lit(None, pl.String)).otherwise(failed).alias("reason"))
 
 
 def _results(part: Path | str) -> pl.LazyFrame:

@@ -19,6 +19,7 @@ stats file, written last, is what commits a part.
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing
 import os
 import time
@@ -34,6 +35,7 @@ from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import is_committed
+from cnclip.corpus.runtime.engine import Engine, IsolatedMaps
 from cnclip.corpus.runtime.layout import at
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
@@ -159,6 +161,10 @@ def run_lane(task: LaneTask) -> dict[str, int]:
 
     if task.parent is not None:
         _exit_with_parent(task.parent)
+    # Set here too: a lane on a cluster's executor does not inherit the build's environment.
+    if math.isfinite(task.arguments["max_image_area"]):
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(task.arguments["max_image_area"]))
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     downloader = _downloader(task.arguments)
     output = task.arguments["output_folder"]
     with guarded_urlopen(task.config) as policy:
@@ -179,14 +185,19 @@ def lane_tasks(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, confi
 
 
 def run_lanes(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
-              processes: int) -> dict[str, int]:
+              processes: int, engine: Engine | None = None) -> dict[str, int]:
     """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
     counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
     it loads, and the installed opener is process-wide, so neither may come from the caller's
-    process (a second build in the same Python with another pixel limit, the caller's own urllib)."""
+    process (a second build in the same Python with another pixel limit, the caller's own urllib).
+    An engine with isolated maps (Spark) runs each lane as a task of its own, in a process it starts."""
     storage.make_dirs(arguments["output_folder"])
-    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     totals: collections.Counter = collections.Counter()
+    if isinstance(engine, IsolatedMaps):
+        for stats in engine.map_isolated(run_lane, lane_tasks(plan, input_dir, arguments, config), "download: lanes"):
+            totals.update(stats)
+        return dict(sorted(totals.items()))
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
         for stats in pool.map(run_lane, tasks):

@@ -58,9 +58,28 @@ def _attempts(layout: BuildLayout, engine: Engine) -> Table | None:
     return engine.scan([attempts_path(layout.download_dir)]) if _has_downloads(layout) else None
 
 
-# The kept rows in uid order (source order, then row order), numbered into shards and keys:
-# shard `s`, position `p` within it -> key zfill(s, 5) + zfill(p, digits). (LPAD cuts a longer
-# string to the width, so shard numbers of 6 digits and more are taken as they are.)
+# The kept rows' positions in uid order (source order, then row order), from per-bucket counts:
+# a bucket is a range of 2^20 uids, numbered within itself, its first position the count of kept
+# rows in the buckets before it. One ROW_NUMBER() over every row would be one partition on
+# Spark; per bucket, the numbering spreads over the cluster and gives the same positions.
+_BUCKETED = """
+SELECT a.uid, CAST(FLOOR(a.uid / 1048576) AS BIGINT) AS bucket
+FROM accepted a
+JOIN attempts t ON a.uid = t.uid
+LEFT ANTI JOIN dropped d ON a.uid = d.uid
+WHERE t.status = 'success'
+"""
+_FIRST_POSITIONS = """
+SELECT bucket, SUM(kept) OVER (ORDER BY bucket) - kept AS first_position
+FROM (SELECT bucket, COUNT(*) AS kept FROM bucketed GROUP BY bucket)
+"""
+_POSITIONS = """
+SELECT uid, first_position + ROW_NUMBER() OVER (PARTITION BY bucket ORDER BY uid) - 1 AS position
+FROM (SELECT b.uid, b.bucket, f.first_position FROM bucketed b JOIN firsts f ON b.bucket = f.bucket)
+"""
+# The kept rows numbered into shards and keys: shard `s`, position `p` within it -> key
+# zfill(s, 5) + zfill(p, digits). (LPAD cuts a longer string to the width, so shard numbers of 6
+# digits and more are taken as they are.)
 _PLAN = """
 SELECT *, CASE WHEN shard < 100000 THEN LPAD(CAST(shard AS STRING), 5, '0') ELSE CAST(shard AS STRING) END
           || LPAD(CAST(position % {per_shard} AS STRING), {digits}, '0') AS key
@@ -68,16 +87,21 @@ FROM (
   SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard
   FROM (
     SELECT a.*, t.key AS download_key, t.tar AS download_tar, t.width, t.height, t.original_width, t.original_height,
-           t.sha256, h.phash, ROW_NUMBER() OVER (ORDER BY a.uid) - 1 AS position
+           t.sha256, h.phash, CAST(p.position AS BIGINT) AS position
     FROM accepted a
     JOIN attempts t ON a.uid = t.uid
-    LEFT ANTI JOIN dropped d ON a.uid = d.uid
+    JOIN positions p ON a.uid = p.uid
     LEFT JOIN hashes h ON a.uid = h.uid
-    WHERE t.status = 'success'
   )
 )
 ORDER BY uid
 """
+
+
+def kept_positions(engine: Engine, accepted: Table, attempts: Table, dropped: Table) -> Table:
+    """uid, position: each downloaded row dedup kept, numbered from 0 in uid order."""
+    bucketed = engine.sql(_BUCKETED, accepted=accepted, attempts=attempts, dropped=dropped)
+    return engine.sql(_POSITIONS, bucketed=bucketed, firsts=engine.sql(_FIRST_POSITIONS, bucketed=bucketed))
 
 
 def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
@@ -85,11 +109,13 @@ def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
     engine = engine or default_engine()
     layout = BuildLayout.of(recipe)
     per_shard = recipe.shard.samples_per_shard
+    accepted, attempts = scan_accepted(layout, engine), _attempts(layout, engine)
+    positions = kept_positions(engine, accepted, attempts, engine.scan([layout.dedup_decisions]))
     plan = engine.sql(
         _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1))),
-        accepted=scan_accepted(layout, engine),
-        attempts=_attempts(layout, engine),
-        dropped=engine.scan([layout.dedup_decisions]),
+        accepted=accepted,
+        attempts=attempts,
+        positions=positions,
         hashes=engine.scan(committed_parts(layout.hash_dir, ".parquet"), {"uid": pl.Int64, "phash": pl.UInt64}),
     )
     engine.write(plan, layout.shard_plan, SHARD_PLAN)
