@@ -1,7 +1,11 @@
 """The compiled band buckets behind near dedup: results equal to brute force when the buckets are
 forced small (many level-one buckets, rows spilling across them), when one bucket holds more
-pairs than the result buffers (the resume path), and for a value repeated many times."""
+pairs than the result buffers (the resume path), and for a value repeated many times; and the
+kernels still run where numba has no folder to cache them in."""
 
+import os
+import subprocess
+import sys
 from itertools import combinations
 
 import numpy as np
@@ -66,3 +70,18 @@ def test_near_pairs_over_reused_buffers_equal_fresh_ones():
     fresh = near_pairs(hashes, 3)
     reused = near_pairs(hashes, 3, reuse=lender)
     assert [x.tolist() for x in reused] == [x.tolist() for x in fresh] and len(fresh[0]) >= 300
+
+
+def test_no_writable_cache_folder_compiles_in_the_process_instead_of_failing(tmp_path):
+    # A read-only install run by a user without a writable home: numba finds no folder for its
+    # cache (simulated by leaving it only the locator for IPython cells, which never matches a
+    # file), and cache=True alone would raise at import.
+    code = ("import numpy as np; from cnclip.corpus.ops.neardup import equal_pairs, near_pairs; "
+            "print([x.tolist() for x in near_pairs(np.array([1, 3, 2**40], dtype=np.uint64), 1)],"
+            " [x.tolist() for x in equal_pairs(np.array([5, 7, 5], dtype=np.uint64))])")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[[0], [1]] [[2], [0]]"

@@ -11,7 +11,7 @@ slot, other keys rarely (about one compare per row). The compare reads both hash
 sorted bucket, in cache, so a candidate costs ~1 ns instead of two random reads from memory.
 
 These loops have no numpy primitive (a histogram by computed key, a scatter, a walk of slots),
-so they are compiled by numba; `cache=True` keeps the machine code in __pycache__, so only the
+so they are compiled by numba. The machine code is cached on disk (`_compiled`), so only the
 first process on a machine pays the compile (~3 s) and each later one a load (~0.4 s, most of it
 numba's own lazy imports).
 """
@@ -32,7 +32,20 @@ _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit(cache=True, nogil=True, inline="always")
+def _compiled(**options):
+    """numba's njit, its machine code cached where numba finds a writable folder: NUMBA_CACHE_DIR,
+    else __pycache__ next to this file, else the user's cache folder. With none (a read-only install
+    run by a user without a writable home) numba refuses `cache=True` with a RuntimeError at import,
+    which would make every build fail at dedup; then the kernels compile in each process instead."""
+    def wrap(func):
+        try:
+            return njit(cache=True, nogil=True, **options)(func)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(nogil=True, **options)(func)
+    return wrap
+
+
+@_compiled(inline="always")
 def _mix(key):
     """A 64-bit key's bits spread over all 64: bucket numbers are its top bits."""
     key = (key ^ (key >> np.uint64(30))) * _MIX_1
@@ -40,7 +53,7 @@ def _mix(key):
     return key ^ (key >> np.uint64(31))
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _partition(hashes, mask, top_bits, ids, out_hashes, out_rows, starts):
     """Counting-sort (hash, row) by the top `top_bits` of the mixed key into `out_*`; `starts`
     (2^top_bits + 1 entries) gets each bucket's first position. Stable: rows stay ascending.
@@ -69,7 +82,7 @@ def _partition(hashes, mask, top_bits, ids, out_hashes, out_rows, starts):
         heads[b] = position + 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _new_and_close(x, max_distance, earlier):
     """A pair with hash XOR `x` is within the distance and shares no earlier band's key (a pair
     equal under an earlier band was found there)."""
@@ -89,7 +102,7 @@ def _popcount(typingctx, x):
     return types.uint64(types.uint64), codegen
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _level_two(starts, top_bits, hashes, rows):
     """Scratch for level two, sized to the largest bucket: slot offsets, slots, and the bucket's
     (hash, row) in slot order."""
@@ -103,7 +116,7 @@ def _level_two(starts, top_bits, hashes, rows):
             np.empty(largest, dtype=hashes.dtype), np.empty(largest, dtype=rows.dtype))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _sort_bucket(hashes, rows, first, size, mask, top_bits, table_bits, offsets, slots, sorted_hashes, sorted_rows):
     """Counting-sort one bucket by the next bits of the mix below the top ones, into a table of
     at least as many slots as rows (in cache): equal keys end up next to each other. Stable.
@@ -126,7 +139,7 @@ def _sort_bucket(hashes, rows, first, size, mask, top_bits, table_bits, offsets,
     return 1 << bits
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _bucket_pairs(hashes, rows, starts, mask, top_bits, max_distance, earlier, first_bucket, found_a, found_b):
     """Pairs within `max_distance` of equal band key inside the level-one buckets from
     `first_bucket` on, written to `found_*`. Returns (next bucket, pairs written): when the
@@ -157,7 +170,7 @@ def _bucket_pairs(hashes, rows, starts, mask, top_bits, max_distance, earlier, f
     return len(starts) - 1, count
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _bucket_equals(hashes, rows, starts, top_bits, first_bucket, later, first_rows):
     """(row, first row of the same value) for every repeated value's later rows, as
     _bucket_pairs returns them. Rows ascend within a slot (both sorts are stable), so a value's

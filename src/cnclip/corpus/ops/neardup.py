@@ -45,8 +45,8 @@ import numpy as np
 import polars as pl
 
 from cnclip.corpus.ops.band_buckets import BandBuckets
-from cnclip.corpus.ops.band_walk import BITS, sort_u64
 
+BITS = 64  # a pHash's width
 # Relative costs per hash bucketed and per candidate verified, one band (band_buckets.py, measured
 # at 1M and 10M uniform hashes, d = 4: ~12 ns per row, ~1 ns per candidate, read in cache).
 _SORT_COST = 1.0
@@ -132,38 +132,6 @@ def band_plan(count: int, max_distance: int, others: int | None = None) -> BandP
     return min(plans, key=lambda plan: (plan.cost(count, pairs), len(plan.bands)))
 
 
-def _ramp(lengths: np.ndarray) -> np.ndarray:
-    """[0..l0-1, 0..l1-1, ...] for the given lengths, vectorized."""
-    lengths = lengths[lengths > 0]
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(total, dtype=np.int64) - offsets
-
-
-def _pairs_in_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j positions) among equal adjacent keys of a sorted array."""
-    n = len(keys_sorted)
-    if n < 2:
-        empty = np.zeros(0, dtype=order.dtype)
-        return empty, empty
-    change = np.flatnonzero(keys_sorted[1:] != keys_sorted[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [n])))
-    keep = lengths > 1
-    starts, lengths = starts[keep], lengths[keep]
-    if len(starts) == 0:
-        empty = np.zeros(0, dtype=order.dtype)
-        return empty, empty
-    # Every position p in a run of length L starting at s pairs with the L - 1 - (p - s) after it.
-    positions = np.repeat(starts, lengths) + _ramp(lengths)
-    after = np.repeat(starts + lengths, lengths) - positions - 1
-    first = np.repeat(positions, after)
-    second = first + 1 + _ramp(after)
-    return order[first], order[second]
-
-
 def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...]) -> tuple[np.ndarray, int]:
     """The chosen blocks' bits packed next to each other (low bits), and their total width."""
     keys = np.zeros(len(hashes), dtype=np.uint64)
@@ -175,18 +143,6 @@ def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...])
         keys |= ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)) << np.uint64(width)
         width += bits
     return keys, width
-
-
-def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, sorted keys). Packs key and index into one uint64 when they fit: polars' sort of a
-    uint64 column is ~5x faster than numpy's argsort and ~3x faster than numpy's sort here."""
-    index_bits = max(1, (count - 1).bit_length())
-    if key_bits + index_bits <= 64:
-        packed = sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
-        order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-        return order, packed >> np.uint64(index_bits)
-    order = np.argsort(keys)
-    return order, keys[order]
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None, reuse: BandBuckets | None = None
