@@ -1,4 +1,4 @@
-"""`cnclip --help` and a mistyped recipe or config answer without loading torch, polars or numpy.
+"""`cnclip --help` and a mistyped recipe or config answer without loading torch, polars, numpy or numba.
 
 Each case runs in a fresh interpreter: the test process itself has long imported all of them.
 """
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "polars", "numpy", "pyarrow", "PIL", "open_clip", "transformers", "img2dataset")
+HEAVY = ("torch", "polars", "numpy", "pyarrow", "PIL", "open_clip", "transformers", "img2dataset",
+         "numba")
 
 PROBE = """
 import json, sys

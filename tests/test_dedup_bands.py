@@ -10,8 +10,7 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cnclip.corpus.ops import band_walk
-from cnclip.corpus.ops.band_walk import equal_key_pairs as _equal_key_pairs
+from cnclip.corpus.ops import band_buckets
 from cnclip.corpus.ops.dedup import eval_overlaps, near_duplicates
 from cnclip.corpus.ops.neardup import (
     BandPlan,
@@ -50,8 +49,11 @@ def test_covering_plans_are_complete_and_smaller_than_every_combination():
         assert avoided_by_some_band(plan, d)
         assert all(len(band) == key_blocks for band in plan.bands)
         assert len(plan.bands) < len(list(combinations(range(points), key_blocks)))
-    # The 10M-row default is the 21-band covering of 10 blocks, not the 35 bands of 7.
-    assert len(band_plan(10**7, 4).bands) == 21 and len(band_plan(10**7, 4).masks) == 10
+    # With candidates checked in cache (~1 ns against ~12 ns per row and band), shorter keys pay:
+    # the 10M-row default is the 12-band covering of 9 blocks (21-bit keys), the 1M-row one the
+    # 9-band covering of 7 (18-bit keys), not the 35 bands of the textbook split of 7.
+    assert len(band_plan(10**7, 4).bands) == 12 and len(band_plan(10**7, 4).masks) == 9
+    assert len(band_plan(10**6, 4).bands) == 9 and len(band_plan(10**6, 4).masks) == 7
 
 
 def test_a_plan_that_misses_a_set_is_caught_by_the_check():
@@ -76,17 +78,6 @@ def test_near_pairs_with_every_bit_flipped_somewhere():
     assert len(a) >= len(base)
 
 
-def test_equal_key_pairs_of_a_long_run_are_each_pair_once():
-    index_bits = 10
-    keys = np.array([5] * 300 + [6, 7, 7], dtype=np.uint64)
-    packed = np.sort((keys << np.uint64(index_bits)) | np.arange(len(keys), dtype=np.uint64))
-    a, b = _equal_key_pairs(packed, index_bits)
-    found = sorted(zip(a.tolist(), b.tolist(), strict=True))
-    assert found == sorted([(i, j) for i, j in combinations(range(300), 2)] + [(301, 302)])
-    empty = _equal_key_pairs(np.sort(np.arange(5, dtype=np.uint64) << np.uint64(index_bits)), index_bits)
-    assert [x.tolist() for x in empty] == [[], []]
-
-
 @pytest.mark.parametrize("d, blocks", [(4, None), (2, None), (1, 9)])
 def test_a_pair_many_bands_share_is_returned_once_in_pair_order(d, blocks):
     # One flipped bit leaves every band but those on its block equal: most bands see the pair.
@@ -99,33 +90,16 @@ def test_a_pair_many_bands_share_is_returned_once_in_pair_order(d, blocks):
     assert pairs == sorted(pairs_brute(hashes, d)) and len(pairs) >= 150
 
 
-def test_the_walk_across_chunk_edges_and_long_runs(monkeypatch):
-    # Chunks of 5 words: runs of one key (the cluster, 120 values equal on the top 40 bits) cross
-    # many chunk edges and outlast the offsets walked inside a chunk.
-    monkeypatch.setattr(band_walk, "_CHUNK", 5)
+def test_long_runs_of_one_key_across_many_small_buckets(monkeypatch):
+    # 4 rows per level-one bucket: the cluster (120 values equal on the top 40 bits) is one long
+    # run of one key in every band keyed on those bits, so one bucket holds 30 times its share.
+    monkeypatch.setattr(band_buckets, "_BUCKET_ROWS", 4)
     hashes = np.unique(hostile_hashes(2))
     for d in (3, 6):
         a, b = near_pairs(hashes, d)
         assert list(zip(a.tolist(), b.tolist(), strict=True)) == sorted(pairs_brute(hashes, d))
     later, first = equal_pairs(np.array([9, 1, 9, 3, 1, 9, 7], dtype=np.uint64))
     assert sorted(zip(later.tolist(), first.tolist(), strict=True)) == [(2, 0), (4, 1), (5, 0)]
-
-
-def test_spare_bits_drop_far_pairs_of_a_run_before_the_hashes_decide():
-    # Words of one key (5) whose spare bits (above 4 index bits) differ in 2, 5 and 7 bits: within
-    # 2 bits only the pair of indexes 0 and 2 passes the spare bits; its hashes then decide.
-    index_bits, spare = 4, np.array([0b0, 0b11, 0b1111111], dtype=np.uint64)
-    packed = np.sort((np.uint64(5) << np.uint64(index_bits + 8)) | (spare << np.uint64(index_bits))
-                     | np.array([2, 0, 1], dtype=np.uint64))
-    a, b = _equal_key_pairs(packed, index_bits, None, 64, 8)
-    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 2)]
-    a, b = _equal_key_pairs(packed, index_bits, None, 2, 8)
-    assert list(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2)]
-    close = np.array([0b11, 0b1111111, 0b0], dtype=np.uint64)  # index -> its spare bits as its hash
-    a, b = _equal_key_pairs(packed, index_bits, close, 2, 8)
-    assert list(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2)]
-    far = close | np.array([0, 0, 0b111 << 40], dtype=np.uint64)  # 3 more bits apart outside the spare
-    assert [x.tolist() for x in _equal_key_pairs(packed, index_bits, far, 2, 8)] == [[], []]
 
 
 def test_equal_pairs_point_at_the_first_row_and_ignore_equal_high_bits():
@@ -210,11 +184,11 @@ def test_cross_pairs_and_eval_overlap_equal_brute_force(d):
 
 
 def test_blocks_of_a_plan_tile_the_hash():
-    plan = band_plan(10**7, 4)
-    assert list(plan.masks) == block_masks(10)
+    plan = band_plan(10**7, 4)  # the 12-band covering of 9 blocks (see the plan choice above)
+    assert list(plan.masks) == block_masks(9)
     keyed = {plan.key_bits(band) for band in plan.bands}
-    assert min(keyed) >= 24 and max(keyed) <= 28
-    assert {i for band in plan.bands for i in band} == set(range(10))
+    assert min(keyed) >= 21 and max(keyed) <= 22
+    assert {i for band in plan.bands for i in band} == set(range(9))
 
 
 # --- the relational form (what a distributed engine runs) gives the same answers ----------------

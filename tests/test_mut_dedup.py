@@ -1,5 +1,5 @@
 """Dedup rules at their edges: thresholds, nulls, rule order, the names a dropped row points at,
-and the pair search's two sort paths and cost model."""
+and the pair search's plans and cost model."""
 
 from itertools import combinations
 from math import comb
@@ -16,7 +16,7 @@ from cnclip.corpus.ops.dedup import (
     near_duplicates,
     text_duplicates,
 )
-from cnclip.corpus.ops.neardup import _compact_keys, _pairs_in_runs, _ramp, block_masks, choose_blocks, near_pairs
+from cnclip.corpus.ops.neardup import _compact_keys, block_masks, choose_blocks, near_pairs
 from cnclip.corpus.recipe import DedupSettings
 from cnclip.corpus.stages.dedup import scan_dedup_input
 from cnclip.corpus.stages.download_attempts import write_attempts
@@ -162,7 +162,7 @@ def test_block_masks_are_contiguous_widest_first():
 def expected_blocks(count, d):
     """The cost model of neardup's docstring: tables × (sort + verify the expected candidates)."""
     def cost(m):
-        return comb(m, m - d) * (count + 1.5 * count * count / 2 * 2.0 ** (-64 * (m - d) / m))
+        return comb(m, m - d) * (count + 0.08 * count * count / 2 * 2.0 ** (-64 * (m - d) / m))
     return min(range(d + 1, min(64, d + 8) + 1), key=cost)
 
 
@@ -179,7 +179,7 @@ def brute(hashes, d):
 
 
 @pytest.mark.parametrize("d, blocks", [(1, 9), (2, 3), (3, None), (1, 2)])
-def test_near_pairs_on_both_sort_paths(d, blocks):
+def test_near_pairs_of_forced_and_chosen_plans(d, blocks):
     rng = np.random.default_rng(d)
     base = np.unique(rng.integers(0, 2**64 - 1, 300, dtype=np.uint64, endpoint=True))
     near = [flip(h, rng.choice(64, rng.integers(1, d + 2), replace=False)) for h in base[:120]]
@@ -195,18 +195,6 @@ def test_near_pairs_of_too_few_hashes_or_distance_zero():
         assert a.tolist() == [] and b.tolist() == []
     a, b = near_pairs(u64(1, 3), 1)
     assert (a.tolist(), b.tolist()) == ([0], [1])
-
-
-def test_pairs_in_runs_and_ramp():
-    order = np.array([4, 2, 0, 1, 3])
-    a, b = _pairs_in_runs(order, np.array([1, 1, 1, 5, 7]))
-    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(2, 0), (4, 0), (4, 2)]
-    a, b = _pairs_in_runs(order[:1], np.array([1]))
-    assert a.tolist() == [] and a.dtype == order.dtype
-    a, b = _pairs_in_runs(order[:3], np.array([1, 2, 3]))
-    assert a.tolist() == []
-    assert _ramp(np.array([3, 0, 2])).tolist() == [0, 1, 2, 0, 1]
-    assert _ramp(np.array([0, 0])).tolist() == [] and _ramp(np.array([0])).dtype == np.int64
 
 
 def test_compact_keys_pack_the_chosen_blocks_low_bits_first():

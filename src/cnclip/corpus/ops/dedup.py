@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from cnclip.corpus.manifests.schemas import DECISION_SCHEMA
+from cnclip.corpus.ops.band_buckets import BandBuckets
 from cnclip.corpus.ops.neardup import component_labels, cross_pairs, equal_pairs, group_representatives, near_pairs
 from cnclip.corpus.recipe import DedupSettings
 
@@ -81,15 +82,16 @@ def near_duplicates(uids: np.ndarray, hashes: np.ndarray, max_distance: int) -> 
     if len(uids) == 0:
         return _decisions([], "dedup:near_duplicate")
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    later, first = equal_pairs(hashes)
+    buckets = BandBuckets(hashes)  # one set of buffers for both searches
+    later, first = equal_pairs(hashes, buckets)
     if len(later):
         distinct = np.ones(len(hashes), dtype=bool)
         distinct[later] = False
         distinct = np.flatnonzero(distinct)
-        a, b = near_pairs(hashes[distinct], max_distance)
+        a, b = near_pairs(hashes[distinct], max_distance, reuse=buckets)
         a, b = distinct[a], distinct[b]
     else:
-        a, b = near_pairs(hashes, max_distance)
+        a, b = near_pairs(hashes, max_distance, reuse=buckets)
     rows, keeper = component_labels(np.concatenate([a, later]), np.concatenate([b, first]))
     dropped = keeper != rows  # labels are the smallest row position: the lowest uid (uid-sorted)
     rows, keeper = rows[dropped], keeper[dropped]

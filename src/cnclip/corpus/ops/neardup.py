@@ -6,9 +6,9 @@ A band plan is a list of bands such that every set of d blocks is avoided by at 
 then every pair within d shares the band key of some band, and recall is 100% by construction
 (the tests check that property exhaustively for the plans chosen).
 
-The relational form, which the numpy code here runs band by band so that peak memory is one band
-of keys (band_walk.py: one sort of packed words per band, then a walk over equal keys), and which
-a Spark SQL / DataFrame engine runs over all bands at once:
+The relational form, which the code here runs band by band so that peak memory is one band of
+keys (band_buckets.py: the group by band key as a two-level counting sort, the candidates checked
+inside each small bucket), and which a Spark SQL / DataFrame engine runs over all bands at once:
 
     hashes     = rows GROUP BY phash SELECT phash, min(uid) AS id    -- equal hashes: one value
     keys       = hashes EXPLODE(band) SELECT id, phash, band, band_key(phash, band) AS key
@@ -44,19 +44,13 @@ from math import comb
 import numpy as np
 import polars as pl
 
-from cnclip.corpus.ops.band_walk import (
-    BITS,
-    chunked_words,
-    equal_key_pairs,
-    new_and_close,
-    packed_band_keys,
-    same_as_next,
-    sort_u64,
-)
+from cnclip.corpus.ops.band_buckets import BandBuckets
 
-# Relative costs per hash sorted and per candidate verified (measured: 10M hashes, d = 4, numpy 2.4).
+BITS = 64  # a pHash's width
+# Relative costs per hash bucketed and per candidate verified, one band (band_buckets.py, measured
+# at 1M and 10M uniform hashes, d = 4: ~12 ns per row, ~1 ns per candidate, read in cache).
 _SORT_COST = 1.0
-_CANDIDATE_COST = 1.5
+_CANDIDATE_COST = 0.08
 # Greedy coverings are searched where the exhaustive check stays small (milliseconds).
 _COVERING_MAX_POINTS = 12
 _COVERING_MAX_SUBSETS = 5_000
@@ -138,38 +132,6 @@ def band_plan(count: int, max_distance: int, others: int | None = None) -> BandP
     return min(plans, key=lambda plan: (plan.cost(count, pairs), len(plan.bands)))
 
 
-def _ramp(lengths: np.ndarray) -> np.ndarray:
-    """[0..l0-1, 0..l1-1, ...] for the given lengths, vectorized."""
-    lengths = lengths[lengths > 0]
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(total, dtype=np.int64) - offsets
-
-
-def _pairs_in_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j positions) among equal adjacent keys of a sorted array."""
-    n = len(keys_sorted)
-    if n < 2:
-        empty = np.zeros(0, dtype=order.dtype)
-        return empty, empty
-    change = np.flatnonzero(keys_sorted[1:] != keys_sorted[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [n])))
-    keep = lengths > 1
-    starts, lengths = starts[keep], lengths[keep]
-    if len(starts) == 0:
-        empty = np.zeros(0, dtype=order.dtype)
-        return empty, empty
-    # Every position p in a run of length L starting at s pairs with the L - 1 - (p - s) after it.
-    positions = np.repeat(starts, lengths) + _ramp(lengths)
-    after = np.repeat(starts + lengths, lengths) - positions - 1
-    first = np.repeat(positions, after)
-    second = first + 1 + _ramp(after)
-    return order[first], order[second]
-
-
 def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...]) -> tuple[np.ndarray, int]:
     """The chosen blocks' bits packed next to each other (low bits), and their total width."""
     keys = np.zeros(len(hashes), dtype=np.uint64)
@@ -183,49 +145,23 @@ def _compact_keys(hashes: np.ndarray, masks: list[int], chosen: tuple[int, ...])
     return keys, width
 
 
-def _sorted_by_key(keys: np.ndarray, key_bits: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, sorted keys). Packs key and index into one uint64 when they fit: polars' sort of a
-    uint64 column is ~5x faster than numpy's argsort and ~3x faster than numpy's sort here."""
-    index_bits = max(1, (count - 1).bit_length())
-    if key_bits + index_bits <= 64:
-        packed = sort_u64((keys << np.uint64(index_bits)) | np.arange(count, dtype=np.uint64))
-        order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-        return order, packed >> np.uint64(index_bits)
-    order = np.argsort(keys)
-    return order, keys[order]
-
-
-def _band_pairs(hashes: np.ndarray, plan: BandPlan, band: tuple[int, ...], index_bits: int,
-                max_distance: int, earlier: tuple[int, ...], words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (a < b) sharing the band's key and within `max_distance`, but none sharing the
-    key of an earlier band (bit masks `earlier`), so each pair comes from one band: sort (key,
-    spare, index) words (built in the buffer `words`), walk equal neighbours, verify by popcount."""
-    if plan.key_bits(band) + index_bits > 64:
-        keys, width = _compact_keys(hashes, list(plan.masks), band)
-        a, b = _pairs_in_runs(*_sorted_by_key(keys, width, len(hashes)))
-        a, b = np.minimum(a, b), np.maximum(a, b)  # an argsort leaves a run in any index order
-        keep = new_and_close(hashes[a] ^ hashes[b], max_distance, earlier)
-        return a[keep], b[keep]
-    spare_bits = BITS - plan.key_bits(band) - index_bits
-    packed = sort_u64(packed_band_keys(hashes, plan.masks, band, index_bits, spare_bits, words))
-    return equal_key_pairs(packed, index_bits, hashes, max_distance, spare_bits, earlier)
-
-
-def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None, reuse: BandBuckets | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a < b) of `hashes` (distinct uint64 values) within `max_distance` bits.
-    `blocks` forces the textbook split into that many blocks; by default the cheapest plan."""
+    `blocks` forces the textbook split into that many blocks; by default the cheapest plan.
+    Each band's pairs leave out those sharing an earlier band's key, so each pair comes once;
+    `reuse` lends its buffers (see BandBuckets)."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     count = len(hashes)
     if count < 2 or max_distance <= 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
-    index_bits = max(1, (count - 1).bit_length())
+    buckets = BandBuckets(hashes, reuse)
+    band_masks = [sum(plan.masks[i] for i in band) for band in plan.bands]
     found: list[np.ndarray] = []
-    words = np.empty(count, dtype=np.uint64)
-    for number, band in enumerate(plan.bands):
-        earlier = tuple(sum(plan.masks[i] for i in other) for other in plan.bands[:number])
-        a, b = _band_pairs(hashes, plan, band, index_bits, max_distance, earlier, words)
+    for number, mask in enumerate(band_masks):
+        a, b = buckets.pairs(mask, max_distance, tuple(band_masks[:number]))
         found.append(a * count + b)  # one int64 per pair (a < b): sorted, the pairs in (a, b) order
     pairs = np.sort(np.concatenate(found))
     return pairs // count, pairs % count
@@ -253,28 +189,15 @@ def cross_pairs(left: np.ndarray, right: np.ndarray, max_distance: int) -> tuple
     return unique // len(right), unique % len(right)
 
 
-def equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def equal_pairs(hashes: np.ndarray, buckets: BandBuckets | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(row, first row with the same value) for every row whose value appeared at a lower index:
-    the group-by on the whole hash, as one packed sort of its high bits plus a check of the rest."""
+    the group-by on the whole hash, as the band search's buckets keyed on all 64 bits (those of
+    `buckets`, built over these hashes, if given)."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    count = len(hashes)
-    empty = np.zeros(0, dtype=np.int64)
-    if count < 2:
+    if len(hashes) < 2:
+        empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    index_bits = max(1, (count - 1).bit_length())
-    low = np.uint64((1 << index_bits) - 1)
-    high = np.uint64((2**BITS - 1) ^ ((1 << index_bits) - 1))
-    packed = sort_u64(chunked_words(hashes, [(0, 0, high)]))
-    same = same_as_next(packed, low)
-    rows = (packed[np.union1d(same, same + 1)] & low).astype(np.int64)
-    if len(rows) == 0:
-        return empty, empty
-    rows = rows[np.lexsort((rows, hashes[rows]))]  # by value, then index: a value's first row leads
-    values = hashes[rows]
-    starts = np.concatenate(([True], values[1:] != values[:-1]))
-    first = rows[np.flatnonzero(starts)][np.cumsum(starts) - 1]
-    later = ~starts
-    return rows[later], first[later]
+    return (buckets or BandBuckets(hashes)).equals()
 
 
 def component_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
