@@ -45,6 +45,28 @@ def funnel(manifest_dir: Path) -> dict:
     return recorded
 
 
+def assert_tars_match(root: Path) -> None:
+    """The build's tars are the recorded ones, byte for byte."""
+    recorded = json.loads((GOLDEN / "tars.json").read_text())
+    assert len(recorded) == 3
+    assert tar_digests(root / "out" / "shards") == recorded
+
+
+def assert_rows_match(root: Path, folder: str) -> None:
+    """One manifest folder holds the recorded rows (and at least one)."""
+    from polars.testing import assert_frame_equal
+
+    recorded = pl.read_parquet(GOLDEN / f"{folder}.parquet")
+    assert recorded.height > 0
+    assert_frame_equal(manifest_rows(root / "manifests", folder), recorded)
+
+
+def assert_funnel_matches(root: Path) -> None:
+    recorded = json.loads((GOLDEN / "funnel.json").read_text(encoding="utf-8"))
+    assert recorded["stages"][3]["rejected"]  # dedup dropped rows: the comparison covers its decisions
+    assert funnel(root / "manifests") == recorded
+
+
 def record(root: Path) -> None:
     from cnclip.corpus import build, parse_recipe
 

@@ -11,7 +11,15 @@ from polars.testing import assert_frame_equal
 
 from cnclip.corpus import build, parse_recipe
 from cnclip.corpus.runtime.spark_engine import SparkEngine
-from golden_demo import GOLDEN, demo_recipe, funnel, manifest_rows, tar_digests
+from golden_demo import (
+    GOLDEN,
+    assert_funnel_matches,
+    assert_rows_match,
+    assert_tars_match,
+    demo_recipe,
+    manifest_rows,
+    tar_digests,
+)
 from spark_session import spark  # noqa: F401 (the session fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -45,16 +53,12 @@ def spark_demo(tmp_path_factory, spark):
 
 
 def test_tars_are_byte_identical(spark_demo):
-    recorded = json.loads((GOLDEN / "tars.json").read_text())
-    assert len(recorded) == 3
-    assert tar_digests(spark_demo / "out" / "shards") == recorded
+    assert_tars_match(spark_demo)
 
 
 @pytest.mark.parametrize("folder", ["samples", "rejected"])
 def test_manifest_rows_are_the_same(spark_demo, folder):
-    recorded = pl.read_parquet(GOLDEN / f"{folder}.parquet")
-    assert recorded.height > 0
-    assert_frame_equal(manifest_rows(spark_demo / "manifests", folder), recorded)
+    assert_rows_match(spark_demo, folder)
 
 
 def test_sample_keys_are_the_same(spark_demo):
@@ -64,9 +68,7 @@ def test_sample_keys_are_the_same(spark_demo):
 
 
 def test_funnel_is_the_same(spark_demo):
-    recorded = json.loads((GOLDEN / "funnel.json").read_text(encoding="utf-8"))
-    assert recorded["stages"][3]["rejected"]  # dedup dropped rows: its Spark form ran on them
-    assert funnel(spark_demo / "manifests") == recorded
+    assert_funnel_matches(spark_demo)
 
 
 def test_a_rerun_on_spark_redoes_only_the_parts_a_kill_left_undone(spark_demo, spark):
