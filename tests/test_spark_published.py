@@ -15,6 +15,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from cnclip.corpus import build, parse_recipe
+from cnclip.corpus.recipe import SPARK_URL_WORK_DIR, RecipeError
 from cnclip.corpus.runtime.publish import published_problems
 from golden_demo import GOLDEN, demo_recipe
 from s3_server import loopback_only, refusing_non_loopback, s3  # noqa: F401
@@ -88,3 +89,28 @@ def test_the_published_funnel_is_the_same_and_the_corpus_checks(spark_on_s3, loo
     assert remote == recorded
     assert {k: v for k, v in funnel.items() if k != "shards_dir"} == recorded
     assert published_problems(f"{bucket}/manifests") == []
+
+
+URL_WORK = {"output_dir": "s3://b/corpus", "manifest_dir": "s3://b/manifests", "work_dir": "s3://b/build",
+            "sources": [{"name": "m", "kind": "metadata", "path": "s3://b/in/*.parquet"}]}
+
+
+def test_a_url_work_dir_on_spark_is_refused_at_recipe_load(loopback_only):  # noqa: F811
+    """The same folders pass on the local engine; on Spark one line names both keys and what to
+    use instead, before any session starts or any object is touched."""
+    assert parse_recipe({"name": "t", **URL_WORK}, "r.yaml").work_dir == "s3://b/build"
+    with pytest.raises(RecipeError) as refused:
+        parse_recipe({"name": "t", **URL_WORK, "engine": {"kind": "spark"}}, "r.yaml")
+    assert str(refused.value) == f"r.yaml: engine: {SPARK_URL_WORK_DIR} (got {{'kind': 'spark'}})"
+    assert "\n" not in str(refused.value) and "work_dir" in SPARK_URL_WORK_DIR and "engine.kind spark" in SPARK_URL_WORK_DIR
+    local = parse_recipe({"name": "t", **URL_WORK, "work_dir": "/mnt/nfs/build", "engine": {"kind": "spark"}}, "r.yaml")
+    assert str(local.work_dir) == "/mnt/nfs/build"  # the way out the message names
+
+
+def test_a_session_handed_to_build_is_refused_a_url_work_dir(spark, loopback_only):  # noqa: F811
+    """build(spark=) does not read the recipe's engine block, so it checks again; it stops before
+    the bucket is asked anything (loopback_only records any connection)."""
+    recipe = parse_recipe({"name": "t", **URL_WORK}, "r.yaml")
+    with pytest.raises(RecipeError) as refused:
+        build(recipe, show_funnel=False, spark=spark)
+    assert str(refused.value) == f"build: {SPARK_URL_WORK_DIR}"
