@@ -231,10 +231,10 @@ Location = Annotated[Union[Path, str], PlainValidator(_location)]
 
 # Spark reads and writes the work parts through its own Hadoop filesystems, which know s3:// (or
 # gs://) only with a connector this project does not ship; its tasks open them as plain paths.
-SPARK_URL_WORK_DIR = ("engine.kind spark with a URL work_dir: the Spark engine reads and writes work parts as "
-                      "paths every executor sees, not through fsspec; give work_dir a local folder every executor mounts at the same path (NFS, "
-                      "a mounted HDFS or bucket) and keep output_dir and manifest_dir on the URL (published "
-                      "after the build)")
+SPARK_URL_WORK_DIR = ("engine.kind spark with a URL work_dir: the Spark engine reads and writes work parts "
+                      "as paths every executor sees, not through fsspec; give work_dir a local folder every "
+                      "executor mounts at the same path (NFS, a mounted HDFS or bucket) and keep output_dir "
+                      "and manifest_dir on the URL (published after the build)")
 
 
 # Source kinds that generate or crawl into local folders under the build (sample_web/, work/crawl/).
