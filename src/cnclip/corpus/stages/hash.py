@@ -1,4 +1,8 @@
-"""Hash stage: one Parquet part of (uid, phash) per download part, the pHash of each stored image."""
+"""Hash stage: one Parquet part of (uid, phash) per download part, the pHash of each stored image.
+
+Which tar members are a part's is a query over the attempts table, written by the engine as the
+members table (hash/tasks/members.parquet, sorted by part); each task reads its part's rows from
+it, so the driver's task list is one part number per part, whatever the number of images."""
 
 from __future__ import annotations
 
