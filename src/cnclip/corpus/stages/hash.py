@@ -1,7 +1,7 @@
 """Hash stage: one Parquet part of (uid, phash) per download part, the pHash of each stored image.
 
 Which tar members are a part's is a query over the attempts table, written by the engine as the
-members table (hash/tasks/members.parquet, sorted by part); each task reads its part's rows from
+members table (work/hash-members.parquet, sorted by part); each task reads its part's rows from
 it, so the driver's task list is one part number per part, whatever the number of images."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Iterator, NamedTuple
 
 import polars as pl
 
-from cnclip.corpus.manifests.schemas import HASHES
+from cnclip.corpus.manifests.schemas import HASH_MEMBERS, HASHES
 from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import is_committed
@@ -23,9 +23,8 @@ from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
 
 
-# A download part's members: its successes, the tar member key and the uid of each. Written
-# sorted by part, so a task reading one part's rows skips the row groups of the others.
-MEMBERS_SCHEMA = {"part": pl.Int64, "key": pl.String, "uid": pl.Int64}
+# A download part's members (HASH_MEMBERS): its successes, the tar member key and the uid of
+# each. Written sorted by part, so a task reading one part's rows skips the others' row groups.
 _MEMBERS = "SELECT part, key, uid FROM attempts WHERE status = 'success' ORDER BY part, uid"
 _PARTS = "SELECT part FROM attempts GROUP BY part ORDER BY part"
 
@@ -34,7 +33,7 @@ class HashTask(NamedTuple):
     """One download part's work; its members are read by the task, not shipped by the driver."""
 
     tar: Path | str
-    members: Path | str  # the members table (MEMBERS_SCHEMA) of every part
+    members: Path | str  # the members table (HASH_MEMBERS) of every part
     out: Path | str  # the hash part
     part: int
 
@@ -70,8 +69,8 @@ def hash_download_part(task: HashTask) -> int:
 
 
 def members_path(hash_dir: Path | str) -> Path | str:
-    """In a folder of its own: hash_dir's own files are the hash parts dedup scans."""
-    return at(hash_dir, "tasks", "members.parquet")
+    """Beside hash_dir (`work/hash-members.parquet`): hash_dir's files are the hash parts dedup scans."""
+    return Path(f"{hash_dir}-members.parquet") if isinstance(hash_dir, Path) else f"{hash_dir}-members.parquet"
 
 
 def _tasks(engine: Engine, download_dir: Path | str, hash_dir: Path | str) -> list[HashTask]:
@@ -93,9 +92,8 @@ def run_hash_stage(download_dir: Path | str, hash_dir: Path | str, processes: in
     tasks = _tasks(engine, download_dir, hash_dir) if has_attempts(download_dir) else []
     todo = [t for t in tasks if not is_committed(t.out)]
     if todo:
-        storage.make_dirs(at(hash_dir, "tasks"))
         attempts = engine.scan([attempts_path(download_dir)])
-        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), MEMBERS_SCHEMA)
+        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), HASH_MEMBERS)
     engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
     return {"parts": len(tasks)}
 
@@ -112,7 +110,7 @@ class HashStage(Stage):
         return [HASH_VERSION]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.hash_dir,)
+        return (layout.hash_dir, members_path(layout.hash_dir))
 
     def run(self, context: StageContext) -> dict:
         layout = context.layout
