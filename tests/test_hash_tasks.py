@@ -82,19 +82,32 @@ def test_each_task_reads_its_own_members_and_the_driver_ships_none(download, tmp
                                      tmp_path / "hash" / f"{p:05d}.parquet", p) for p in (0, 5, 12)]
     # The stray image in part 0 under uid 2's part-12 key is not part 0's: uid 2 is hashed from part 12.
     assert hashes(tmp_path / "hash") == expected(images)
-    members = pl.read_parquet(members_path(tmp_path / "hash"))
-    assert members.rows() == [(0, "000000000", 1), (12, "000120000", 2)]  # sorted by part: tasks skip the rest
+    assert not members_path(tmp_path / "hash").exists()  # a file of the running stage only
+
+
+def test_the_members_table_is_sorted_by_part_while_the_tasks_read_it(download, tmp_path):
+    folder, _ = download
+    seen = []
+
+    class Peeking(LocalEngine):
+        def map_parts(self, fn, parts, description, processes=None):
+            seen.append(pl.read_parquet(members_path(tmp_path / "hash")).rows())
+            return super().map_parts(fn, parts, description, processes)
+
+    run_hash_stage(folder, tmp_path / "hash", engine=Peeking(1))
+    assert seen == [[(0, "000000000", 1), (12, "000120000", 2)]]  # sorted by part: a task skips the rest
 
 
 def test_a_rerun_hashes_only_missing_parts_from_a_fresh_members_table(download, tmp_path):
     folder, images = download
     run_hash_stage(folder, tmp_path / "hash")
     (tmp_path / "hash" / "00012.parquet").unlink()
-    members_path(tmp_path / "hash").write_bytes(b"not parquet")  # a stale or damaged table is rewritten
+    members_path(tmp_path / "hash").write_bytes(b"not parquet")  # as a killed run may leave it: rewritten
     engine = Recording()
     run_hash_stage(folder, tmp_path / "hash", engine=engine)
     assert [task.part for task in engine.tasks] == [12]
     assert hashes(tmp_path / "hash") == expected(images)
+    assert not members_path(tmp_path / "hash").exists()
 
 
 @pytest.mark.spark
@@ -105,4 +118,4 @@ def test_spark_writes_the_same_members_and_hash_parts(download, tmp_path, spark)
     run_hash_stage(folder, tmp_path / "local")
     run_hash_stage(folder, tmp_path / "spark", engine=SparkEngine(spark))
     assert hashes(tmp_path / "spark") == hashes(tmp_path / "local") == expected(images)
-    assert pl.read_parquet(members_path(tmp_path / "spark")).equals(pl.read_parquet(members_path(tmp_path / "local")))
+    assert not members_path(tmp_path / "spark").exists()

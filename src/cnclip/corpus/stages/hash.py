@@ -1,8 +1,9 @@
 """Hash stage: one Parquet part of (uid, phash) per download part, the pHash of each stored image.
 
 Which tar members are a part's is a query over the attempts table, written by the engine as the
-members table (work/hash-members.parquet, sorted by part); each task reads its part's rows from
-it, so the driver's task list is one part number per part, whatever the number of images."""
+members table (work/hash-members.parquet, sorted by part, removed when the tasks are done);
+each task reads its part's rows from it, so the driver's task list is one part number per part,
+whatever the number of images."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Iterator, NamedTuple
 
 import polars as pl
 
-from cnclip.corpus.manifests.schemas import HASH_MEMBERS, HASHES
+from cnclip.corpus.manifests.schemas import HASHES
 from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.runtime import storage
-from cnclip.corpus.runtime.commit import is_committed
+from cnclip.corpus.runtime.commit import is_committed, remove_part
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
@@ -23,8 +24,9 @@ from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
 
 
-# A download part's members (HASH_MEMBERS): its successes, the tar member key and the uid of
-# each. Written sorted by part, so a task reading one part's rows skips the others' row groups.
+# A download part's members: its successes, the tar member key and the uid of each. Written
+# sorted by part, so a task reading one part's rows skips the others' row groups.
+MEMBERS_SCHEMA = {"part": pl.Int64, "key": pl.String, "uid": pl.Int64}
 _MEMBERS = "SELECT part, key, uid FROM attempts WHERE status = 'success' ORDER BY part, uid"
 _PARTS = "SELECT part FROM attempts GROUP BY part ORDER BY part"
 
@@ -33,7 +35,7 @@ class HashTask(NamedTuple):
     """One download part's work; its members are read by the task, not shipped by the driver."""
 
     tar: Path | str
-    members: Path | str  # the members table (HASH_MEMBERS) of every part
+    members: Path | str  # the members table (MEMBERS_SCHEMA) of every part
     out: Path | str  # the hash part
     part: int
 
@@ -69,7 +71,8 @@ def hash_download_part(task: HashTask) -> int:
 
 
 def members_path(hash_dir: Path | str) -> Path | str:
-    """Beside hash_dir (`work/hash-members.parquet`): hash_dir's files are the hash parts dedup scans."""
+    """Beside hash_dir (`work/hash-members.parquet`): hash_dir's files are the hash parts dedup
+    scans. A file of the running stage only: removed once its tasks are done."""
     return Path(f"{hash_dir}-members.parquet") if isinstance(hash_dir, Path) else f"{hash_dir}-members.parquet"
 
 
@@ -85,16 +88,19 @@ def _tasks(engine: Engine, download_dir: Path | str, hash_dir: Path | str) -> li
 def run_hash_stage(download_dir: Path | str, hash_dir: Path | str, processes: int | None = None,
                    engine: Engine | None = None) -> dict:
     """One task per download part of the attempts table (their latest attempts only) not hashed
-    yet; `processes` overrides the engine's. The members table is written again before the tasks
-    (the attempts it comes from may have changed since a previous run)."""
+    yet; `processes` overrides the engine's. The members table is written afresh before the tasks
+    (one a killed run left may predate the attempts) and removed after them."""
     engine = engine or default_engine()
     storage.make_dirs(hash_dir)
     tasks = _tasks(engine, download_dir, hash_dir) if has_attempts(download_dir) else []
     todo = [t for t in tasks if not is_committed(t.out)]
     if todo:
         attempts = engine.scan([attempts_path(download_dir)])
-        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), HASH_MEMBERS)
-    engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
+        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), MEMBERS_SCHEMA)
+    try:
+        engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
+    finally:
+        remove_part(members_path(hash_dir))  # its marker too, on an object store
     return {"parts": len(tasks)}
 
 
@@ -110,7 +116,7 @@ class HashStage(Stage):
         return [HASH_VERSION]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.hash_dir, members_path(layout.hash_dir))
+        return (layout.hash_dir,)
 
     def run(self, context: StageContext) -> dict:
         layout = context.layout
