@@ -28,7 +28,7 @@ from cnclip._common.console import info
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.manifests.funnel import print_funnel
-from cnclip.corpus.recipe import Recipe, load_recipe
+from cnclip.corpus.recipe import SPARK_URL_WORK_DIR, Recipe, RecipeError, load_recipe
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.engine import Engine, make_engine
 from cnclip.corpus.runtime.fingerprints import input_listing as _file_listing  # noqa: F401 (kept importable here)
@@ -240,6 +240,9 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
     require_main_guard("cnclip.corpus.build")  # refuse before any work: the download stage spawns workers
     # Built before any folder is claimed: an engine that cannot start (no pyspark) writes nothing.
     engine = _session_engine(engine, spark) or make_engine(recipe.engine)
+    if engine.kind == "spark" and recipe.work_dir is not None and storage.is_url(recipe.work_dir):
+        # the recipe checks its own engine block; a session or engine handed in is checked here
+        raise RecipeError(f"build: {SPARK_URL_WORK_DIR}")
     with _owned(recipe):
         if fresh:
             if BuildLayout.of(recipe).remote:

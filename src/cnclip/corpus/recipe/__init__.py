@@ -229,6 +229,14 @@ def _location(value: object) -> Path | str:
 Location = Annotated[Union[Path, str], PlainValidator(_location)]
 
 
+# Spark reads and writes the work parts through its own Hadoop filesystems, which know s3:// (or
+# gs://) only with a connector this project does not ship; its tasks open them as plain paths.
+SPARK_URL_WORK_DIR = ("engine.kind spark with a URL work_dir: the Spark engine reads and writes work parts "
+                      "as paths every executor sees, not through fsspec; give work_dir a local folder every "
+                      "executor mounts at the same path (NFS, a mounted HDFS or bucket) and keep output_dir "
+                      "and manifest_dir on the URL (published after the build)")
+
+
 # Source kinds that generate or crawl into local folders under the build (sample_web/, work/crawl/).
 _LOCAL_WORK_KINDS = ("sample_web", "html", "warc")
 
@@ -282,6 +290,19 @@ class Recipe(StrictModel):
             problem = BuildLayout(info.data["output_dir"], value).nesting_problem()
             if problem:
                 raise ValueError(problem)
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _spark_work_dir(cls, value: EngineSettings, info: ValidationInfo) -> EngineSettings:
+        """A URL work_dir is read by the stages through fsspec; Spark's tasks cannot (see the text)."""
+        from pydantic_core import PydanticCustomError
+
+        from cnclip.corpus.runtime.storage import is_url
+
+        work_dir = info.data.get("work_dir")
+        if value.kind == "spark" and work_dir is not None and is_url(work_dir):
+            raise PydanticCustomError("spark_work_dir", SPARK_URL_WORK_DIR)
         return value
 
     @model_validator(mode="after")
