@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from cnclip.corpus.manifests.schemas import HASH_MEMBERS
 from cnclip.corpus.ops.phash import phash_bytes
 from cnclip.corpus.runtime.engine import LocalEngine
 from cnclip.corpus.stages.download_attempts import write_attempts
@@ -82,7 +83,8 @@ def test_each_task_reads_its_own_members_and_the_driver_ships_none(download, tmp
                                      tmp_path / "hash" / f"{p:05d}.parquet", p) for p in (0, 5, 12)]
     # The stray image in part 0 under uid 2's part-12 key is not part 0's: uid 2 is hashed from part 12.
     assert hashes(tmp_path / "hash") == expected(images)
-    assert not members_path(tmp_path / "hash").exists()  # a file of the running stage only
+    # The members table is a declared work file of the stage (HASH_MEMBERS), kept for a rerun's reading.
+    HASH_MEMBERS.check_file(members_path(tmp_path / "hash"))
 
 
 def test_the_members_table_is_sorted_by_part_while_the_tasks_read_it(download, tmp_path):
@@ -107,7 +109,7 @@ def test_a_rerun_hashes_only_missing_parts_from_a_fresh_members_table(download, 
     run_hash_stage(folder, tmp_path / "hash", engine=engine)
     assert [task.part for task in engine.tasks] == [12]
     assert hashes(tmp_path / "hash") == expected(images)
-    assert not members_path(tmp_path / "hash").exists()
+    assert pl.read_parquet(members_path(tmp_path / "hash")).rows() == [(0, "000000000", 1), (12, "000120000", 2)]
 
 
 @pytest.mark.spark
@@ -118,4 +120,4 @@ def test_spark_writes_the_same_members_and_hash_parts(download, tmp_path, spark)
     run_hash_stage(folder, tmp_path / "local")
     run_hash_stage(folder, tmp_path / "spark", engine=SparkEngine(spark))
     assert hashes(tmp_path / "spark") == hashes(tmp_path / "local") == expected(images)
-    assert not members_path(tmp_path / "spark").exists()
+    assert pl.read_parquet(members_path(tmp_path / "spark")).equals(pl.read_parquet(members_path(tmp_path / "local")))

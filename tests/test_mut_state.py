@@ -301,7 +301,7 @@ def test_stage_records_and_outputs(make_recipe, tmp_path):
         "ingest": (layout.ingest_dir, layout.work / "crawl"),
         "text": (layout.text_dir,),
         "download": (layout.download_dir, layout.download_input_dir),
-        "hash": (layout.hash_dir,),
+        "hash": (layout.hash_dir, layout.work / "hash-members.parquet"),
         "dedup": (layout.dedup_decisions.parent,),
         "shard": (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
                   layout.checksums_path, layout.shard_plan.parent),

@@ -170,6 +170,7 @@ DOWNLOAD_PLAN = Table("work/download-input/plan*.parquet", "output_dir", "downlo
 IMG2DATASET_COLUMNS = ("uid", "url", "caption", "key", "status", "error_message", *_SIZES, "sha256", "exif")
 
 HASHES = Table("work/hash/*.parquet", "output_dir", "hash", {"uid": _I64, "phash": pl.UInt64()})
+HASH_MEMBERS = Table("work/hash-members.parquet", "output_dir", "hash", {"part": _I64, "key": _STR, "uid": _I64})
 DEDUP_DECISIONS = Table("work/dedup/decisions.parquet", "output_dir", "dedup", DECISION_SCHEMA)
 SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
     **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
@@ -180,7 +181,7 @@ REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA,
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    DOWNLOAD_PLAN, ATTEMPTS, HASHES, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
+    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.

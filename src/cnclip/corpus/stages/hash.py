@@ -12,10 +12,10 @@ from typing import Iterator, NamedTuple
 
 import polars as pl
 
-from cnclip.corpus.manifests.schemas import HASHES
+from cnclip.corpus.manifests.schemas import HASH_MEMBERS, HASHES
 from cnclip.corpus.ops.phash import iter_tar_images, phash_bytes
 from cnclip.corpus.runtime import storage
-from cnclip.corpus.runtime.commit import is_committed, remove_part
+from cnclip.corpus.runtime.commit import is_committed
 from cnclip.corpus.runtime.engine import Engine, default_engine
 from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
@@ -24,9 +24,8 @@ from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 HASH_VERSION = "phash-draft-v1"  # bump when hash values change, so hash parts are recomputed
 
 
-# A download part's members: its successes, the tar member key and the uid of each. Written
-# sorted by part, so a task reading one part's rows skips the others' row groups.
-MEMBERS_SCHEMA = {"part": pl.Int64, "key": pl.String, "uid": pl.Int64}
+# A download part's members (HASH_MEMBERS): its successes, the tar member key and the uid of
+# each. Written sorted by part, so a task reading one part's rows skips the others' row groups.
 _MEMBERS = "SELECT part, key, uid FROM attempts WHERE status = 'success' ORDER BY part, uid"
 _PARTS = "SELECT part FROM attempts GROUP BY part ORDER BY part"
 
@@ -35,7 +34,7 @@ class HashTask(NamedTuple):
     """One download part's work; its members are read by the task, not shipped by the driver."""
 
     tar: Path | str
-    members: Path | str  # the members table (MEMBERS_SCHEMA) of every part
+    members: Path | str  # the members table (HASH_MEMBERS) of every part
     out: Path | str  # the hash part
     part: int
 
@@ -72,7 +71,7 @@ def hash_download_part(task: HashTask) -> int:
 
 def members_path(hash_dir: Path | str) -> Path | str:
     """Beside hash_dir (`work/hash-members.parquet`): hash_dir's files are the hash parts dedup
-    scans. A file of the running stage only: removed once its tasks are done."""
+    scans."""
     return Path(f"{hash_dir}-members.parquet") if isinstance(hash_dir, Path) else f"{hash_dir}-members.parquet"
 
 
@@ -89,18 +88,15 @@ def run_hash_stage(download_dir: Path | str, hash_dir: Path | str, processes: in
                    engine: Engine | None = None) -> dict:
     """One task per download part of the attempts table (their latest attempts only) not hashed
     yet; `processes` overrides the engine's. The members table is written afresh before the tasks
-    (one a killed run left may predate the attempts) and removed after them."""
+    (one a killed run left may predate the attempts)."""
     engine = engine or default_engine()
     storage.make_dirs(hash_dir)
     tasks = _tasks(engine, download_dir, hash_dir) if has_attempts(download_dir) else []
     todo = [t for t in tasks if not is_committed(t.out)]
     if todo:
         attempts = engine.scan([attempts_path(download_dir)])
-        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), MEMBERS_SCHEMA)
-    try:
-        engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
-    finally:
-        remove_part(members_path(hash_dir))  # its marker too, on an object store
+        engine.write(engine.sql(_MEMBERS, attempts=attempts), members_path(hash_dir), HASH_MEMBERS)
+    engine.map_parts(hash_download_part, todo, "hash: pHash of stored images", processes)
     return {"parts": len(tasks)}
 
 
@@ -116,7 +112,7 @@ class HashStage(Stage):
         return [HASH_VERSION]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.hash_dir,)
+        return (layout.hash_dir, members_path(layout.hash_dir))
 
     def run(self, context: StageContext) -> dict:
         layout = context.layout
