@@ -52,7 +52,9 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     # Without the guard img2dataset decodes all 400M pixels before its own area check.
     unguarded = probe(bomb, "plain")
     assert unguarded["error"] == "image area too large"
-    assert unguarded["grew_mib"] > 200  # ~380 MiB of pixels; ru_maxrss deltas vary with the allocator
+    # ~380 MiB of pixels; the ru_maxrss delta has read 180-380 MiB across runs of the whole suite
+    # (the allocator and the kernel's page handling), always far above the guarded case's < 50.
+    assert unguarded["grew_mib"] > 150
 
 
 WORST_IMAGE_PROBE = r"""
