@@ -173,7 +173,7 @@ def test_a_spark_recipe_without_pyspark_stops_the_cli_with_one_line_writing_noth
 
 
 @pytest.mark.parametrize("master", ["local", "local[2]", "local[*]", "spark://head-node:7077", "yarn",
-                                    "k8s://https://10.0.0.1:6443"])
+                                    "k8s://https://127.0.0.1:6443"])
 def test_spark_masters_a_session_can_be_built_for(master):
     assert engine_block(kind="spark", master=master).master == master
 
