@@ -21,7 +21,8 @@ What runs where:
 
 Every path the stages hand over must be readable and writable by every executor under the same
 absolute path (tasks open the parts with polars and tarfile, not through Spark): on local[N] this
-machine's disk; on a cluster a folder they all mount (NFS, or HDFS/S3/GCS through a FUSE mount).
+machine's disk; on a cluster one POSIX folder they all mount at the same path, with atomic rename
+(NFS, a mounted HDFS); object-store FUSE mounts have no atomic rename (README, Spark).
 """
 
 from __future__ import annotations
