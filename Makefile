@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo lint test test-fast mutation bench clean
+.PHONY: install chromium demo lint test test-fast mutation bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,19 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
 
-test: lint
+test: lint chromium
 	$(BIN)/pytest -q
+
+# The browser tests render pages in headless Chromium: Debian's package, installed when missing
+# (as root through apt-get; otherwise the tests say they cannot find it and how to install it).
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+chromium:
+	@if [ -z "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: the browser tests will fail; install it (apt-get install chromium) or run pytest -m 'not browser'"; fi; \
+	fi
 
 # While iterating: everything but the end-to-end builds.
 test-fast: $(STAMP)

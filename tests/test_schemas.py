@@ -99,8 +99,10 @@ def test_every_file_a_build_writes_has_its_declared_schema(built):
             assert written.get(path) == table.name, relative  # validated when written, as this table
             covered.add(table.name)
     assert unknown == []
-    # Every table but the crawl's pairs (no html or warc source here) was written and checked.
-    assert covered == {t.name for t in TABLES} - {"work/crawl/*.parquet"}
+    # Every table but the crawl's pairs (no html or warc source here) and the embeddings (no embed
+    # section) was written and checked.
+    assert covered == {t.name for t in TABLES} - {"work/crawl/*.parquet", "work/embed/*.parquet",
+                                                  "embeddings/*.parquet"}
     # The bad line made the ingest part carry the optional verdict columns, typed as declared.
     ingest = pl.read_parquet(recipe.output_dir / "work" / "ingest" / "000-00000.parquet")
     assert ingest.filter(pl.col("reason").is_not_null()).select("row", "reason", "detail").rows() == [
@@ -214,6 +216,9 @@ def readme_table(heading: str) -> list[list[str]]:
 
 
 def type_name(dtype: pl.DataType) -> str:
+    """As the README names types; an embedding (an array of the model's width) is `float16[width]`."""
+    if isinstance(dtype, pl.Array):
+        return f"{type_name(dtype.inner)}[width]"
     return str(dtype).lower()
 
 
@@ -230,7 +235,7 @@ def test_the_work_files_readme_table_is_the_schemas():
     for file, stage, columns, _ in readme_table("Work files"):
         items = columns.split(", ")
         keep = items[-1] == "*keep_columns*"
-        parsed = [re.fullmatch(r"`(\w+)` (\w+)(\??)", item) for item in items[: len(items) - keep]]
+        parsed = [re.fullmatch(r"`(\w+)` ([\w\[\]]+)(\??)", item) for item in items[: len(items) - keep]]
         assert all(parsed), columns
         documented[file.strip("`")] = (stage, keep, [m.groups() for m in parsed])
     declared = {

@@ -176,12 +176,24 @@ SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
     **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
     "phash": pl.UInt64(), "position": _I64, "shard": _I64, "key": _STR,
 }, keep_columns=True)
+# Embeddings (embed stage; cnclip/embed/store.py reads and writes them): one row per sample that
+# survived dedup, its image's and its caption's embedding by the recipe's embed model, of unit
+# length, stored float16. The width is the model's: `store.embeddings_table(width)` is this table
+# at that width (512 below only declares the type). Work parts follow the download parts; the
+# published ones follow the shards and carry the sample's key (and `clip_score`, their cosine).
+_EMBEDDING = pl.Array(pl.Float16(), 512)
+EMBEDDINGS = Table("work/embed/*.parquet", "output_dir", "embed",
+                   {"uid": _I64, "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING})
+PUBLISHED_EMBEDDINGS = Table("embeddings/*.parquet", "manifest_dir", "shard", {
+    "key": _STR, "uid": _I64, "clip_score": pl.Float32(), "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING,
+}, ordered=True)
 SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, keep_columns=True, ordered=True)
 REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, keep_columns=True, ordered=True)
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
+    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, SHARD_PLAN, SAMPLES, REJECTED,
+    PUBLISHED_EMBEDDINGS,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.
