@@ -176,6 +176,28 @@ def test_funnel_and_stats(demo_build):
     assert elapsed < 120
 
 
+def test_stats_table_goes_to_stdout_and_errors_to_stderr(demo_build, tmp_path):
+    """`cnclip corpus stats DIR > file` keeps the tables; a bad folder's error is not in the file."""
+    import subprocess
+    import sys
+
+    recipe, funnel, _ = demo_build
+    out = tmp_path / "stats.txt"
+    with open(out, "w", encoding="utf-8") as stream:
+        done = subprocess.run([sys.executable, "-m", "cnclip.cli", "corpus", "stats", str(recipe.manifest_dir)],
+                              stdout=stream, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    text = out.read_text(encoding="utf-8")
+    assert f"{funnel['samples']} samples, {sum(funnel['rejected_by_reason'].values())} rejected" in text
+    assert f"corpus: {recipe.manifest_dir}" in text
+    for reason, count in funnel["rejected_by_reason"].items():
+        assert any(f"rejected {reason}" in line and line.rstrip(" │").endswith(str(count)) for line in text.splitlines())
+    missing = subprocess.run([sys.executable, "-m", "cnclip.cli", "corpus", "stats", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith("error: ") and "no samples/ or rejected/ manifests" in missing.stderr
+
+
 def test_metadata_source_over_loopback(tmp_path, web_root, web, make_recipe):
     (web_root / "img").mkdir()
     rows = []

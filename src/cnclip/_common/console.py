@@ -11,6 +11,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False)
+# What a command prints as its result (`corpus stats`), so `cnclip ... > file` captures it; the
+# progress, warnings and errors stay on stderr.
+stdout_console = Console(highlight=False)
+# `-h` as well as `--help` on every command (Typer apps take it as context_settings).
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
 def _quiet() -> bool:

@@ -12,13 +12,13 @@ from typing import Optional
 
 import typer
 
-from cnclip._common.console import error
+from cnclip._common.console import HELP_OPTIONS, error
 from cnclip._common.errors import CnclipError
 from cnclip._common.strict import validate_mapping
 from cnclip.corpus.recipe import ImageSettings, RecipeError, load_recipe
 
 app = typer.Typer(help="Build Chinese image-text corpora: ingest, text, download, dedup, shard.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+                  context_settings=HELP_OPTIONS, pretty_exceptions_show_locals=False)
 
 RecipeArg = typer.Argument(..., help="corpus recipe (YAML), e.g. recipes/demo.yaml", exists=False)
 

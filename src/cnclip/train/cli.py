@@ -14,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cnclip._common.console import error
+from cnclip._common.console import HELP_OPTIONS, error
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.strict import validate_mapping
 from cnclip.train.config import ConfigError, load_config
 
 app = typer.Typer(help="Train, evaluate and export Chinese CLIP models.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+                  context_settings=HELP_OPTIONS, pretty_exceptions_show_locals=False)
 # Errors a user can fix (bad config, missing shards or weights, a file that is not a checkpoint):
 # one line each, exit code 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CnclipError,)

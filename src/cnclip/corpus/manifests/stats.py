@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
-from cnclip._common.console import console, warn
+from cnclip._common.console import stdout_console, warn
 from cnclip._common.errors import CnclipError
 from cnclip.corpus.manifests.funnel import funnel_table, scan_manifest
 from cnclip.corpus.manifests.integrity import as_location, damaged_files, location_in
@@ -76,11 +76,12 @@ def _disagreements(manifest_dir: Path | str, stats: dict) -> list[str]:
 
 
 def print_stats(stats: dict) -> None:
+    """The tables on stdout (the command's result: `stats > file` keeps them); problems on stderr."""
     if "funnel" in stats:
         table = funnel_table(stats["funnel"])
         if stats.get("problems"):
             table.title += ", as built (funnel.json); the disk differs, see below"
-        console.print(table)
+        stdout_console.print(table)
     table = Table(title=f"corpus: {stats['manifest_dir']}")
     table.add_column("measure")
     table.add_column("value")
@@ -94,6 +95,6 @@ def print_stats(stats: dict) -> None:
             table.add_row(name.replace("_", " "), quantiles)
     for reason, count in stats.get("rejected_by_reason", {}).items():
         table.add_row(f"rejected {reason}", str(count))
-    console.print(table)
+    stdout_console.print(table)
     for problem in stats.get("problems", []):
         warn(problem)
