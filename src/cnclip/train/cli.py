@@ -114,8 +114,9 @@ def evaluate(
     import torch
 
     from cnclip.train.config import EvalSet
-    from cnclip.train.evaluate import evaluate_set
+    from cnclip.train.evaluate import evaluate_set, expected_samples
     from cnclip.train.factory import load_model_from_checkpoint, transforms
+    from cnclip.train.progress import TrainProgress
 
     if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
         error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")
@@ -131,8 +132,13 @@ def evaluate(
         eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
                                               "data": data, "max_samples": max_samples, "classnames": classnames,
                                               "templates": templates}, "cnclip eval", ConfigError)
-        metrics = evaluate_set(model, tokenizer, eval_set, transforms(model)[1], device=dev, precision=precision,
-                               batch_size=batch_size)
+        progress = TrainProgress()
+        try:
+            with progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
+                metrics = evaluate_set(model, tokenizer, eval_set, transforms(model)[1], device=dev,
+                                       precision=precision, batch_size=batch_size, on_batch=advance)
+        finally:
+            progress.close()
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None

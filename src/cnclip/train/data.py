@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from cnclip._common.console import warn
 from cnclip._common.mainguard import default_start_method, require_main_guard
 from cnclip.train.config import DataSettings
 
@@ -52,7 +52,7 @@ def unwrap_worker_error(err: DataError) -> DataError:
 
 
 def _warn_and_continue(exn: Exception) -> bool:
-    logging.warning("skipping unreadable shard data: %s", str(exn)[:200])
+    warn(f"skipping unreadable shard data: {str(exn)[:200]}")
     return True
 
 

@@ -43,12 +43,16 @@ def autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def embed_eval_set(model, tokenizer: Callable, patterns: Sequence[str], transform: Callable, *,
                    device: torch.device, precision: str = "fp32", batch_size: int = 256,
-                   max_samples: Optional[int] = None, origin: str = "eval") -> dict:
-    """Normalized image and caption embeddings, the caption->image map and the class labels."""
+                   max_samples: Optional[int] = None, origin: str = "eval",
+                   on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Normalized image and caption embeddings, the caption->image map and the class labels;
+    `on_batch(samples)` after each batch of images (a progress bar)."""
     image_feats, groups, labels, texts, text_image = [], {}, [], [], []
     with autocast(device, precision):
         for batch in eval_batches(patterns, transform, batch_size, max_samples, origin):
             feats = model.encode_image(batch.images.to(device), normalize=True).float()
+            if on_batch is not None:
+                on_batch(len(batch.captions))
             for feat, caps, group, label in zip(feats, batch.captions, batch.groups, batch.labels, strict=True):
                 if group not in groups:
                     groups[group] = len(groups)
@@ -120,15 +124,30 @@ def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labe
     return out
 
 
+def expected_samples(eval_set: EvalSet) -> Optional[int]:
+    """How many samples evaluating the set reads, where the sizes.json beside its shards says (a
+    progress bar's total); None when unknown."""
+    from cnclip.train.shards import count_samples, expand_patterns
+
+    try:
+        total = count_samples(expand_patterns(eval_set.patterns, f"eval.sets[{eval_set.name}]"), None)
+    except (DataError, OSError, ValueError):
+        return None  # the evaluation itself reports what is wrong with the set
+    if total is None or eval_set.max_samples is None:
+        return total
+    return min(total, eval_set.max_samples)
+
+
 def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Callable, *, device: torch.device,
-                 precision: str = "fp32", batch_size: int = 256) -> dict:
+                 precision: str = "fp32", batch_size: int = 256,
+                 on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """One configured eval set -> its metrics (keys prefixed by nothing; the caller names the set)."""
     was_training = model.training
     model.eval()
     try:
         emb = embed_eval_set(model, tokenizer, eval_set.patterns, transform, device=device, precision=precision,
                              batch_size=batch_size, max_samples=eval_set.max_samples,
-                             origin=f"eval.sets[{eval_set.name}]")
+                             origin=f"eval.sets[{eval_set.name}]", on_batch=on_batch)
         if eval_set.kind == "retrieval":
             if emb["texts"].shape[0] == 0:
                 raise DataError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "

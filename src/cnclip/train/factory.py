@@ -6,6 +6,7 @@ Kept apart from loop.py so evaluation and export can rebuild a model without the
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Union
 
@@ -13,6 +14,7 @@ import torch
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from cnclip._common.library_log import weights_loaded_after
 from cnclip.train import checkpoint as ckpt
 from cnclip.train.config import ConfigError, TrainConfig
 from cnclip.train.data import ShardSet, read_captions, scan_samples
@@ -44,10 +46,13 @@ def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
 
 
 def build_model(cfg: TrainConfig, tokenizer: ChineseTokenizer, device: torch.device, initialise: bool = True):
-    model, model_cfg = create_model(
-        cfg.model, vocab_size=tokenizer.vocab_size, workdir=Path(cfg.output_dir),
-        text_init=cfg.init.text if initialise else None, context_length=cfg.tokenizer.context_length,
-        quick_gelu=cfg.quick_gelu)
+    """The config's model; `initialise`: with its init weights (False: a checkpoint's come next)."""
+    loaded_after = not initialise or cfg.init.image is not None or cfg.init.clip is not None
+    with weights_loaded_after() if loaded_after else contextlib.nullcontext():
+        model, model_cfg = create_model(
+            cfg.model, vocab_size=tokenizer.vocab_size, workdir=Path(cfg.output_dir),
+            text_init=cfg.init.text if initialise else None, context_length=cfg.tokenizer.context_length,
+            quick_gelu=cfg.quick_gelu)
     if initialise and cfg.init.image is not None:
         load_image_tower(model, cfg.init.image)
     if initialise and cfg.init.clip is not None:

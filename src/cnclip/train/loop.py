@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -26,14 +25,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from cnclip._common.console import warn
 from cnclip._common.errors import disk_errors
+from cnclip._common.library_log import library_log
 from cnclip._common.mainguard import default_start_method, require_main_guard
 from cnclip.train import checkpoint as ckpt
 from cnclip.train import rundir
 from cnclip.train.config import ConfigError, TrainConfig
 from cnclip.train.data import DataError, DataPosition, resolve_train_shards, train_loader, unwrap_worker_error
 from cnclip.train.distributed import Runtime, seed_everything
-from cnclip.train.evaluate import autocast, evaluate_set
+from cnclip.train.evaluate import autocast, evaluate_set, expected_samples
 from cnclip.train.factory import build_model, build_tokenizer, transforms
 from cnclip.train.runlog import RunLog
 from cnclip.train.tokenizer import ChineseTokenizer
@@ -147,7 +148,7 @@ class Trainer:
                     "RNG states and data streams start fresh")
             self.log.event("resume", checkpoint=str(resume), note=note)
             if self.rt.main:
-                logging.warning("%s: %s", resume, note)
+                warn(f"{resume}: {note}")
         self.samples_seen = state["samples_seen"] if state else 0
         self.history = state["history"] if continuing else {"best": None, "bad": 0, "evals": 0}
         position, seed = None, self.cfg.seed
@@ -163,8 +164,14 @@ class Trainer:
         # The steps since the last log line (an exact resume logs the same averages).
         saved = state.get("log_window") if per_rank and continuing else None
         self._resumed_window = saved[self.rt.rank] if saved else None
+        try:
+            return self._run_stages(stages, state, continuing, start_step, stop_after)
+        finally:
+            self.log.close()  # the progress bars too, on an error as well
+
+    def _run_stages(self, stages: list[int], state: Optional[dict], continuing: bool, start_step: int,
+                    steps_left: Optional[int]) -> dict:
         summary = {"stages": {}, "output_dir": str(self.out)}
-        steps_left = stop_after
         for number in stages:
             first = number == stages[0]
             result = self._run_stage(number, state if continuing and first else None, start_step if first else 0,
@@ -177,7 +184,6 @@ class Trainer:
                 break
             if steps_left is not None:
                 steps_left -= result["steps_run"]
-        self.log.close()
         return summary
 
     def _run_stage(self, stage: int, state: Optional[dict], step: int, steps_left: Optional[int],
@@ -199,6 +205,7 @@ class Trainer:
         result = {"stage": stage, "total_steps": total, "start_step": step, "losses": [], "evals": [],
                   "stopped": False, "steps_run": 0, "trainable": sum(p.numel() for p in model.parameters()
                                                                       if p.requires_grad)}
+        self.log.progress.stage(stage, step, total)
         if step == 0 and eval_at_start and self.cfg.eval.sets and self.cfg.eval.at_start:
             result["evals"].append(self._evaluate(stage, 0))
         self._open_window(self._resumed_window if state is not None else None)
@@ -219,6 +226,7 @@ class Trainer:
             result["steps_run"] += 1
             self.samples_seen += self.global_batch
             self.window.append(loss)  # a detached tensor: no device sync until the log line
+            self.log.progress.step(step)
             if step % self.cfg.log_every == 0 or step == total:
                 self._log_train(stage, step, scheduler, result)
             if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < total:
@@ -322,10 +330,12 @@ class Trainer:
         record = {"stage": stage, "step": step, "sets": {}}
         if self.rt.main:
             for eval_set in self.cfg.eval.sets:
-                metrics = evaluate_set(self.model, self.tokenizer, eval_set, self.val_transform, device=self.rt.device,
-                                       precision=self.cfg.precision, batch_size=self.cfg.eval.batch_size)
+                with self.log.progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
+                    metrics = evaluate_set(self.model, self.tokenizer, eval_set, self.val_transform,
+                                           device=self.rt.device, precision=self.cfg.precision,
+                                           batch_size=self.cfg.eval.batch_size, on_batch=advance)
                 record["sets"][eval_set.name] = metrics
-                self.log.eval(stage=stage, step=step, name=eval_set.name, metrics=metrics)
+                self.log.eval(stage=stage, step=step, name=eval_set.name, metrics=metrics, samples=self.samples_seen)
         record = self.rt.broadcast(record)
         set_stage_mode(self.model, stage)
         return record
@@ -394,5 +404,9 @@ def train(cfg: TrainConfig, stage: str = "all", resume: Optional[Union[str, Path
         rundir.apply_plan(cfg, plan)
     if runtime.distributed:
         dist.barrier()
-    with disk_errors():  # an unwritable output_dir or a full disk is one line, not a traceback
-        return Trainer(cfg, runtime).run(stage, plan.resume, stop_after)
+    # An unwritable output_dir or a full disk is one line, not a traceback; what open_clip,
+    # transformers and webdataset log goes to the run's libraries.log, not the terminal.
+    with disk_errors():
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        with library_log(Path(cfg.output_dir) / rundir.LIBRARY_LOG):
+            return Trainer(cfg, runtime).run(stage, plan.resume, stop_after)

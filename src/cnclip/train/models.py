@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,7 +25,9 @@ import torch
 from torch import nn
 
 from cnclip._common.atomic import atomic_path, write_json_atomic
+from cnclip._common.console import warn
 from cnclip._common.errors import CnclipError
+from cnclip._common.library_log import weights_loaded_after
 
 ZOO_DIR = Path(__file__).parent / "model_configs"
 _EXTRA_KEYS = ("_comment", "hf_text_config")
@@ -158,7 +159,7 @@ def _use_sdpa(model: nn.Module) -> None:
         try:
             transformer.set_attn_implementation("sdpa")
         except (ValueError, ImportError) as err:  # an architecture without SDPA support
-            logging.warning("text tower keeps its default attention: %s", err)
+            warn(f"text tower keeps its default attention: {err}")
 
 
 def rebuild_model(model_cfg: dict, workdir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -169,7 +170,8 @@ def rebuild_model(model_cfg: dict, workdir: Union[str, Path], device: Union[str,
         text_dir = write_text_tower_dir(Path(workdir) / "text_tower", spec, spec["vocab_size"]).resolve()
         cfg["text_cfg"]["hf_model_name"] = cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
     name = register(cfg, Path(workdir))
-    model = open_clip.create_model(name, pretrained_text=False, device=device)
+    with weights_loaded_after():  # the caller loads the checkpoint's weights
+        model = open_clip.create_model(name, pretrained_text=False, device=device)
     _use_sdpa(model)
     return model
 

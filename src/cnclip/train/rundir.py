@@ -1,6 +1,9 @@
 """A run folder (`output_dir`) that reruns like a corpus build.
 
-When a run starts it records its resolved config in `<output_dir>/run.json`. Training the same
+When a run starts it records its resolved config in `<output_dir>/run.json`, with the versions of
+Python and of the packages that shape its results (`versions`, outside the fingerprint: a rerun
+of the same config under upgraded packages still resumes, and the record keeps the versions the
+run started with). Training the same
 config into that folder again resumes the run from its latest checkpoint, or, when the requested
 stages are done, says so and writes nothing. A folder holding a run of another config (or run
 files without a `run.json`) is refused unless `fresh`, which removes only what a run writes there
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ from cnclip.train.config import TrainConfig
 
 RECORD = "run.json"
 RECORD_FORMAT = "cnclip-run-1"
-RUN_FILES = ("log.jsonl", "vocab.txt", RECORD)  # beside them: the corpus vocab, the log, the record
+LIBRARY_LOG = "libraries.log"  # what open_clip, transformers and webdataset log (library_log.py)
+RUN_FILES = ("log.jsonl", "vocab.txt", RECORD, LIBRARY_LOG)  # beside them: the corpus vocab, the logs, the record
 RUN_DIRS = ("tensorboard", "text_tower", "model_configs")
 CHECKPOINT_NAME = re.compile(r"stage(\d+)-(final|step\d{8})\.pt")
 
@@ -43,7 +48,27 @@ class RunPlan:
     write_record: bool = False  # run.json is absent or belongs to the removed run
 
 
+# Distributions whose versions a run records (import names differ: open_clip is open_clip_torch).
+VERSIONED = ("cnclip", "torch", "torchvision", "open_clip_torch", "transformers", "webdataset", "numpy", "pillow",
+             "polars", "img2dataset", "safetensors", "tensorboard")
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    """Python's and each VERSIONED distribution's version (None where it is not installed), read
+    from the installed metadata so nothing is imported for it."""
+    from importlib import metadata
+
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def config_record(cfg: TrainConfig) -> dict:
+    """What identifies a run: its resolved config and that config's fingerprint."""
     resolved = json.loads(cfg.model_dump_json())
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:20]
     return {"format": RECORD_FORMAT, "fingerprint": digest, "config": resolved}
@@ -133,6 +158,6 @@ def apply_plan(cfg: TrainConfig, plan: RunPlan) -> None:
             else:
                 path.unlink(missing_ok=True)
         if plan.write_record:
-            write_json_atomic(out / RECORD, config_record(cfg))
+            write_json_atomic(out / RECORD, {**config_record(cfg), "versions": package_versions()})
     except OSError as err:
         raise RunDirError(f"output_dir: cannot write {out} ({err.strerror or err})") from None
