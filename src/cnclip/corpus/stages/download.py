@@ -147,7 +147,14 @@ def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: in
                       config.lanes_per_host, recipe.download.samples_per_part, first_part)
     arguments = img2dataset_arguments(recipe)
     with serve_sample_webs(recipe), _parts_progress(layout.download_dir, plan):
-        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes, engine)
+        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes, engine,
+                         log=download_log(layout))
+
+
+def download_log(layout: BuildLayout) -> Path | None:
+    """Where img2dataset's own prints go: `work/download.log`, appended by every attempt (None on
+    a URL work_dir: nothing local to append to)."""
+    return None if storage.is_url(layout.work) else Path(layout.work) / "download.log"
 
 
 @contextlib.contextmanager

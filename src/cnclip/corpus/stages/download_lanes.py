@@ -14,6 +14,10 @@ inputs, after them; a resumed run reuses it and redoes only the parts without im
 `_stats.json`, as img2dataset's incremental mode would. On a URL work_dir img2dataset writes
 its parts through fsspec; each of its files is one object, whole once it is there, and the
 stats file, written last, is what commits a part.
+
+What img2dataset prints in a lane (a failed sample's traceback, its messages) is appended to the
+build's `work/download.log`, not the terminal: the lane's stdout and stderr descriptors point
+there while it downloads (library_log.output_to). A URL work_dir has no local file for it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Optional
 import polars as pl
 
 from cnclip._common.atomic import atomic_path
+from cnclip._common.library_log import output_to
 from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.runtime import storage
@@ -114,6 +119,7 @@ class LaneTask:
     arguments: dict  # img2dataset_arguments(recipe)
     config: GuardConfig
     parent: Optional[int] = None  # the build's pid, when the lane runs in a worker of its own
+    log: Optional[str] = None  # where img2dataset's prints go (None: left on the terminal)
 
 
 def _downloader(arguments: dict):
@@ -157,14 +163,20 @@ def _exit_with_parent(parent: int) -> None:
 def run_lane(task: LaneTask) -> dict[str, int]:
     """One worker: the guarded opener installed, then each part not yet done (img2dataset
     retries a part that raised once, as its max_shard_retry default)."""
-    from cnclip.corpus.net.opener import guarded_urlopen
-
     if task.parent is not None:
         _exit_with_parent(task.parent)
     # Set here too: a lane on a cluster's executor does not inherit the build's environment.
     if math.isfinite(task.arguments["max_image_area"]):
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(task.arguments["max_image_area"]))
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    with output_to(task.log, f"download lane {task.lane} (pid {os.getpid()}), parts {list(task.parts)}"):
+        return _download_parts(task)
+
+
+def _download_parts(task: LaneTask) -> dict[str, int]:
+    """The lane's parts not yet done, img2dataset's imports included (what they print is logged)."""
+    from cnclip.corpus.net.opener import guarded_urlopen
+
     downloader = _downloader(task.arguments)
     output = task.arguments["output_folder"]
     with guarded_urlopen(task.config) as policy:
@@ -179,25 +191,29 @@ def run_lane(task: LaneTask) -> dict[str, int]:
         return policy.stats()
 
 
-def lane_tasks(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig) -> list[LaneTask]:
+def lane_tasks(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
+               log: Optional[Path | str] = None) -> list[LaneTask]:
     lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
-    return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config) for lane, parts in lanes]
+    log = None if log is None else str(log)
+    return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config, log=log) for lane, parts in lanes]
 
 
 def run_lanes(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
-              processes: int, engine: Engine | None = None) -> dict[str, int]:
+              processes: int, engine: Engine | None = None, log: Optional[Path | str] = None) -> dict[str, int]:
     """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
     counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
     it loads, and the installed opener is process-wide, so neither may come from the caller's
     process (a second build in the same Python with another pixel limit, the caller's own urllib).
-    An engine with isolated maps (Spark) runs each lane as a task of its own, in a process it starts."""
+    An engine with isolated maps (Spark) runs each lane as a task of its own, in a process it starts.
+    `log`: the file img2dataset's prints go to (a local path every lane's process can write)."""
     storage.make_dirs(arguments["output_folder"])
     totals: collections.Counter = collections.Counter()
     if isinstance(engine, IsolatedMaps):
-        for stats in engine.map_isolated(run_lane, lane_tasks(plan, input_dir, arguments, config), "download: lanes"):
+        tasks = lane_tasks(plan, input_dir, arguments, config, log)
+        for stats in engine.map_isolated(run_lane, tasks, "download: lanes"):
             totals.update(stats)
         return dict(sorted(totals.items()))
-    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config)]
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config, log)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
         for stats in pool.map(run_lane, tasks):
