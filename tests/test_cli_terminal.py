@@ -1,6 +1,7 @@
 """What the terminal shows: `--version`, `-h`, and the results on stdout (diagnostics on stderr)."""
 
 import importlib.metadata
+import io
 import os
 import subprocess
 import sys
@@ -94,6 +95,11 @@ def test_a_build_keeps_img2dataset_chatter_off_the_terminal(tmp_path):
     assert done.returncode == 0, done.stderr
     terminal = done.stdout + done.stderr
     assert "download: img2dataset parts" in terminal and "funnel: quiet" in terminal  # cnclip's own lines
+    assert "{'" not in terminal  # stage summaries are tables, not Python dicts
+    summary = terminal[terminal.index("build quiet: done in"):].splitlines()
+    assert summary[1].split() == ["shards", str(tmp_path / "out" / "shards")]  # whole paths, one a line
+    assert summary[2].split() == ["manifests", str(tmp_path / "manifests")]
+    assert summary[3].split() == ["img2dataset's", "output", str(tmp_path / "out" / "work" / "download.log")]
     for chatter in ("bwm-ng", "img2dataset bar", "img2dataset log record", "C-level write"):
         assert chatter not in terminal, chatter
     log = (tmp_path / "out" / "work" / "download.log").read_text()
@@ -105,3 +111,29 @@ def test_a_build_keeps_img2dataset_chatter_off_the_terminal(tmp_path):
     for chatter in ("bwm-ng", "img2dataset log record", "img2dataset C-level write"):
         assert log.count(chatter) == parts, chatter  # once per part downloaded
     assert "img2dataset bar: 100%" in log and "2/2" in log
+
+
+def rendered(table) -> list[list[str]]:
+    from rich.console import Console
+
+    screen = Console(file=io.StringIO(), width=100)
+    screen.print(table)
+    return [line.split() for line in screen.file.getvalue().splitlines()]
+
+
+def test_stage_summaries_are_small_tables():
+    from cnclip.corpus.stages.dedup import DedupStage
+    from cnclip.corpus.stages.download import DownloadStage
+
+    download = rendered(DownloadStage().report({
+        "by_status": {"failed_to_download": 11, "success": 256}, "retries": 0,
+        "guard": {"network:blocked": 2, "ok": 265}}))
+    assert download[0] == ["download:", "267", "rows", "attempted"]
+    assert download[1] == ["status", "(guard:", "requests)", "count"]
+    assert download[3:] == [["failed_to_download", "11"], ["success", "256"], ["guard:", "network:blocked", "2"],
+                            ["guard:", "ok", "265"]]
+    dedup = rendered(DedupStage().report({"dropped": {"dedup:exact_duplicate": 2, "dedup:near_duplicate": 4},
+                                          "eval_images": 0}))
+    assert dedup[0] == ["dedup:", "6", "rows", "dropped"]
+    assert dedup[3:] == [["dedup:exact_duplicate", "2"], ["dedup:near_duplicate", "4"]]
+    assert DedupStage().report({"dropped": {}, "eval_images": 0}) == "dedup: dropped nothing"

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from rich.markup import escape
+
 from cnclip._common.console import info
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
@@ -258,6 +260,19 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
         funnel = json.loads(storage.read_text(context.layout.funnel_path))
     if show_funnel:
         print_funnel(funnel)
-    info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "
-         f"{recipe.manifest_dir}")
+    info(_build_summary(recipe, time.monotonic() - started))
     return funnel
+
+
+def _build_summary(recipe: Recipe, seconds: float) -> str:
+    """Where the build's results and its libraries' log are: the lines a build ends with (whole
+    paths, one a line, so each can be copied)."""
+    from cnclip.corpus.stages.download import download_log
+
+    rows = [("shards", storage.join(str(recipe.output_dir), "shards")), ("manifests", recipe.manifest_dir)]
+    log = download_log(BuildLayout.of(recipe))
+    if log is not None and log.exists():
+        rows.append(("img2dataset's output", log))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([f"build {recipe.name}: done in {seconds:.0f} s"] +
+                     [f"  {label:<{width}}  {escape(str(path))}" for label, path in rows])

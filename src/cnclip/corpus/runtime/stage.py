@@ -26,6 +26,8 @@ from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.state import StageState, fingerprint
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from cnclip.corpus.recipe import Recipe
     from cnclip.corpus.runtime.engine import Engine, Table
 
@@ -55,8 +57,9 @@ class Stage:
     def run(self, context: StageContext) -> dict:
         raise NotImplementedError
 
-    def report(self, summary: dict) -> str | None:
-        """One line for the console after the stage ran or was skipped (None: nothing)."""
+    def report(self, summary: dict) -> str | RenderableType | None:
+        """One line, or a small table (console.summary_table), for the console after the stage ran
+        or was skipped (None: nothing)."""
         return None
 
     def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:

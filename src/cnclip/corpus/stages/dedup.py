@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
+from cnclip._common.console import summary_table
 from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS, HASHES
 from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
@@ -98,8 +99,11 @@ class DedupStage(Stage):
     def run(self, context: StageContext) -> dict:
         return run_dedup_stage(context.recipe, context.engine)
 
-    def report(self, summary: dict) -> str:
-        return f"dedup: dropped {summary['dropped'] or 'nothing'}"
+    def report(self, summary: dict):
+        if not summary["dropped"]:
+            return "dedup: dropped nothing"
+        return summary_table(f"dedup: {sum(summary['dropped'].values())} rows dropped", summary["dropped"].items(),
+                             ("reason", "rows"))
 
     def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:
         if tables["attempts"] is None:  # nothing downloaded: nothing to drop (and no decisions read)

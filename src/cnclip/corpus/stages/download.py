@@ -19,7 +19,7 @@ from typing import Iterator
 import polars as pl
 
 from cnclip._common.atomic import remove_temporaries
-from cnclip._common.console import info, stage_progress
+from cnclip._common.console import info, stage_progress, summary_table
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.net.uri import to_uri
@@ -256,8 +256,12 @@ class DownloadStage(Stage):
     def run(self, context: StageContext) -> dict:
         return run_download_stage(context.recipe, context.engine)
 
-    def report(self, summary: dict) -> str:
-        return f"download: {sum(summary['by_status'].values())} attempted, by status: {summary['by_status']}"
+    def report(self, summary: dict):
+        """img2dataset's rows by status, then the network guard's requests by outcome."""
+        rows = [(status, count) for status, count in summary["by_status"].items()]
+        rows += [(f"guard: {outcome}", count) for outcome, count in summary.get("guard", {}).items()]
+        return summary_table(f"download: {sum(summary['by_status'].values())} rows attempted", rows,
+                             ("status (guard: requests)", "count"))
 
     def rejects(self, layout: BuildLayout, engine: Engine, tables: dict[str, Table]) -> list[tuple[str, Table]]:
         accepted, attempts = tables["accepted"], tables["attempts"]
