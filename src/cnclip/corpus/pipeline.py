@@ -220,6 +220,16 @@ def clean(recipe: Recipe | str | Path) -> None:
             remove_owned(layout, recipe.name, forget=True)
 
 
+def _write_report(recipe: Recipe, layout: BuildLayout) -> Path | None:
+    """The corpus report beside the local manifests (None where the build wrote them to a URL)."""
+    if layout.remote:
+        return None
+    from cnclip.report.corpus import write_corpus_report
+
+    return write_corpus_report(layout.manifest_dir, layout.report_path, settings=recipe.model_dump(mode="json"),
+                               shards_dir=layout.shards_dir, work_dir=layout.work)
+
+
 def _session_engine(engine: Engine | None, spark: Any) -> Engine | None:
     """An existing SparkSession handed to the API becomes the build's engine (its master and
     conf are the session's own; the recipe's engine block is not read)."""
@@ -256,8 +266,11 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
             _run_stage(context, stage)
         _publish(recipe)
         funnel = json.loads(storage.read_text(context.layout.funnel_path))
+        report = _write_report(recipe, context.layout)
     if show_funnel:
         print_funnel(funnel)
+    if report is not None:
+        info(f"report: {report}")
     info(f"build {recipe.name}: done in {time.monotonic() - started:.0f} s -> {recipe.output_dir}/shards, "
          f"{recipe.manifest_dir}")
     return funnel
