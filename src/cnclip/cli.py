@@ -5,13 +5,14 @@ from __future__ import annotations
 import typer
 
 from cnclip.corpus.cli import app as corpus_app
+from cnclip.report.cli import train_group
 from cnclip.train import cli as train_cli
 
 app = typer.Typer(help="cnclip: build Chinese image-text corpora and train Chinese CLIP on them.",
                   no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 app.add_typer(corpus_app, name="corpus")
-app.command("train")(train_cli.train)
+app.add_typer(train_group(train_cli.train), name="train")
 app.command("eval")(train_cli.evaluate)
 app.command("export")(train_cli.export)
 
