@@ -17,9 +17,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from synthetic_corpus import write_synthetic_corpus  # noqa: E402
-
 from cnclip.report.corpus import write_corpus_report  # noqa: E402
+from synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
 SAMPLES, REJECTED, TARGET_S = 800_000, 200_000, 30.0
 

@@ -5,7 +5,6 @@ a report says when work/ is gone, and the two commands' exit codes and one-line 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import tarfile
 

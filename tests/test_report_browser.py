@@ -48,7 +48,7 @@ def _flat_point(image: Image.Image) -> tuple[int, int]:
     where the browser's scaling blends neighbours)."""
     w, h = image.size
     spread = lambda x, y: max(max(c) - min(c) for c in zip(*(image.getpixel((x + i, y + j))  # noqa: E731
-                                                               for i in range(-2, 3) for j in range(-2, 3))))
+                                                               for i in range(-2, 3) for j in range(-2, 3)), strict=True))
     candidates = sorted(((x, y) for x in range(4, w - 4, 2) for y in range(4, h - 4, 2)),
                         key=lambda p: (p[0] - w / 2) ** 2 + (p[1] - h / 2) ** 2)
     return min(candidates[:200], key=lambda p: spread(*p))
@@ -101,7 +101,7 @@ def test_a_thumbnails_centre_is_the_shard_images_centre_colour(browser, demo_cor
             left = box["x"] + (box["width"] - side * stored.width) / 2
             top = box["y"] + page.evaluate("window.scrollY") + (box["height"] - side * stored.height) / 2
             got = shot.getpixel((int(left + (u + 0.5) * side), int(top + (v + 0.5) * side)))
-            assert max(abs(a - b) for a, b in zip(got, expected)) <= 12, (key, (u, v), got, expected)
+            assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 12, (key, (u, v), got, expected)
     finally:
         page.close()
 

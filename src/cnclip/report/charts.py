@@ -61,7 +61,7 @@ def horizontal_bars(labels: Sequence[str], values: Sequence[float], title: str,
         ax.invert_yaxis()
         ax.grid(axis="y", visible=False)
         top = max(values, default=0) or 1
-        for y, value in zip(positions, values):
+        for y, value in zip(positions, values, strict=True):
             ax.text(value + top * 0.01, y, f"{value:,}", va="center", fontsize=8)
         ax.set_xlim(0, top * 1.15)
         ax.set_title(title, loc="left")

@@ -53,7 +53,8 @@ def funnel_section(funnel: dict) -> Section:
     for stage in stages:
         rows.append(f'<tr data-stage="{esc(stage["stage"])}"><td>{esc(stage["stage"])}</td>'
                     f'<td class="num" data-in>{number(stage["in"])}</td><td class="num" data-out>'
-                    f'{number(stage["out"])}</td><td class="num">{number(stage["in"] - stage["out"])}</td><td></td></tr>')
+                    f'{number(stage["out"])}</td><td class="num">{number(stage["in"] - stage["out"])}</td>'
+                    '<td></td></tr>')
         for reason, count in sorted(stage.get("rejected", {}).items()):
             rows.append(f'<tr data-reason="{esc(reason)}"><td></td><td></td><td></td>'
                         f'<td class="num" data-count>{number(count)}</td><td>{esc(reason)}</td></tr>')
@@ -65,7 +66,8 @@ def funnel_section(funnel: dict) -> Section:
     section = Section("funnel", "Funnel").add(totals, figures(charts_),
                                              f'<table id="funnel-table">{head}<tbody>{"".join(rows)}</tbody></table>')
     if funnel.get("file_errors"):
-        section.add("<h3>input files that could not be read</h3>", table(["problem"], [[e] for e in funnel["file_errors"]]))
+        section.add("<h3>input files that could not be read</h3>",
+                    table(["problem"], [[e] for e in funnel["file_errors"]]))
     return section
 
 
