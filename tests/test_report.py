@@ -172,3 +172,32 @@ def test_train_report_without_versions_says_so_and_a_missing_log_is_one_line(tmp
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: {tmp_path}/nolog/log.jsonl: no run log here "
                                      "(a run's output_dir holds log.jsonl)")
+
+
+@pytest.mark.slow
+def test_a_build_writes_its_report_with_its_settings_and_clean_removes_it(tmp_path, web_root, web, make_recipe,
+                                                                          capsys, monkeypatch):
+    from PIL import Image
+
+    from cnclip.corpus import build, clean
+
+    (web_root / "img").mkdir()
+    rows = []
+    for i, rgb in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (40, 40), rgb).save(web_root / "img" / f"{i}.png")
+        rows.append({"url": f"{web.base_url}/img/{i}.png", "caption": f"第{i}张纯色的方形图片"})
+    rows.append({"url": f"{web.base_url}/img/1.png", "caption": "第1张纯色的方形图片"})  # a duplicate pair
+    pl.DataFrame(rows).write_csv(tmp_path / "list.csv")
+    recipe = make_recipe([{"name": "csv", "kind": "metadata", "path": str(tmp_path / "list.csv")}])
+    monkeypatch.setenv("CNCLIP_QUIET", "0")  # the path is printed as the build's info lines are
+    build(recipe, show_funnel=False)
+    monkeypatch.setenv("CNCLIP_QUIET", "1")
+    report = recipe.manifest_dir / "report.html"
+    assert f"report: {report}" in capsys.readouterr().err.replace("\n", "")
+    page = report.read_text(encoding="utf-8")
+    assert "&quot;min_side&quot;: 16" in page  # the recipe's settings
+    assert [e.attrs["data-example"] for e in with_attr(page, "data-example")] == ["text:duplicate_pair"]
+    clean(recipe)
+    assert not report.exists() and not recipe.manifest_dir.exists()
+    build(recipe, show_funnel=False)  # a folder left with a report would refuse this build as foreign
+    assert report.is_file()
