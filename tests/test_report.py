@@ -57,6 +57,8 @@ def test_the_funnel_numbers_are_funnel_jsons(corpus):
     assert shown == funnel["rejected_by_reason"] and len(shown) == 6
     totals = {e.attrs["data-total"]: _count(e.content) for e in with_attr(found, "data-total")}
     assert totals == {"input_rows": funnel["input_rows"], "samples": 1500, "rejected": 400}
+    ids = [e.attrs["id"] for e in found if "id" in e.attrs]
+    assert len(ids) == len(set(ids)) > 50  # the inline charts' ids do not collide
 
 
 def test_thumbnails_are_the_shard_images_of_present_shards(corpus):
@@ -160,6 +162,8 @@ def test_train_report_shows_the_last_evaluation_versions_and_the_stage_switch(tm
     assert "2.5.1" in with_attr(found, "id", "versions-table")[0].content
     assert page.count("stage 2</text>") >= 4  # the switch is marked on every curve (SVG text)
     assert "&quot;tiny&quot;" in page  # the resolved config
+    ids = [e.attrs["id"] for e in found if "id" in e.attrs]
+    assert len(ids) == len(set(ids))
 
 
 def test_train_report_without_versions_says_so_and_a_missing_log_is_one_line(tmp_path):
@@ -201,3 +205,17 @@ def test_a_build_writes_its_report_with_its_settings_and_clean_removes_it(tmp_pa
     assert not report.exists() and not recipe.manifest_dir.exists()
     build(recipe, show_funnel=False)  # a folder left with a report would refuse this build as foreign
     assert report.is_file()
+
+
+def test_a_damaged_manifest_part_or_funnel_is_one_line_not_a_traceback(tmp_path):
+    manifests = write_synthetic_corpus(tmp_path, samples=200, rejected=20, tar_shards=1)
+    part = manifests / "samples" / "00001.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    result = runner.invoke(app, ["corpus", "report", str(manifests)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {manifests}: manifest parts unreadable (")
+    assert lines[0].endswith(f"run `cnclip corpus verify {manifests}`")
+    (manifests / "funnel.json").write_text("[1, 2]", encoding="utf-8")
+    result = runner.invoke(app, ["corpus", "report", str(manifests)])
+    assert result.output.strip() == f"error: {manifests}/funnel.json: not a build's funnel (no 'stages' list)"

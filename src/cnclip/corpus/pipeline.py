@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from cnclip._common.console import info
+from cnclip._common.console import info, warn
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.manifests.funnel import print_funnel
@@ -226,8 +226,12 @@ def _write_report(recipe: Recipe, layout: BuildLayout) -> Path | None:
         return None
     from cnclip.report.corpus import write_corpus_report
 
-    return write_corpus_report(layout.manifest_dir, layout.report_path, settings=recipe.model_dump(mode="json"),
-                               shards_dir=layout.shards_dir, work_dir=layout.work)
+    try:
+        return write_corpus_report(layout.manifest_dir, layout.report_path, settings=recipe.model_dump(mode="json"),
+                                   shards_dir=layout.shards_dir, work_dir=layout.work)
+    except CnclipError as err:  # the corpus is built and intact: a report it cannot write is no reason to fail
+        warn(f"report not written: {err}")
+        return None
 
 
 def _session_engine(engine: Engine | None, spark: Any) -> Engine | None:

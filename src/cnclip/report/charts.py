@@ -8,6 +8,7 @@ and the numbers a chart shows are in the page's DOM. The figures take already-ag
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
@@ -40,8 +41,17 @@ def _svg(fig) -> str:
         warnings.simplefilter("ignore", UserWarning)
         fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     plt.close(fig)
-    text = buffer.getvalue()
-    return re.sub(r"^.*?(?=<svg)", "", text, count=1, flags=re.S)
+    text = re.sub(r"^.*?(?=<svg)", "", buffer.getvalue(), count=1, flags=re.S)
+    return _own_ids(text)
+
+
+def _own_ids(svg: str) -> str:
+    """Prefix the figure's ids (clip paths, glyphs, markers) and the references to them with a
+    digest of the figure: many SVGs inline in one page share one id space, and matplotlib names
+    ids after what they draw, so two figures could otherwise define the same id differently."""
+    prefix = "f" + hashlib.sha1(svg.encode()).hexdigest()[:8] + "-"
+    svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', svg)
+    return re.sub(r'(href="#|url\(#)([^")]+)', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", svg)
 
 
 def _figure(width: float = 6.4, height: float = 3.0):
@@ -73,6 +83,9 @@ def histogram(edges: Sequence[float], counts: Sequence[int], title: str, xlabel:
     with plt.rc_context(_STYLE):
         fig, ax = _figure(4.2, 2.6)
         ax.stairs(list(counts), list(edges), fill=True, color=_COLOURS[0], alpha=0.85)
+        if len(counts) == 1:  # one value: show it as a bar among its neighbours, not a wall
+            middle = (edges[0] + edges[1]) / 2
+            ax.set_xlim(middle - max(abs(middle) * 0.1, 2.0), middle + max(abs(middle) * 0.1, 2.0))
         ax.set_title(title, loc="left")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("rows")

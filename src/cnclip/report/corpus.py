@@ -31,11 +31,14 @@ class ReportError(CnclipError, FileNotFoundError):
 def _funnel(manifest_dir: Path) -> dict:
     path = manifest_dir / "funnel.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        funnel = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ReportError(f"{path}: no funnel.json: not a built corpus (run `cnclip corpus build` first)") from None
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise ReportError(f"{path}: unreadable ({err})") from None
+    if not isinstance(funnel, dict) or not isinstance(funnel.get("stages"), list):
+        raise ReportError(f"{path}: not a build's funnel (no 'stages' list)")
+    return funnel
 
 
 def funnel_section(funnel: dict) -> Section:
@@ -196,9 +199,13 @@ def write_corpus_report(manifest_dir: str | Path, out: str | Path | None = None,
     samples, rejected = corpus_data.scan(manifest_dir, "samples"), corpus_data.scan(manifest_dir, "rejected")
     shards = Path(shards_dir) if shards_dir else (Path(funnel["shards_dir"]) if funnel.get("shards_dir") else None)
     work = Path(work_dir) if work_dir else default_work_dir(funnel)
-    sections = [funnel_section(funnel), sources_section(funnel, samples, rejected),
-                distributions_section(manifest_dir, samples), thumbnails_section(samples, shards),
-                examples_section(rejected, shards, work), settings_section(funnel, manifest_dir, settings)]
+    try:
+        sections = [funnel_section(funnel), sources_section(funnel, samples, rejected),
+                    distributions_section(manifest_dir, samples), thumbnails_section(samples, shards),
+                    examples_section(rejected, shards, work), settings_section(funnel, manifest_dir, settings)]
+    except (pl.exceptions.PolarsError, OSError) as err:  # a truncated or foreign part: `corpus verify` says which
+        raise ReportError(f"{manifest_dir}: manifest parts unreadable ({str(err).splitlines()[0]}); "
+                          f"run `cnclip corpus verify {manifest_dir}`") from None
     subtitle = (f"{funnel.get('samples', 0):,} samples, {funnel.get('rejected', 0):,} rejected of "
                 f"{funnel.get('input_rows', 0):,} input rows · {manifest_dir}")
     return write_page(Path(out) if out else manifest_dir / REPORT_NAME, f"corpus {funnel.get('name', '')}", subtitle,
