@@ -27,6 +27,11 @@ class DefaultToTrain(TyperGroup):
             args = [TRAIN_COMMAND, *args]
         return super().parse_args(ctx, args)
 
+    def resolve_command(self, ctx, args):
+        """The default command's usage line reads `cnclip train [OPTIONS] CONFIG`, without its hidden name."""
+        name, command, rest = super().resolve_command(ctx, args)
+        return ("" if name == TRAIN_COMMAND else name), command, rest
+
 
 def report(
     run_dir: Path = typer.Argument(..., help="a training run's output_dir, e.g. runs/demo"),
