@@ -90,17 +90,40 @@ def rendered(browser, target: str | Path, out: Path | None = None, **viewport) -
     return snapshot(page, seen, out)
 
 
-@pytest.fixture(scope="session")
-def browser():
-    """One headless Chromium for the test session."""
+# Each test module imports `browser`, so pytest holds one session fixture per module; playwright's
+# sync API allows one driver per thread (a second one meets the first's running event loop), so
+# every module's fixture shares the one Chromium below, closed when the last of them ends.
+_shared: dict = {"users": 0}
+
+
+def _launch():
     from playwright.sync_api import sync_playwright
 
-    executable = chromium_path()
-    with sync_playwright() as driver:
-        launched = driver.chromium.launch(executable_path=executable, args=[
+    if _shared["users"] == 0:
+        executable = chromium_path()
+        driver = sync_playwright().start()
+        _shared["driver"] = driver
+        _shared["browser"] = driver.chromium.launch(executable_path=executable, args=[
             "--no-sandbox",
             # No name is ever resolved but loopback's, whatever a page or Chromium itself asks for.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
             "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+    _shared["users"] += 1
+    return _shared["browser"]
+
+
+def _release() -> None:
+    _shared["users"] -= 1
+    if _shared["users"] == 0:
+        _shared.pop("browser").close()
+        _shared.pop("driver").stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the test session (shared by every module that imports this)."""
+    launched = _launch()
+    try:
         yield launched
-        launched.close()
+    finally:
+        _release()

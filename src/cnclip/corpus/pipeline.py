@@ -191,6 +191,9 @@ def _remove_stage_outputs(recipe: Recipe) -> None:
             state.discard()
         return
     roots = [layout.output_dir.resolve(), layout.manifest_dir.resolve()]
+    # The report the build writes after its stages (not a stage's output: no stage reads it).
+    if layout.report_path.is_symlink() or layout.report_path.is_file():
+        layout.report_path.unlink()
     for stage in reversed(STAGES):
         state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
         for output in state.outputs:

@@ -121,7 +121,8 @@ class BuildLayout:
     def funnel_path(self) -> Path | str:
         return at(self.manifest_dir, "funnel.json")
 
-    # the HTML report the build writes last (cnclip/report/corpus.py); not a published file
+    # the HTML report the build writes last (cnclip/report/corpus.py); not a published file, no
+    # stage's output: clean and --fresh remove it with the stages' outputs (pipeline.py)
     @property
     def report_path(self) -> Path | str:
         return at(self.manifest_dir, "report.html")

@@ -321,7 +321,7 @@ class ShardStage(Stage):
 
     def outputs(self, layout: BuildLayout) -> tuple:
         return (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                layout.checksums_path, layout.shard_work_dir, layout.report_path)
+                layout.checksums_path, layout.shard_work_dir)
 
     def prepare(self, context: StageContext, state: StageState) -> None:
         reopen_if_damaged(context.layout, state)
