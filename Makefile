@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The main job on the embedded default: build the demo corpus from the built-in sample web,
-# train both stages of the tiny model on it, evaluate, print the tables.
+# train both stages of the tiny model on it, evaluate, print the tables; the build writes
+# manifests/demo/report.html, the last line runs/demo/report.html.
 demo: $(STAMP)
 	$(BIN)/cnclip corpus build recipes/demo.yaml
 	$(BIN)/cnclip corpus stats manifests/demo
 	$(BIN)/cnclip train recipes/train-demo.yaml
+	$(BIN)/cnclip train report runs/demo
 
 # pyflakes, bugbear, import order, naming, pycodestyle: configured in pyproject.toml [tool.ruff].
 lint: $(STAMP)

@@ -92,7 +92,8 @@ def rendered(browser, target: str | Path, out: Path | None = None, **viewport) -
 
 @pytest.fixture(scope="session")
 def browser():
-    """One headless Chromium for the test session."""
+    """One headless Chromium for the test session. Declared once, in conftest.py: playwright's
+    sync API allows one driver per thread, and a fixture imported by two modules would be two."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()

@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("CNCLIP_QUIET", "1")
 
+from browser import browser  # noqa: E402, F401 (the session fixture, declared once for every module)
 from cnclip.corpus.recipe import parse_recipe  # noqa: E402
 from cnclip.corpus.sources.sample_web import SampleWebServer  # noqa: E402
 

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from browser import browser, rendered  # noqa: F401 (browser: the session fixture)
+from browser import rendered
 
 pytestmark = pytest.mark.browser
 

@@ -100,6 +100,7 @@ def test_a_build_keeps_img2dataset_chatter_off_the_terminal(tmp_path):
     assert summary[1].split() == ["shards", str(tmp_path / "out" / "shards")]  # whole paths, one a line
     assert summary[2].split() == ["manifests", str(tmp_path / "manifests")]
     assert summary[3].split() == ["img2dataset's", "output", str(tmp_path / "out" / "work" / "download.log")]
+    assert summary[4].split() == ["report", str(tmp_path / "manifests" / "report.html")]
     for chatter in ("bwm-ng", "img2dataset bar", "img2dataset log record", "C-level write"):
         assert chatter not in terminal, chatter
     log = (tmp_path / "out" / "work" / "download.log").read_text()

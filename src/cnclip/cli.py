@@ -9,6 +9,7 @@ import typer
 from cnclip import __version__
 from cnclip._common.console import HELP_OPTIONS
 from cnclip.corpus.cli import app as corpus_app
+from cnclip.report.cli import train_group
 from cnclip.train import cli as train_cli
 
 app = typer.Typer(help="cnclip: build Chinese image-text corpora and train Chinese CLIP on them.",
@@ -31,7 +32,7 @@ def main(
 
 
 app.add_typer(corpus_app, name="corpus")
-app.command("train")(train_cli.train)
+app.add_typer(train_group(train_cli.train), name="train")
 app.command("eval")(train_cli.evaluate)
 app.command("export")(train_cli.export)
 

@@ -144,6 +144,29 @@ def verify(
 
 
 @app.command()
+def report(
+    manifest_dir: Path = typer.Argument(..., help="a built corpus's manifest_dir, e.g. manifests/demo"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the HTML file to write (default MANIFEST_DIR/report.html)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="the corpus recipe, to show the build's settings"),
+) -> None:
+    """Write one self-contained HTML page about a built corpus: the funnel, sources,
+    distributions, sample thumbnails, examples of every reject reason and the settings. It opens
+    offline (charts and images are inline).
+
+    Example: cnclip corpus report manifests/demo --out demo-report.html
+    """
+    from cnclip.report.corpus import write_corpus_report
+
+    try:
+        settings = load_recipe(recipe).model_dump(mode="json") if recipe else None
+        path = write_corpus_report(manifest_dir, out, settings=settings)
+    except CnclipError as err:
+        error(str(err))
+        raise typer.Exit(2) from None
+    typer.echo(f"report -> {path}")
+
+
+@app.command()
 def stats(
     manifest_dir: str = typer.Argument(..., help="a build's manifest_dir, e.g. manifests/demo or "
                                                  "s3://bucket/manifests/demo"),

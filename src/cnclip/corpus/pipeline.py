@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from rich.markup import escape
 
-from cnclip._common.console import info
+from cnclip._common.console import info, warn
 from cnclip._common.errors import CnclipError, disk_errors
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.manifests.funnel import print_funnel
@@ -193,6 +193,9 @@ def _remove_stage_outputs(recipe: Recipe) -> None:
             state.discard()
         return
     roots = [layout.output_dir.resolve(), layout.manifest_dir.resolve()]
+    # The report the build writes after its stages (not a stage's output: no stage reads it).
+    if layout.report_path.is_symlink() or layout.report_path.is_file():
+        layout.report_path.unlink()
     for stage in reversed(STAGES):
         state = StageState(layout.work, stage.name, "", tuple(stage.outputs(layout)))
         for output in state.outputs:
@@ -220,6 +223,20 @@ def clean(recipe: Recipe | str | Path) -> None:
             remove_owned(layout, recipe.name, forget=False)  # refuses another recipe's folders first
             _remove_stage_outputs(recipe)
             remove_owned(layout, recipe.name, forget=True)
+
+
+def _write_report(recipe: Recipe, layout: BuildLayout) -> Path | None:
+    """The corpus report beside the local manifests (None where the build wrote them to a URL)."""
+    if layout.remote:
+        return None
+    from cnclip.report.corpus import write_corpus_report
+
+    try:
+        return write_corpus_report(layout.manifest_dir, layout.report_path, settings=recipe.model_dump(mode="json"),
+                                   shards_dir=layout.shards_dir, work_dir=layout.work)
+    except CnclipError as err:  # the corpus is built and intact: a report it cannot write is no reason to fail
+        warn(f"report not written: {err}")
+        return None
 
 
 def _session_engine(engine: Engine | None, spark: Any) -> Engine | None:
@@ -258,13 +275,14 @@ def build(recipe: Recipe | str | Path, show_funnel: bool = True, fresh: bool = F
             _run_stage(context, stage)
         _publish(recipe)
         funnel = json.loads(storage.read_text(context.layout.funnel_path))
+        report = _write_report(recipe, context.layout)
     if show_funnel:
         print_funnel(funnel)
-    info(_build_summary(recipe, time.monotonic() - started))
+    info(_build_summary(recipe, time.monotonic() - started, report))
     return funnel
 
 
-def _build_summary(recipe: Recipe, seconds: float) -> str:
+def _build_summary(recipe: Recipe, seconds: float, report: Path | None = None) -> str:
     """Where the build's results and its libraries' log are: the lines a build ends with (whole
     paths, one a line, so each can be copied)."""
     from cnclip.corpus.stages.download import download_log
@@ -273,6 +291,8 @@ def _build_summary(recipe: Recipe, seconds: float) -> str:
     log = download_log(BuildLayout.of(recipe))
     if log is not None and log.exists():
         rows.append(("img2dataset's output", log))
+    if report is not None:
+        rows.append(("report", report))
     width = max(len(label) for label, _ in rows)
     return "\n".join([f"build {recipe.name}: done in {seconds:.0f} s"] +
                      [f"  {label:<{width}}  {escape(str(path))}" for label, path in rows])

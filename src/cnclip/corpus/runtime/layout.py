@@ -121,6 +121,12 @@ class BuildLayout:
     def funnel_path(self) -> Path | str:
         return at(self.manifest_dir, "funnel.json")
 
+    # the HTML report the build writes last (cnclip/report/corpus.py); not a published file, no
+    # stage's output: clean and --fresh remove it with the stages' outputs (pipeline.py)
+    @property
+    def report_path(self) -> Path | str:
+        return at(self.manifest_dir, "report.html")
+
     # every published file's size and SHA-256 (integrity.py)
     @property
     def checksums_path(self) -> Path | str:
