@@ -15,6 +15,7 @@ from pydantic import ByteSize, Field, PlainValidator, ValidationInfo, field_vali
 from cnclip._common.errors import CnclipError
 from cnclip._common.strict import StrictModel, validate_mapping
 from cnclip._common.yaml_loader import read_yaml
+from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.paths import recipe_path_problems
 
@@ -161,6 +162,8 @@ class DedupSettings(StrictModel):
     text_max_distance: int = Field(default=12, ge=0, le=32)
     eval_images: list[str] = Field(default_factory=list)
     processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
+    # Run by the embed stage, on its embeddings (stages/embed.py).
+    semantic: Optional[SemanticDedup] = None
 
 
 class ShardSettings(StrictModel):
@@ -256,6 +259,17 @@ class Recipe(StrictModel):
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    embed: Optional[EmbedSettings] = None
+    filter: FilterSettings = Field(default_factory=FilterSettings)
+
+    @model_validator(mode="after")
+    def _embeddings_for_their_steps(self) -> "Recipe":
+        """The CLIP-score filter and semantic dedup read the embed stage's embeddings."""
+        wanted = [key for key, value in (("filter.clip_score", self.filter.clip_score),
+                                         ("dedup.semantic", self.dedup.semantic)) if value is not None]
+        if wanted and self.embed is None:
+            raise ValueError(f"{wanted[0]} needs an embed section (embed.model: the model that scores the pairs)")
+        return self
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Recipe":
@@ -340,6 +354,8 @@ class Recipe(StrictModel):
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""
         value = getattr(self, section)
+        if value is None:  # an optional section left out
+            return {}
         if isinstance(value, list):
             dumped = [v.model_dump(mode="json") for v in value]
         else:

@@ -39,6 +39,11 @@ class Stage:
     # Whether the funnel shows a row for this stage (a stage that never rejects a row may say no).
     in_funnel: ClassVar[bool] = True
 
+    def applies(self, recipe: Recipe) -> bool:
+        """Whether this build runs the stage at all (a stage a recipe section asks for): one that
+        does not apply is left out of the build's list, its fingerprint chain and its funnel."""
+        return True
+
     def extra(self, recipe: Recipe) -> list:
         """What else the fingerprint covers besides the sections' settings."""
         return []
@@ -95,9 +100,16 @@ def check_order(stages: Sequence[Stage]) -> None:
         seen.add(stage.name)
 
 
+def applicable(recipe: Recipe, stages: Sequence[Stage]) -> list[Stage]:
+    """The stages this recipe's build runs, in list order."""
+    return [stage for stage in stages if stage.applies(recipe)]
+
+
 def stage_states(recipe: Recipe, stages: Sequence[Stage]) -> dict[str, StageState]:
     """Each stage's record, fingerprinted by what it covers and the fingerprint of the stage
-    before it in the list (the first stage's own name seeds the chain)."""
+    before it in the list (the first stage's own name seeds the chain); stages that do not apply
+    to the recipe are left out (the chain is then the one the list without them gives)."""
+    stages = applicable(recipe, stages)
     check_order(stages)
     layout = BuildLayout.of(recipe)
     states: dict[str, StageState] = {}
