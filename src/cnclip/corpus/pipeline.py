@@ -51,7 +51,9 @@ from cnclip.corpus.stages.text import TextStage
 # EmbedStage applies only to recipes with an embed section (a build without one runs the rest).
 STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), EmbedStage(),
                        ShardStage()]
-STAGE_NAMES = tuple(stage.name for stage in STAGES)
+# The stages every build runs; OPTIONAL_STAGE_NAMES run only for a recipe with their section.
+STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is None)
+OPTIONAL_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is not None)
 
 
 class StageOrderError(CnclipError, RuntimeError):

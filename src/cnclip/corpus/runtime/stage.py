@@ -38,11 +38,13 @@ class Stage:
     sections: ClassVar[tuple[str, ...]] = ()
     # Whether the funnel shows a row for this stage (a stage that never rejects a row may say no).
     in_funnel: ClassVar[bool] = True
+    # A recipe section the stage runs only for (None: every build runs it).
+    only_with: ClassVar[str | None] = None
 
     def applies(self, recipe: Recipe) -> bool:
-        """Whether this build runs the stage at all (a stage a recipe section asks for): one that
-        does not apply is left out of the build's list, its fingerprint chain and its funnel."""
-        return True
+        """Whether this build runs the stage at all (`only_with`: when the recipe has that section):
+        one that does not apply is left out of the build's list, its fingerprint chain and its funnel."""
+        return self.only_with is None or getattr(recipe, self.only_with) is not None
 
     def extra(self, recipe: Recipe) -> list:
         """What else the fingerprint covers besides the sections' settings."""

@@ -247,9 +247,7 @@ class EmbedStage(Stage):
     name = "embed"
     needs = ("text", "download", "hash", "dedup")
     sections = ("embed", "filter")
-
-    def applies(self, recipe: Recipe) -> bool:
-        return recipe.embed is not None
+    only_with = "embed"
 
     def extra(self, recipe: Recipe) -> list:
         semantic = recipe.dedup.semantic

@@ -380,8 +380,9 @@ class ShardStage(Stage):
         return [str(recipe.manifest_dir)]
 
     def outputs(self, layout: BuildLayout) -> tuple:
+        embeddings = (layout.embeddings_dir,) if layout.embeds else ()
         return (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                layout.checksums_path, layout.shard_work_dir, layout.embeddings_dir)
+                layout.checksums_path, layout.shard_work_dir, *embeddings)
 
     def prepare(self, context: StageContext, state: StageState) -> None:
         reopen_if_damaged(context.layout, state)
