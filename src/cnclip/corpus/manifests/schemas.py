@@ -187,6 +187,9 @@ SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
 _EMBEDDING = pl.Array(pl.Float16(), 512)
 EMBEDDINGS = Table("work/embed/*.parquet", "output_dir", "embed",
                    {"uid": _I64, "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING}, optional=_CLIP_SCORE)
+# The same pairs' clip_score alone, part for part: what the engine's steps read (the CLIP-score
+# filter's ranking, samples/' column); Spark's Parquet reader refuses float16 columns.
+EMBED_SCORES = Table("work/embed-scores/*.parquet", "output_dir", "embed", {"uid": _I64, "clip_score": pl.Float32()})
 # A download part's rows dedup kept, with their tar member and caption: what each embed task reads.
 EMBED_MEMBERS = Table("work/embed-members.parquet", "output_dir", "embed",
                       {"part": _I64, "key": _STR, "uid": _I64, "caption": _STR})
@@ -202,7 +205,7 @@ REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA,
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, EMBED_MEMBERS, EMBED_DECISIONS,
+    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS, EMBED_DECISIONS,
     SHARD_PLAN, SAMPLES, REJECTED,
     PUBLISHED_EMBEDDINGS,
 )

@@ -263,15 +263,6 @@ class Recipe(StrictModel):
     filter: FilterSettings = Field(default_factory=FilterSettings)
 
     @model_validator(mode="after")
-    def _embeddings_for_their_steps(self) -> "Recipe":
-        """The CLIP-score filter and semantic dedup read the embed stage's embeddings."""
-        wanted = [key for key, value in (("filter.clip_score", self.filter.clip_score),
-                                         ("dedup.semantic", self.dedup.semantic)) if value is not None]
-        if wanted and self.embed is None:
-            raise ValueError(f"{wanted[0]} needs an embed section (embed.model: the model that scores the pairs)")
-        return self
-
-    @model_validator(mode="after")
     def _unique_source_names(self) -> "Recipe":
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -366,10 +357,22 @@ class Recipe(StrictModel):
         return dumped
 
 
+def embeddings_problems(recipe: Recipe) -> list[str]:
+    """The steps that read the embed stage's embeddings, asked for without an embed section."""
+    if recipe.embed is not None:
+        return []
+    wanted = [key for key, value in (("filter.clip_score", recipe.filter.clip_score),
+                                     ("dedup.semantic", recipe.dedup.semantic)) if value is not None]
+    return [f"{key}: needs an embed section (embed.model: the model that scores the pairs)" for key in wanted]
+
+
 def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True) -> Recipe:
     """Validate recipe data; with `check_paths`, every local file or folder it names must exist
     too (relative to the working directory), so a typo stops the build before any stage runs."""
     recipe = validate_mapping(Recipe, data, origin, RecipeError, union_tags=SOURCE_KINDS)
+    unembedded = embeddings_problems(recipe)
+    if unembedded:
+        raise RecipeError("\n".join(f"{origin}: {problem}" for problem in unembedded))
     if check_paths:
         problems = recipe_path_problems(recipe)
         if problems:

@@ -102,6 +102,10 @@ class BuildLayout:
         return at(self.work, "embed")
 
     @property
+    def embed_scores_dir(self) -> Path | str:
+        return at(self.work, "embed-scores")
+
+    @property
     def embed_members(self) -> Path | str:
         return at(self.work, "embed-members.parquet")
 

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import polars as pl
 
-from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, EMBED_DECISIONS, EMBED_MEMBERS
+from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, EMBED_DECISIONS, EMBED_MEMBERS, EMBED_SCORES
 from cnclip.corpus.ops.phash import iter_tar_images
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime import storage
@@ -32,6 +32,7 @@ from cnclip.corpus.runtime.engine import Engine, Table
 from cnclip.corpus.runtime.fingerprints import eval_listing
 from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.runtime.state import fingerprint
 from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts
 from cnclip.corpus.stages.shard import scan_accepted
 
@@ -76,21 +77,24 @@ class EmbedTask(NamedTuple):
     tar: Path | str
     members: Path | str
     out: Path | str
+    scores: Path | str  # the part's clip_score alone (EMBED_SCORES), written before `out`
     part: int
     model: str
     architecture: Optional[str]
     device: str
     batch_size: int
+    version: str  # the model files' fingerprint: a worker reloads a model rewritten since it loaded it
 
 
-_ENCODERS: dict = {}  # (model, architecture, device) -> Encoder, one load per worker process
+_ENCODERS: dict = {}  # (model, architecture, device, version) -> Encoder, one load per worker process
 
 
 def _encoder(task: EmbedTask):
     from cnclip.embed.encoder import load_encoder
 
-    key = (task.model, task.architecture, task.device)
+    key = (task.model, task.architecture, task.device, task.version)
     if key not in _ENCODERS:
+        _ENCODERS.clear()  # one model in memory
         _ENCODERS[key] = load_encoder(task.model, task.device, task.architecture)
     return _ENCODERS[key]
 
@@ -138,6 +142,7 @@ def embed_download_part(task: EmbedTask) -> dict:
     text = encoder.encode_texts([caption_of[uid] for uid in uids], task.batch_size) if uids else image.copy()
     score = (image * text).sum(axis=1).astype(np.float32)  # the cosine of unit rows, before float16
     frame = store.frame_of(uids, image, text).with_columns(pl.Series("clip_score", score, pl.Float32)).sort("uid")
+    EMBED_SCORES.write(frame.select("uid", "clip_score"), task.scores)  # first: `out` marks the part done
     store.write_part(frame, task.out)
     return {"model": encoder.name, "width": width, "precision": encoder.precision, "images": len(uids)}
 
@@ -146,9 +151,16 @@ def _tasks(recipe: Recipe, engine: Engine, layout: BuildLayout) -> list[EmbedTas
     settings = recipe.embed
     attempts = engine.scan([attempts_path(layout.download_dir)])
     parts = [part for (part,) in engine.rows(engine.sql(_PARTS, attempts=attempts))]
+    version = fingerprint(model_listing(recipe))
     return [EmbedTask(at(layout.download_dir, f"{part:05d}.tar"), layout.embed_members,
-                      at(layout.embed_dir, f"{part:05d}.parquet"), part, settings.model, settings.architecture,
-                      settings.device, settings.batch_size) for part in parts]
+                      at(layout.embed_dir, f"{part:05d}.parquet"), at(layout.embed_scores_dir, f"{part:05d}.parquet"),
+                      part, settings.model, settings.architecture,
+                      settings.device, settings.batch_size, version) for part in parts]
+
+
+def model_listing(recipe: Recipe) -> list:
+    """Every file of the embed model with its size and version (a folder's recursively)."""
+    return eval_listing([recipe.embed.model.removeprefix("local-dir:")])
 
 
 def _write_model_record(recipe: Recipe, layout: BuildLayout, results: list[dict]) -> dict:
@@ -172,7 +184,7 @@ def _write_model_record(recipe: Recipe, layout: BuildLayout, results: list[dict]
 def decide(recipe: Recipe, engine: Engine, layout: BuildLayout) -> dict[str, int]:
     """The CLIP-score filter, then semantic dedup among what it kept, into the decisions table;
     returns the count per reason."""
-    scores = engine.scan(committed_parts(layout.embed_dir, ".parquet"), {"uid": pl.Int64, "clip_score": pl.Float32})
+    scores = engine.scan(committed_parts(layout.embed_scores_dir, ".parquet"), EMBED_SCORES.columns)
     rule = recipe.filter.clip_score
     if rule is None:
         decisions = engine.scan([], DECISION_SCHEMA)
@@ -210,6 +222,7 @@ def run_embed_stage(recipe: Recipe, engine: Engine) -> dict:
     """Embed every kept sample not embedded yet, write model.json, then the decisions."""
     layout = BuildLayout.of(recipe)
     storage.make_dirs(layout.embed_dir)
+    storage.make_dirs(layout.embed_scores_dir)
     if not has_attempts(layout.download_dir):
         EMBED_DECISIONS.write(pl.DataFrame(schema=DECISION_SCHEMA), layout.embed_decisions)
         return {"parts": 0, "embedded": 0, "dropped": {}}
@@ -251,11 +264,10 @@ class EmbedStage(Stage):
 
     def extra(self, recipe: Recipe) -> list:
         semantic = recipe.dedup.semantic
-        return [EMBED_VERSION, semantic.model_dump(mode="json") if semantic else None,
-                eval_listing([recipe.embed.model.removeprefix("local-dir:")])]
+        return [EMBED_VERSION, semantic.model_dump(mode="json") if semantic else None, model_listing(recipe)]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.embed_dir, layout.embed_members, layout.embed_decisions)
+        return (layout.embed_dir, layout.embed_scores_dir, layout.embed_members, layout.embed_decisions)
 
     def run(self, context: StageContext) -> dict:
         return run_embed_stage(context.recipe, context.engine)

@@ -122,7 +122,7 @@ def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
     accepted, attempts = scan_accepted(layout, engine), _attempts(layout, engine)
     positions = kept_positions(engine, accepted, attempts, _dropped(recipe, layout, engine))
     scored = recipe.embed is not None
-    tables = {"scores": engine.scan(committed_parts(layout.embed_dir, ".parquet"),
+    tables = {"scores": engine.scan(committed_parts(layout.embed_scores_dir, ".parquet"),
                                     {"uid": pl.Int64, "clip_score": pl.Float32})} if scored else {}
     plan = engine.sql(
         _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1)),
