@@ -78,6 +78,8 @@ def _device(device: Optional[str]):
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"device {device}: torch sees no GPU here (use device auto or cpu)")
     return torch.device(device)
 
 

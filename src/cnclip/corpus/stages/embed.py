@@ -99,30 +99,43 @@ def _encoder(task: EmbedTask):
     return _ENCODERS[key]
 
 
-def _encode_tar(task: EmbedTask, encoder, wanted: dict[str, int]) -> tuple[list[int], list]:
-    """(uids, image embedding batches) of the part's wanted members, in tar order, images
-    decoded and batched as they stream out (one batch of pixels in memory)."""
+def _pixels(encoder, data: bytes):
     import io
 
-    import torch
     from PIL import Image
 
-    uids, batches, pixels = [], [], []
+    with Image.open(io.BytesIO(data)) as image:
+        return encoder.transform(image.convert("RGB"))
 
-    def flush():
-        if pixels:
-            batches.append(encoder.encode_pixels(torch.stack(pixels)))
-            pixels.clear()
 
-    with storage.open_file(task.tar) as stream:
+def _encode_tar(task: EmbedTask, encoder, wanted: dict[str, int]) -> tuple[list[int], list]:
+    """(uids, image embedding batches) of the part's wanted members, in tar order, streamed: one
+    batch of image bytes in memory, decoded and preprocessed by a few threads (PIL's decoders and
+    torch's ops release the GIL) while the model runs on the previous batch."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    uids, batches, pending, chunk = [], [], None, []
+
+    def submit(pool):  # the next batch starts decoding, then the model takes the one before
+        nonlocal pending
+        decoding = pool.map(lambda data: _pixels(encoder, data), list(chunk)) if chunk else None
+        chunk.clear()
+        if pending is not None:
+            batches.append(encoder.encode_pixels(torch.stack(list(pending))))
+        pending = decoding
+
+    with ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 1)))) as pool, storage.open_file(task.tar) as stream:
         for key, data in iter_tar_images(stream):
             if key in wanted:
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels.append(encoder.transform(image.convert("RGB")))
+                chunk.append(data)
                 uids.append(wanted[key])
-                if len(pixels) == task.batch_size:
-                    flush()
-    flush()
+                if len(chunk) == task.batch_size:
+                    submit(pool)
+        submit(pool)
+        submit(pool)
     return uids, batches
 
 
