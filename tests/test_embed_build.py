@@ -121,7 +121,7 @@ def test_semantic_dedup_drops_the_copies_and_nothing_else(scored):
     expected = [MATCHED + i for i in range(COPIES) if i not in low and MATCHED + i not in low]
     assert semantic["uid"].to_list() == expected, semantic.select("uid", "duplicate_of_uid", "detail")
     assert semantic["duplicate_of_uid"].to_list() == [uid - MATCHED for uid in expected]
-    key_of = dict(zip(samples["uid"].to_list(), samples["key"].to_list()))
+    key_of = dict(zip(samples["uid"].to_list(), samples["key"].to_list(), strict=True))
     assert semantic["duplicate_of"].to_list() == [key_of[uid - MATCHED] for uid in expected]
     assert semantic["stage"].unique().to_list() == ["dedup"]
 

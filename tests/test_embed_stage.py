@@ -25,7 +25,8 @@ def test_semantic_dedup_keeps_the_lowest_uid_and_resolves_chains():
     x = np.concatenate([base, near[[0]], near[[0]] * 0 + _unit(near[[0]] + 0.001), near[[1]]])
     found = semantic_duplicates(uids, x, clusters=5, max_similarity=0.95, seed=0)
     assert found["uid"].to_list() == [7, 100, 101]
-    assert dict(zip(found["uid"].to_list(), found["duplicate_of_uid"].to_list())) == {7: 5, 100: 5, 101: 9}
+    pairs = dict(zip(found["uid"].to_list(), found["duplicate_of_uid"].to_list(), strict=True))
+    assert pairs == {7: 5, 100: 5, 101: 9}
     assert found["reason"].unique().to_list() == ["dedup:semantic_duplicate"]
     assert found.equals(semantic_duplicates(uids, x, clusters=5, max_similarity=0.95, seed=0))
     assert semantic_duplicates(uids, x, clusters=5, max_similarity=0.9999999, seed=0).height == 0

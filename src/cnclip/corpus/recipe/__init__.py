@@ -15,8 +15,8 @@ from pydantic import ByteSize, Field, PlainValidator, ValidationInfo, field_vali
 from cnclip._common.errors import CnclipError
 from cnclip._common.strict import StrictModel, validate_mapping
 from cnclip._common.yaml_loader import read_yaml
-from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
+from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.paths import recipe_path_problems
 
 
