@@ -115,3 +115,49 @@ def test_the_spark_engine_writes_the_same_embedding_parts(local_build, tmp_path,
 
 
 from spark_session import spark  # noqa: E402,F401 (the session fixture)
+
+
+@pytest.mark.parametrize("rule, dropped", [
+    ({"min_score": 0.26}, [2, 4, 6]),  # 0.26 itself is kept; a null score (no embedding) is not
+    ({"keep_fraction": 0.25}, [2, 3, 4, 6, 7]),  # the top 2 of 7 by score; of the tie at 0.3 the lower uid
+])
+def test_the_clip_score_filter_rules(tmp_path, rule, dropped):
+    _filter_rules(tmp_path, rule, dropped, None)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("rule, dropped", [({"min_score": 0.26}, [2, 4, 6]), ({"keep_fraction": 0.25}, [2, 3, 4, 6, 7])])
+def test_the_clip_score_filter_rules_on_spark(tmp_path, rule, dropped, spark):
+    _filter_rules(tmp_path, rule, dropped, spark)
+
+
+def _filter_rules(tmp_path, rule, dropped, spark):
+    from types import SimpleNamespace
+
+    from cnclip.corpus.recipe.embed import ClipScoreFilter
+    from cnclip.corpus.runtime.engine import LocalEngine
+    from cnclip.corpus.runtime.layout import BuildLayout
+    from cnclip.corpus.stages.embed import decide
+
+    layout = BuildLayout(tmp_path / "out", tmp_path / "manifests")
+    (tmp_path / "out" / "work" / "embed-scores").mkdir(parents=True)
+    pl.DataFrame({"uid": [1, 2, 3, 4, 5, 6, 7], "clip_score": [0.3, 0.1, 0.3, None, 0.9, 0.2599, 0.26]},
+                 schema={"uid": pl.Int64, "clip_score": pl.Float32}).write_parquet(
+        layout.embed_scores_dir / "00000.parquet")
+    recipe = SimpleNamespace(filter=SimpleNamespace(clip_score=ClipScoreFilter(**rule)),
+                             dedup=SimpleNamespace(semantic=None))
+    if spark is None:
+        engine = LocalEngine(1)
+    else:
+        from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+        engine = SparkEngine(spark)
+    assert decide(recipe, engine, layout) == {"embed:low_clip_score": len(dropped)}
+    decisions = pl.read_parquet(layout.embed_decisions).sort("uid")
+    assert decisions["uid"].to_list() == dropped
+    detail = dict(zip(decisions["uid"].to_list(), decisions["detail"].to_list(), strict=True))
+    if "min_score" in rule:
+        assert detail[2] == "clip_score 0.1 < 0.26" and detail[6] == "clip_score 0.2599 < 0.26"
+    else:
+        assert detail[3] == "clip_score 0.3 outside the top 0.25 (rank 3 of 7)"
+        assert detail[4] == "clip_score missing outside the top 0.25 (rank 7 of 7)"

@@ -50,21 +50,22 @@ ORDER BY t.part, t.uid
 _PARTS = "SELECT part FROM attempts GROUP BY part ORDER BY part"
 
 _NULLS = "CAST(NULL AS BIGINT) AS duplicate_of_uid, CAST(NULL AS STRING) AS duplicate_of_eval"
-_SCORE_TEXT = "CAST(ROUND(CAST(clip_score AS DOUBLE), 4) AS STRING)"
-# Below the threshold: dropped, the score in detail.
+_SCORE_TEXT = "COALESCE(CAST(ROUND(CAST(clip_score AS DOUBLE), 4) AS STRING), 'missing')"
+# Below the threshold: dropped, the score in detail. Compared as float32, as the scores are stored
+# (Spark would otherwise widen them to double: 0.26 stored is below 0.26 written).
 _BELOW_MIN = f"""
 SELECT uid, 'embed:low_clip_score' AS reason, {_NULLS},
        'clip_score ' || {_SCORE_TEXT} || ' < {{min_score}}' AS detail
-FROM scores WHERE clip_score IS NULL OR clip_score < {{min_score}}
+FROM scores WHERE clip_score IS NULL OR clip_score < CAST({{min_score}} AS REAL)
 """
-# Outside the top keep_fraction of the build, ranked by score (ties: the lower uid first): a
-# global quantile, exact, as one ranking on the engine.
+# Outside the top keep_fraction of the build, ranked by score (ties: the lower uid first; a
+# missing score last): a global quantile, exact, as one ranking on the engine.
 _OUTSIDE_TOP = f"""
 SELECT uid, 'embed:low_clip_score' AS reason, {_NULLS},
        'clip_score ' || {_SCORE_TEXT} || ' outside the top {{fraction}} (rank ' || CAST(rank AS STRING)
        || ' of ' || CAST(n AS STRING) || ')' AS detail
 FROM (
-  SELECT s.uid, s.clip_score, ROW_NUMBER() OVER (ORDER BY s.clip_score DESC, s.uid) AS rank, c.n
+  SELECT s.uid, s.clip_score, ROW_NUMBER() OVER (ORDER BY COALESCE(s.clip_score, -2.0) DESC, s.uid) AS rank, c.n
   FROM scores s CROSS JOIN (SELECT COUNT(*) AS n FROM scores) c
 )
 WHERE rank > CEIL(n * {{fraction}} - 0.000001)
