@@ -65,8 +65,9 @@ def _recipe(recipe: Recipe | str | Path) -> Recipe:
 
 
 def funnel_stages() -> list[str]:
-    """The stages the funnel has a row for, in pipeline order."""
-    return [stage.name for stage in STAGES if stage.in_funnel]
+    """The stages the funnel has a row for, in pipeline order (of a build without optional sections;
+    a build's own funnel lists the stages it ran)."""
+    return [stage.name for stage in STAGES if stage.in_funnel and stage.only_with is None]
 
 
 def stage_states(recipe: Recipe) -> dict[str, StageState]:

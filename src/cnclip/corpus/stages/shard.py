@@ -237,10 +237,10 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
     names the kept sample's key (or the evaluation image). Every part has the one rejected schema,
     sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty."""
     engine = engine or default_engine()
-    if stages is None:
+    if stages is None:  # no recipe at hand: the stages every build runs
         from cnclip.corpus import pipeline
 
-        stages = pipeline.STAGES
+        stages = [stage for stage in pipeline.STAGES if stage.only_with is None]
     tables = {
         "accepted": scan_accepted(layout, engine),
         "keys": _key_of_kept(layout, engine),
@@ -261,8 +261,9 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     engine = engine or make_engine(recipe.engine)
     if stages is None:
         from cnclip.corpus import pipeline
+        from cnclip.corpus.runtime.stage import applicable
 
-        stages = pipeline.STAGES
+        stages = applicable(recipe, pipeline.STAGES)
     layout = BuildLayout.of(recipe)
     for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
         storage.make_dirs(folder)
