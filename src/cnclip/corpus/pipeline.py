@@ -38,19 +38,24 @@ from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.ownership import build_lock, has_marker, owned_build, remove_owned
 from cnclip.corpus.runtime.publish import publish, publishes_remotely
 from cnclip.corpus.runtime.published_ownership import check_published, claim_published, remove_published
-from cnclip.corpus.runtime.stage import Stage, StageContext
+from cnclip.corpus.runtime.stage import Stage, StageContext, applicable
 from cnclip.corpus.runtime.stage import stage_states as _states_of
 from cnclip.corpus.runtime.state import StageState
 from cnclip.corpus.stages.dedup import DedupStage
 from cnclip.corpus.stages.download import DownloadStage
 from cnclip.corpus.stages.download import retry_failed as retry_transient_failures
+from cnclip.corpus.stages.embed import EmbedStage
 from cnclip.corpus.stages.hash import HashStage
 from cnclip.corpus.stages.ingest import IngestStage
 from cnclip.corpus.stages.shard import ShardStage
 from cnclip.corpus.stages.text import TextStage
 
-STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), ShardStage()]
-STAGE_NAMES = tuple(stage.name for stage in STAGES)
+# EmbedStage applies only to recipes with an embed section (a build without one runs the rest).
+STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), EmbedStage(),
+                       ShardStage()]
+# The stages every build runs; OPTIONAL_STAGE_NAMES run only for a recipe with their section.
+STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is None)
+OPTIONAL_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is not None)
 
 
 class StageOrderError(CnclipError, RuntimeError):
@@ -62,8 +67,9 @@ def _recipe(recipe: Recipe | str | Path) -> Recipe:
 
 
 def funnel_stages() -> list[str]:
-    """The stages the funnel has a row for, in pipeline order."""
-    return [stage.name for stage in STAGES if stage.in_funnel]
+    """The stages the funnel has a row for, in pipeline order (of a build without optional sections;
+    a build's own funnel lists the stages it ran)."""
+    return [stage.name for stage in STAGES if stage.in_funnel and stage.only_with is None]
 
 
 def stage_states(recipe: Recipe) -> dict[str, StageState]:
@@ -73,8 +79,8 @@ def stage_states(recipe: Recipe) -> dict[str, StageState]:
 
 def _context(recipe: Recipe, engine: Engine | None) -> StageContext:
     """One per build: the engine (the recipe's unless handed one) and every stage's state."""
-    return StageContext(recipe, BuildLayout.of(recipe), engine or make_engine(recipe.engine), list(STAGES),
-                        _states_of(recipe, STAGES))
+    return StageContext(recipe, BuildLayout.of(recipe), engine or make_engine(recipe.engine),
+                        applicable(recipe, STAGES), _states_of(recipe, STAGES))
 
 
 @contextlib.contextmanager

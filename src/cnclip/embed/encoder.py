@@ -78,10 +78,47 @@ def _device(device: Optional[str]):
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"device {device}: torch sees no GPU here (use device auto or cpu)")
     return torch.device(device)
 
 
-def load_cnclip_checkpoint(path: Path, device) -> Encoder:
+def _peek(path: Path) -> dict:
+    """The top-level entries of a torch checkpoint, memory-mapped (a recognizer looks at keys, not
+    weights); {} for a file torch cannot read as a weights-only checkpoint."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint: the next recognizer may take it
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _is_cnclip_checkpoint(path: Path) -> bool:
+    from cnclip.train.checkpoint import FORMAT
+
+    return path.is_file() and _peek(path).get("format") == FORMAT
+
+
+def _state_dict_keys(state: dict) -> list[str]:
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    return [k[7:] if k.startswith("module.") else k for k in state]
+
+
+def _is_chinese_clip_checkpoint(path: Path) -> bool:
+    """cn_clip's checkpoints (its training script's and its released files) hold `bert.*` weights."""
+    return path.is_file() and path.suffix != ".safetensors" and any(
+        k.startswith("bert.") for k in _state_dict_keys(_peek(path)))
+
+
+def _is_local_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "open_clip_config.json").is_file()
+
+
+def load_cnclip_checkpoint(path: Path, device, architecture: Optional[str] = None) -> Encoder:
     """A `cnclip train` checkpoint (.pt): the model config, weights and vocab it carries."""
     from cnclip.train.factory import load_model_from_checkpoint, transforms
 
@@ -90,18 +127,120 @@ def load_cnclip_checkpoint(path: Path, device) -> Encoder:
     return Encoder(model.eval(), tokenizer, transforms(model)[1], device, f"cnclip-checkpoint:{path}")
 
 
+def load_local_dir(path: Path, device, architecture: Optional[str] = None) -> Encoder:
+    """An open_clip `local-dir:` model folder (what `cnclip export` writes, or any open_clip one):
+    open_clip builds it and its tokenizer from the folder alone."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    except Exception as err:  # noqa: BLE001 - open_clip raises many kinds on a damaged folder
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise EncoderError(f"{path}: cannot load the open_clip local-dir model ({first.strip()})") from None
+    return Encoder(model.eval(), tokenizer, preprocess, device, f"local-dir:{path}")
+
+
+def _signature(embed_dim: int, vision: tuple, text: tuple) -> tuple:
+    return (embed_dim, vision, text)
+
+
+def _state_signature(state: dict) -> tuple:
+    """(embed_dim, image tower shape, text tower shape) read off a cn_clip state dict."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    if "visual.conv1.weight" in state and "visual.transformer.resblocks.0.ln_1.weight" in state:
+        conv = state["visual.conv1.weight"].shape
+        vision = ("vit", conv[0], count("visual.transformer.resblocks."), conv[-1])
+    else:
+        vision = ("rn", tuple(count(f"visual.layer{i}.") for i in range(1, 5)),
+                  state["visual.conv1.weight"].shape[0] * 2 if "visual.conv1.weight" in state else None)
+    text = (state["bert.embeddings.word_embeddings.weight"].shape[1], count("bert.encoder.layer."))
+    return _signature(int(state["text_projection"].shape[1]), vision, text)
+
+
+def _config_signature(cfg: dict) -> tuple:
+    v, hf = cfg["vision_cfg"], cfg.get("hf_text_config", {})
+    if isinstance(v.get("layers"), list):
+        vision = ("rn", tuple(v["layers"]), v.get("width"))
+    else:
+        vision = ("vit", v.get("width"), v.get("layers"), v.get("patch_size"))
+    return _signature(cfg["embed_dim"], vision, (hf.get("hidden_size"), hf.get("num_hidden_layers")))
+
+
+def chinese_clip_architecture(state: dict, path: Path) -> str:
+    """The zoo model (train/model_configs, the paper's sizes) whose shapes the checkpoint has: a
+    cn_clip checkpoint records no architecture name, only its weights."""
+    from cnclip.train.models import get_model_config, list_models
+
+    try:
+        wanted = _state_signature(state)
+    except KeyError as err:
+        raise EncoderError(f"{path}: not a whole Chinese-CLIP checkpoint (no {err.args[0]})") from None
+    found = [name for name in list_models() if _config_signature(get_model_config(name)) == wanted]
+    if len(found) != 1:
+        raise EncoderError(f"{path}: cannot tell the Chinese-CLIP architecture from the checkpoint "
+                           f"({'several' if found else 'no'} zoo model matches its shapes); name it "
+                           f"(embed.architecture: a zoo name or an open_clip config file)")
+    return found[0]
+
+
+def _chinese_clip_vocab(path: Path, vocab_rows: int) -> Path:
+    """vocab.txt beside the checkpoint, else cn_clip's own (the one its released models use);
+    it must have as many tokens as the checkpoint has word embeddings."""
+    candidates = [path.parent / "vocab.txt"]
+    try:
+        import cn_clip.clip
+
+        candidates.append(Path(cn_clip.clip.__file__).parent / "vocab.txt")
+    except ImportError:
+        pass
+    for vocab in candidates:
+        if vocab.is_file() and sum(1 for _ in vocab.open(encoding="utf-8")) == vocab_rows:
+            return vocab
+    raise EncoderError(f"{path}: no vocab.txt of {vocab_rows} tokens beside the checkpoint (nor cn_clip's)")
+
+
+def load_chinese_clip(path: Path, device, architecture: Optional[str] = None) -> Encoder:
+    """A Chinese-CLIP (cn_clip) checkpoint into the zoo model of its architecture (`architecture`,
+    else told from its shapes), weights converted by train/models.py."""
+    from cnclip.train.factory import transforms
+    from cnclip.train.models import ModelError, create_model, get_model_config, load_clip_weights, read_state_dict
+    from cnclip.train.tokenizer import ChineseTokenizer
+
+    try:
+        state = read_state_dict(path)
+        name = architecture or chinese_clip_architecture(state, path)
+        cfg = get_model_config(name)
+        vocab_rows = int(state["bert.embeddings.word_embeddings.weight"].shape[0])
+        vocab = _chinese_clip_vocab(path, vocab_rows)
+        with tempfile.TemporaryDirectory() as workdir:
+            model, _ = create_model(name, vocab_size=vocab_rows, workdir=workdir, device="cpu")
+            load_clip_weights(model, path)
+    except ModelError as err:
+        raise EncoderError(str(err)) from None
+    tokenizer = ChineseTokenizer.from_file(vocab, cfg["text_cfg"].get("context_length", 52))
+    model = model.to(device).eval()
+    return Encoder(model, tokenizer, transforms(model)[1], device, f"chinese-clip:{path} ({name})")
+
+
 # (recognizer, loader): the first whose recognizer accepts the path loads it.
-LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, object], Encoder]]] = [
-    (lambda p: p.is_file() and p.suffix == ".pt", load_cnclip_checkpoint),
+LOADERS: list[tuple[Callable[[Path], bool], Callable[..., Encoder]]] = [
+    (_is_cnclip_checkpoint, load_cnclip_checkpoint),
+    (_is_local_dir, load_local_dir),
+    (_is_chinese_clip_checkpoint, load_chinese_clip),
 ]
+KINDS = "a cnclip checkpoint .pt, an open_clip local-dir: folder or a Chinese-CLIP checkpoint"
 
 
-def load_encoder(path: Union[str, Path], device: Optional[str] = None) -> Encoder:
-    """The model at `path` as an Encoder; `device`: auto (default), cpu or cuda."""
-    path = Path(path)
+def load_encoder(path: Union[str, Path], device: Optional[str] = None, architecture: Optional[str] = None) -> Encoder:
+    """The model at `path` as an Encoder; `device`: auto (default), cpu or cuda; `architecture`:
+    a Chinese-CLIP checkpoint's zoo name or config file, when its shapes do not tell it."""
+    path = Path(str(path).removeprefix("local-dir:"))
     if not path.exists():
         raise EncoderError(f"{path}: no such model file or folder")
     for accepts, load in LOADERS:
         if accepts(path):
-            return load(path, _device(device))
-    raise EncoderError(f"{path}: not a model cnclip can load (a cnclip checkpoint .pt)")
+            return load(path, _device(device), architecture)
+    raise EncoderError(f"{path}: not a model cnclip can load ({KINDS})")

@@ -172,10 +172,13 @@ IMG2DATASET_COLUMNS = ("uid", "url", "caption", "key", "status", "error_message"
 HASHES = Table("work/hash/*.parquet", "output_dir", "hash", {"uid": _I64, "phash": pl.UInt64()})
 HASH_MEMBERS = Table("work/hash-members.parquet", "output_dir", "hash", {"part": _I64, "key": _STR, "uid": _I64})
 DEDUP_DECISIONS = Table("work/dedup/decisions.parquet", "output_dir", "dedup", DECISION_SCHEMA)
+# An embeddings work part carries each pair's clip_score (the two embeddings' cosine), which the
+# CLIP-score filter and samples/ read without the embeddings.
+_CLIP_SCORE = {"clip_score": pl.Float32()}
 SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
     **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
     "phash": pl.UInt64(), "position": _I64, "shard": _I64, "key": _STR,
-}, keep_columns=True)
+}, optional=_CLIP_SCORE, keep_columns=True)
 # Embeddings (embed stage; cnclip/embed/store.py reads and writes them): one row per sample that
 # survived dedup, its image's and its caption's embedding by the recipe's embed model, of unit
 # length, stored float16. The width is the model's: `store.embeddings_table(width)` is this table
@@ -183,16 +186,27 @@ SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
 # published ones follow the shards and carry the sample's key (and `clip_score`, their cosine).
 _EMBEDDING = pl.Array(pl.Float16(), 512)
 EMBEDDINGS = Table("work/embed/*.parquet", "output_dir", "embed",
-                   {"uid": _I64, "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING})
+                   {"uid": _I64, "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING}, optional=_CLIP_SCORE)
+# The same pairs' clip_score alone, part for part: what the engine's steps read (the CLIP-score
+# filter's ranking, samples/' column); Spark's Parquet reader refuses float16 columns.
+EMBED_SCORES = Table("work/embed-scores/*.parquet", "output_dir", "embed", {"uid": _I64, "clip_score": pl.Float32()})
+# A download part's rows dedup kept, with their tar member and caption: what each embed task reads.
+EMBED_MEMBERS = Table("work/embed-members.parquet", "output_dir", "embed",
+                      {"part": _I64, "key": _STR, "uid": _I64, "caption": _STR})
+# One row per sample the embed stage drops (CLIP-score filter, semantic dedup), as dedup's decisions.
+EMBED_DECISIONS = Table("work/embed-decisions.parquet", "output_dir", "embed", DECISION_SCHEMA)
 PUBLISHED_EMBEDDINGS = Table("embeddings/*.parquet", "manifest_dir", "shard", {
     "key": _STR, "uid": _I64, "clip_score": pl.Float32(), "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING,
 }, ordered=True)
-SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, keep_columns=True, ordered=True)
+# clip_score (after phash, before the keep columns) in the samples of a build with an embed section.
+SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, optional=_CLIP_SCORE, keep_columns=True,
+                ordered=True)
 REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, keep_columns=True, ordered=True)
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, SHARD_PLAN, SAMPLES, REJECTED,
+    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS,
+    EMBED_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
     PUBLISHED_EMBEDDINGS,
 )
 

@@ -16,6 +16,7 @@ from cnclip._common.errors import CnclipError
 from cnclip._common.strict import StrictModel, validate_mapping
 from cnclip._common.yaml_loader import read_yaml
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
+from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.paths import recipe_path_problems
 
 
@@ -161,6 +162,8 @@ class DedupSettings(StrictModel):
     text_max_distance: int = Field(default=12, ge=0, le=32)
     eval_images: list[str] = Field(default_factory=list)
     processes: Optional[int] = Field(default=None, ge=1, le=MAX_PROCESSES, description=_STAGE_PROCESSES)
+    # Run by the embed stage, on its embeddings (stages/embed.py).
+    semantic: Optional[SemanticDedup] = None
 
 
 class ShardSettings(StrictModel):
@@ -256,6 +259,8 @@ class Recipe(StrictModel):
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    embed: Optional[EmbedSettings] = None
+    filter: FilterSettings = Field(default_factory=FilterSettings)
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Recipe":
@@ -340,6 +345,8 @@ class Recipe(StrictModel):
     def settings(self, section: str) -> dict:
         """A section's settings that shape its outputs (parallelism excluded), for fingerprints."""
         value = getattr(self, section)
+        if value is None:  # an optional section left out
+            return {}
         if isinstance(value, list):
             dumped = [v.model_dump(mode="json") for v in value]
         else:
@@ -350,10 +357,22 @@ class Recipe(StrictModel):
         return dumped
 
 
+def embeddings_problems(recipe: Recipe) -> list[str]:
+    """The steps that read the embed stage's embeddings, asked for without an embed section."""
+    if recipe.embed is not None:
+        return []
+    wanted = [key for key, value in (("filter.clip_score", recipe.filter.clip_score),
+                                     ("dedup.semantic", recipe.dedup.semantic)) if value is not None]
+    return [f"{key}: needs an embed section (embed.model: the model that scores the pairs)" for key in wanted]
+
+
 def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True) -> Recipe:
     """Validate recipe data; with `check_paths`, every local file or folder it names must exist
     too (relative to the working directory), so a typo stops the build before any stage runs."""
     recipe = validate_mapping(Recipe, data, origin, RecipeError, union_tags=SOURCE_KINDS)
+    unembedded = embeddings_problems(recipe)
+    if unembedded:
+        raise RecipeError("\n".join(f"{origin}: {problem}" for problem in unembedded))
     if check_paths:
         problems = recipe_path_problems(recipe)
         if problems:

@@ -62,4 +62,8 @@ def recipe_path_problems(recipe: "Recipe") -> list[str]:
         problems.append(_file_problem("text.blacklist", recipe.text.blacklist))
     for index, path in enumerate(recipe.dedup.eval_images):
         problems.append(_eval_set_problem(f"dedup.eval_images[{index}]", path))
+    if recipe.embed is not None:
+        model = recipe.embed.model.removeprefix("local-dir:")
+        if not Path(model).exists():
+            problems.append(f"embed.model: no such model file or folder {_shown(model)}")
     return [p for p in problems if p]

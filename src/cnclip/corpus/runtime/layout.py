@@ -29,14 +29,17 @@ class BuildLayout:
     manifest_dir: Path | str
     # Where work/ lies when it is not under output_dir: a URL work_dir (the output is a URL too).
     work_root: Optional[str] = None
+    # Whether the build publishes embeddings/ (a recipe with an embed section), which it then owns.
+    embeds: bool = False
 
     @classmethod
     def of(cls, recipe: Recipe) -> "BuildLayout":
         from cnclip.corpus.runtime.publish import local_roots  # a URL output is staged under work_dir
 
+        embeds = recipe.embed is not None
         if storage.is_url(str(recipe.work_dir or "")):
-            return cls(recipe.output_dir, recipe.manifest_dir, str(recipe.work_dir))
-        return cls(*local_roots(recipe))
+            return cls(recipe.output_dir, recipe.manifest_dir, str(recipe.work_dir), embeds)
+        return cls(*local_roots(recipe), embeds=embeds)
 
     @property
     def remote(self) -> bool:
@@ -93,6 +96,23 @@ class BuildLayout:
     def dedup_decisions(self) -> Path | str:
         return at(self.dedup_dir, "decisions.parquet")
 
+    # embed: one embeddings part per download part (+ model.json), its members and decisions beside it
+    @property
+    def embed_dir(self) -> Path | str:
+        return at(self.work, "embed")
+
+    @property
+    def embed_scores_dir(self) -> Path | str:
+        return at(self.work, "embed-scores")
+
+    @property
+    def embed_members(self) -> Path | str:
+        return at(self.work, "embed-members.parquet")
+
+    @property
+    def embed_decisions(self) -> Path | str:
+        return at(self.work, "embed-decisions.parquet")
+
     @property
     def shard_work_dir(self) -> Path | str:
         return at(self.work, "shard")
@@ -117,6 +137,11 @@ class BuildLayout:
     def rejected_dir(self) -> Path | str:
         return at(self.manifest_dir, "rejected")
 
+    # the published embeddings, one part per shard (+ model.json): builds with an embed section only
+    @property
+    def embeddings_dir(self) -> Path | str:
+        return at(self.manifest_dir, "embeddings")
+
     @property
     def funnel_path(self) -> Path | str:
         return at(self.manifest_dir, "funnel.json")
@@ -139,7 +164,8 @@ class BuildLayout:
 
     @property
     def manifest_entries(self) -> tuple[Path | str, ...]:
-        return (self.samples_dir, self.rejected_dir, self.funnel_path, self.checksums_path)
+        embeddings = (self.embeddings_dir,) if self.embeds else ()
+        return (self.samples_dir, self.rejected_dir, *embeddings, self.funnel_path, self.checksums_path)
 
     def nesting_problem(self) -> str | None:
         """Why these folders would destroy each other's files, or None.

@@ -40,6 +40,13 @@ class Stage:
     sections: ClassVar[tuple[str, ...]] = ()
     # Whether the funnel shows a row for this stage (a stage that never rejects a row may say no).
     in_funnel: ClassVar[bool] = True
+    # A recipe section the stage runs only for (None: every build runs it).
+    only_with: ClassVar[str | None] = None
+
+    def applies(self, recipe: Recipe) -> bool:
+        """Whether this build runs the stage at all (`only_with`: when the recipe has that section):
+        one that does not apply is left out of the build's list, its fingerprint chain and its funnel."""
+        return self.only_with is None or getattr(recipe, self.only_with) is not None
 
     def extra(self, recipe: Recipe) -> list:
         """What else the fingerprint covers besides the sections' settings."""
@@ -98,9 +105,16 @@ def check_order(stages: Sequence[Stage]) -> None:
         seen.add(stage.name)
 
 
+def applicable(recipe: Recipe, stages: Sequence[Stage]) -> list[Stage]:
+    """The stages this recipe's build runs, in list order."""
+    return [stage for stage in stages if stage.applies(recipe)]
+
+
 def stage_states(recipe: Recipe, stages: Sequence[Stage]) -> dict[str, StageState]:
     """Each stage's record, fingerprinted by what it covers and the fingerprint of the stage
-    before it in the list (the first stage's own name seeds the chain)."""
+    before it in the list (the first stage's own name seeds the chain); stages that do not apply
+    to the recipe are left out (the chain is then the one the list without them gives)."""
+    stages = applicable(recipe, stages)
     check_order(stages)
     layout = BuildLayout.of(recipe)
     states: dict[str, StageState] = {}

@@ -90,6 +90,11 @@ class DedupStage(Stage):
     needs = ("text", "download", "hash")
     sections = ("dedup",)
 
+    def covers(self, recipe: Recipe) -> list:
+        """dedup.semantic is left out: the embed stage runs it, and its fingerprint covers it."""
+        settings = {k: v for k, v in recipe.settings("dedup").items() if k != "semantic"}
+        return [settings, *self.extra(recipe)]
+
     def extra(self, recipe: Recipe) -> list:
         return [eval_listing(recipe.dedup.eval_images)]
 

@@ -87,11 +87,11 @@ FROM (
   SELECT *, CAST(FLOOR(position / {per_shard}) AS BIGINT) AS shard
   FROM (
     SELECT a.*, t.key AS download_key, t.tar AS download_tar, t.width, t.height, t.original_width, t.original_height,
-           t.sha256, h.phash, CAST(p.position AS BIGINT) AS position
+           t.sha256, h.phash, CAST(p.position AS BIGINT) AS position{score}
     FROM accepted a
     JOIN attempts t ON a.uid = t.uid
     JOIN positions p ON a.uid = p.uid
-    LEFT JOIN hashes h ON a.uid = h.uid
+    LEFT JOIN hashes h ON a.uid = h.uid{score_join}
   )
 )
 ORDER BY uid
@@ -104,19 +104,35 @@ def kept_positions(engine: Engine, accepted: Table, attempts: Table, dropped: Ta
     return engine.sql(_POSITIONS, bucketed=bucketed, firsts=engine.sql(_FIRST_POSITIONS, bucketed=bucketed))
 
 
+def _dropped(recipe: Recipe, layout: BuildLayout, engine: Engine) -> Table:
+    """The uids dedup dropped, and those the embed stage dropped in a build that has one."""
+    dedup = engine.scan([layout.dedup_decisions])
+    if recipe.embed is None:
+        return dedup
+    return engine.sql("SELECT uid FROM dedup UNION ALL SELECT uid FROM embed", dedup=dedup,
+                      embed=engine.scan([layout.embed_decisions]))
+
+
 def plan_shards(recipe: Recipe, engine: Engine | None = None) -> int:
-    """Assign every kept sample its final shard and key; returns the number of samples."""
+    """Assign every kept sample its final shard and key (and, with an embed section, its
+    clip_score); returns the number of samples."""
     engine = engine or default_engine()
     layout = BuildLayout.of(recipe)
     per_shard = recipe.shard.samples_per_shard
     accepted, attempts = scan_accepted(layout, engine), _attempts(layout, engine)
-    positions = kept_positions(engine, accepted, attempts, engine.scan([layout.dedup_decisions]))
+    positions = kept_positions(engine, accepted, attempts, _dropped(recipe, layout, engine))
+    scored = recipe.embed is not None
+    tables = {"scores": engine.scan(committed_parts(layout.embed_scores_dir, ".parquet"),
+                                    {"uid": pl.Int64, "clip_score": pl.Float32})} if scored else {}
     plan = engine.sql(
-        _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1))),
+        _PLAN.format(per_shard=int(per_shard), digits=len(str(per_shard - 1)),
+                     score=", s.clip_score" if scored else "",
+                     score_join=" LEFT JOIN scores s ON a.uid = s.uid" if scored else ""),
         accepted=accepted,
         attempts=attempts,
         positions=positions,
         hashes=engine.scan(committed_parts(layout.hash_dir, ".parquet"), {"uid": pl.Int64, "phash": pl.UInt64}),
+        **tables,
     )
     engine.write(plan, layout.shard_plan, SHARD_PLAN)
     return engine.rows(engine.sql("SELECT COUNT(*) FROM plan", plan=engine.scan([layout.shard_plan])))[0][0]
@@ -131,6 +147,12 @@ class _ShardTask:
     download_dir: Path | str  # the plan's download_tar is relative to it
     image_extension: str
     keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
+    embed_dir: Path | str | None = None  # a build with an embed section: its work parts, published per shard
+    embeddings_dir: Path | str | None = None
+
+    @property
+    def embeddings_path(self) -> Path | str | None:
+        return None if self.embeddings_dir is None else at(self.embeddings_dir, f"{self.shard:05d}.parquet")
 
     @property
     def tar_path(self) -> Path | str:
@@ -154,7 +176,8 @@ def write_shard(task: _ShardTask) -> int:
     (or, on a URL, committed by its marker)."""
     rows = (storage.scan_parquet(task.plan).filter(pl.col("shard") == task.shard)
             .with_columns(hex_digits(pl.col("phash")).alias("phash")).collect())
-    published = conform(rows, SAMPLE_SCHEMA, task.keep_columns)
+    base = SAMPLE_SCHEMA if task.embed_dir is None else {**SAMPLE_SCHEMA, "clip_score": pl.Float32()}
+    published = conform(rows, base, task.keep_columns)
     sources: dict[str, tarfile.TarFile] = {}
     streams: list = []
     try:
@@ -176,6 +199,8 @@ def write_shard(task: _ShardTask) -> int:
                         }
                     )
             # The manifest goes in first: a shard counts as done only when its tar is in place too.
+            if task.embed_dir is not None:
+                publish_embeddings(task, rows)
             SAMPLES.write(published, task.manifest_path)
     finally:
         for tar in sources.values():
@@ -183,6 +208,21 @@ def write_shard(task: _ShardTask) -> int:
         for stream in streams:
             stream.close()
     return rows.height
+
+
+def publish_embeddings(task: _ShardTask, rows: pl.DataFrame) -> None:
+    """The shard's rows' embeddings (PUBLISHED_EMBEDDINGS, in samples/ order), read from the work
+    parts of the download parts the shard's images came from."""
+    from cnclip.embed import store
+
+    parts = [at(task.embed_dir, name.removesuffix(".tar") + ".parquet")
+             for name in rows["download_tar"].unique().sort().to_list()]
+    keys = rows.select("key", "uid")
+    found = (storage.scan_parquet(parts).join(keys.lazy(), on="uid", how="inner") if parts else
+             pl.LazyFrame(schema={"uid": pl.Int64, "key": pl.String}))
+    frame = keys.join(found.collect(), on="uid", how="left", maintain_order="left").select(
+        "key", "uid", "clip_score", "image_embedding", "text_embedding")
+    store.write_part(frame, task.embeddings_path, store.PUBLISHED_EMBEDDINGS)
 
 
 def _key_of_kept(layout: BuildLayout, engine: Engine) -> Table:
@@ -197,10 +237,10 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
     names the kept sample's key (or the evaluation image). Every part has the one rejected schema,
     sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty."""
     engine = engine or default_engine()
-    if stages is None:
+    if stages is None:  # no recipe at hand: the stages every build runs
         from cnclip.corpus import pipeline
 
-        stages = pipeline.STAGES
+        stages = [stage for stage in pipeline.STAGES if stage.only_with is None]
     tables = {
         "accepted": scan_accepted(layout, engine),
         "keys": _key_of_kept(layout, engine),
@@ -221,8 +261,9 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     engine = engine or make_engine(recipe.engine)
     if stages is None:
         from cnclip.corpus import pipeline
+        from cnclip.corpus.runtime.stage import applicable
 
-        stages = pipeline.STAGES
+        stages = applicable(recipe, pipeline.STAGES)
     layout = BuildLayout.of(recipe)
     for folder in (layout.shards_dir, layout.samples_dir, layout.rejected_dir):
         storage.make_dirs(folder)
@@ -236,13 +277,18 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
         SHARD_PLAN.write(pl.DataFrame(schema=SHARD_PLAN.columns), layout.shard_plan)
     count = -(-total // recipe.shard.samples_per_shard)
     keep_columns = keep_column_types(layout.ingest_dir)
+    embedded = {} if recipe.embed is None else {"embed_dir": layout.embed_dir, "embeddings_dir": layout.embeddings_dir}
+    if embedded:
+        storage.make_dirs(layout.embeddings_dir)
+        discard_uncommitted(layout.embeddings_dir)
     tasks = [
         _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, layout.download_dir,
                    recipe.image.encode_format,
-                   keep_columns)
+                   keep_columns, **embedded)
         for shard in range(count)
     ]
-    todo = [t for t in tasks if not (is_committed(t.tar_path) and is_committed(t.manifest_path))]
+    todo = [t for t in tasks if not (is_committed(t.tar_path) and is_committed(t.manifest_path)
+                                     and (t.embeddings_path is None or is_committed(t.embeddings_path)))]
     engine.map_parts(write_shard, todo, "shard: write tars", recipe.shard.processes)
     rejects = write_rejects(layout, keep_columns, engine, stages)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
@@ -257,8 +303,23 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     funnel = write_funnel(layout, recipe.name, [s.name for s in stages if s.in_funnel], engine)
     published = [t.tar_path for t in tasks] + [sizes_path]
     published += [t.manifest_path for t in tasks] + rejects + [layout.funnel_path]
+    if embedded:
+        published += [t.embeddings_path for t in tasks] + [_publish_model_record(layout)]
     write_checksums(layout.manifest_dir, layout.shards_dir, published, recipe.shard.processes, engine)
     return funnel
+
+
+def _publish_model_record(layout: BuildLayout) -> Path | str:
+    """embeddings/model.json: the embed stage's record of the model, as it wrote it."""
+    from cnclip.embed.store import MODEL_RECORD
+
+    path = at(layout.embeddings_dir, MODEL_RECORD)
+    text = storage.read_text(at(layout.embed_dir, MODEL_RECORD))
+    if storage.is_url(path):
+        write_part(path, text.encode("utf-8"))
+    else:
+        write_json_atomic(path, json.loads(text))
+    return path
 
 
 def reopen_if_damaged(layout: BuildLayout, state: StageState) -> None:
@@ -320,8 +381,9 @@ class ShardStage(Stage):
         return [str(recipe.manifest_dir)]
 
     def outputs(self, layout: BuildLayout) -> tuple:
+        embeddings = (layout.embeddings_dir,) if layout.embeds else ()
         return (layout.shards_dir, layout.samples_dir, layout.rejected_dir, layout.funnel_path,
-                layout.checksums_path, layout.shard_work_dir)
+                layout.checksums_path, layout.shard_work_dir, *embeddings)
 
     def prepare(self, context: StageContext, state: StageState) -> None:
         reopen_if_damaged(context.layout, state)
