@@ -78,6 +78,15 @@ def normalize_captions(raw: pl.Series, opencc_config: str | None = "t2s") -> pl.
     return captions.rename("caption")
 
 
+def normalize_texts(texts: list[str], opencc_config: str | None = "t2s") -> list[str]:
+    """Texts given to a model (search queries, eval captions, training captions) normalized as
+    captions are, so `２０２３年ＮＢＡ總決賽` reaches the model as the `2023年NBA总决赛` it learnt.
+    Idempotent on captions this module already normalized."""
+    if not texts:
+        return []
+    return normalize_captions(pl.Series(texts, dtype=pl.String), opencc_config).to_list()
+
+
 def normalize_phrases(phrases: list[str], opencc_config: str | None = "t2s") -> list[str]:
     """Blacklist phrases go through the same normalization as captions so they match them."""
     if not phrases:
