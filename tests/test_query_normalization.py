@@ -1,18 +1,22 @@
 """Texts given to a model are normalized as captions are: in cnclip's tokenizer and in the export's."""
 
+import multiprocessing
+
 import numpy as np
 import open_clip
+import polars as pl
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from cnclip.corpus.ops.normalize import normalize_texts
+from cnclip.corpus.ops.normalize import normalize_captions, normalize_texts
 from cnclip.embed.encoder import load_encoder
 from cnclip.train.cli import app
 from cnclip.train.factory import load_model_from_checkpoint
 from cnclip.train.loop import train
 from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer
 from test_train_support import shape_shards, tiny_config  # noqa: F401
+from test_train_tokenizer import varied_captions
 
 RAW, CLEAN = "２０２３年ＮＢＡ總決賽", "2023年NBA总决赛"
 # Same text once more with what a copy-paste carries: a zero-width space, a BOM, a soft hyphen, a tab.
@@ -32,6 +36,23 @@ def test_the_query_normalization_is_the_caption_normalization():
     assert normalize_texts([RAW, DIRTY, "  一個&amp;紅色的圓形  "]) == [CLEAN, CLEAN, "一个&红色的圆形"]
     assert normalize_texts(normalize_texts([RAW])) == [CLEAN]
     assert normalize_texts([]) == []
+
+
+def test_texts_are_normalized_exactly_as_the_corpus_normalizes_captions():
+    texts = varied_captions(300, seed=3) + [RAW, DIRTY, "a\u034fb", "&lt;高清&gt;\u3000４Ｋ", "\x00\x1f", "", "  "]
+    assert normalize_texts(texts) == normalize_captions(pl.Series(texts)).to_list()
+    assert normalize_texts(texts, None) == normalize_captions(pl.Series(texts), None).to_list()
+
+
+def _ids(text):
+    return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, normalize=True)(text)[0].tolist()
+
+
+def test_a_normalizing_tokenizer_works_in_a_forked_data_loader_worker():
+    # polars' thread pool, started here, would deadlock a polars call in a forked child.
+    assert pl.DataFrame({"a": list(range(10_000))}).group_by(pl.col("a") % 7).len().height == 7
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_ids, (RAW,)).get(timeout=120) == _ids(CLEAN)
 
 
 def test_a_normalizing_tokenizer_gives_the_clean_ids_and_a_raw_one_does_not():
