@@ -141,3 +141,12 @@ def test_cli_index_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["corpus", "index", str(tmp_path), "--kind", "flat"])
     assert result.exit_code == 0, result.output
     assert pl.read_parquet(next((tmp_path / "index").glob("rows-*.parquet"))).height == 100
+
+
+@pytest.mark.parametrize("args", [["search", "--help"], ["corpus", "index", "--help"]], ids=" ".join)
+def test_search_help_loads_no_heavy_module(args):
+    from test_cli_imports import probe
+
+    result = probe(*args)
+    assert result["exit"] == 0 and "Usage: " in result["output"]
+    assert result["loaded"] == []
