@@ -33,3 +33,37 @@ def embed_manifest(manifest_dir: Path, model_path: Path) -> Path:
         store.write_part(frame.select(list(PUBLISHED_EMBEDDINGS.columns)), out / part.name, PUBLISHED_EMBEDDINGS)
     store.write_model_record(out, str(model_path), encoder.dim)
     return out
+
+
+_CACHE: dict = {}
+
+
+def searchable_corpus(root: Path, images: int = 300, stage1: int = 30, stage2: int = 300) -> Path:
+    """The demo corpus (the sample web's coloured shapes), a model `cnclip train` trained on it,
+    and its embeddings: the manifest dir, built once per test session."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cnclip.corpus import build, parse_recipe
+    from cnclip.train.cli import app
+    from conftest import REPO, free_port
+
+    if "manifests" in _CACHE:
+        return _CACHE["manifests"]
+    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text(encoding="utf-8"))
+    data.update(output_dir=str(root / "data"), manifest_dir=str(root / "manifests"))
+    data["sources"][0].update(port=free_port(), images=images)
+    build(parse_recipe(data, "demo"), show_funnel=False)
+    config = yaml.safe_load((REPO / "recipes" / "train-demo.yaml").read_text(encoding="utf-8"))
+    config["output_dir"] = str(root / "run")
+    config["data"] = {**config["data"], "manifest_dir": str(root / "manifests")}
+    del config["data"]["train"]  # every shard: the search covers the whole corpus
+    config["eval"]["sets"][0]["data"] = str(root / "data" / "shards" / "00000.tar")
+    config["stage1"]["steps"], config["stage2"]["steps"], config["eval"]["every"] = stage1, stage2, 10_000
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    embed_manifest(root / "manifests", root / "run" / "checkpoints" / "stage2-final.pt")
+    _CACHE["manifests"] = root / "manifests"
+    return _CACHE["manifests"]
