@@ -13,7 +13,8 @@ from cnclip.search.serve import make_server
 from cnclip.search.shards import ShardMembers
 from search_corpus import searchable_corpus
 
-pytestmark = pytest.mark.slow
+# The first test builds the demo corpus and trains on it (minutes on 2 shared cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 QUERY = "一个红色的圆形"
 

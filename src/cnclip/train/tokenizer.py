@@ -124,10 +124,9 @@ class ChineseTokenizer:
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
-
     def _export_tokenizer(self) -> Tokenizer:
-        """This normalizing tokenizer for HF: normalize_texts() where a tokenizers normalizer can express it, then
-        the same WordPiece, `[CLS] ... [SEP]` around the ids."""
+        """This normalizing tokenizer for HF: normalize_texts() as far as a tokenizers normalizer
+        can express it, then the same WordPiece, `[CLS] ... [SEP]` around the ids."""
         ids = {token: i for i, token in enumerate(self.vocab)}
         tok = Tokenizer(models.WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=MAX_CHARS_PER_WORD))
         tok.normalizer = normalizers.Sequence([
