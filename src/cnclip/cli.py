@@ -10,6 +10,7 @@ from cnclip import __version__
 from cnclip._common.console import HELP_OPTIONS
 from cnclip.corpus.cli import app as corpus_app
 from cnclip.report.cli import train_group
+from cnclip.search import cli as search_cli
 from cnclip.train import cli as train_cli
 
 app = typer.Typer(help="cnclip: build Chinese image-text corpora and train Chinese CLIP on them.",
@@ -31,10 +32,12 @@ def main(
     """cnclip: build Chinese image-text corpora and train Chinese CLIP on them."""
 
 
+corpus_app.command("index")(search_cli.index)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(train_group(train_cli.train), name="train")
 app.command("eval")(train_cli.evaluate)
 app.command("export")(train_cli.export)
+app.command("search")(search_cli.search)
 
 if __name__ == "__main__":
     app()

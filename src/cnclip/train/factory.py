@@ -23,14 +23,15 @@ from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer, bu
 
 
 def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
-    """`tokenizer.vocab`: bert-base-chinese | text-tower | corpus | a vocab.txt path."""
+    """`tokenizer.vocab`: bert-base-chinese | text-tower | corpus | a vocab.txt path. Every model's
+    tokenizer normalizes its texts as the corpus normalizes captions, so training, eval and search agree."""
     choice, length = cfg.tokenizer.vocab, cfg.tokenizer.context_length
     if choice == "bert-base-chinese":
-        return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, length)
+        return ChineseTokenizer.from_file(BERT_BASE_CHINESE_VOCAB, length, normalize=True)
     if choice == "text-tower":
         if cfg.init.text is None:
             raise ConfigError("tokenizer.vocab: text-tower needs init.text (an HF directory with vocab.txt)")
-        return ChineseTokenizer.from_file(Path(cfg.init.text) / "vocab.txt", length)
+        return ChineseTokenizer.from_file(Path(cfg.init.text) / "vocab.txt", length, normalize=True)
     if choice == "corpus":
         saved = Path(cfg.output_dir) / "vocab.txt"
         if not saved.is_file():  # built once per run directory, so a resumed run gets the same ids
@@ -41,8 +42,8 @@ def build_tokenizer(cfg: TrainConfig, shard_set: ShardSet) -> ChineseTokenizer:
                 captions = read_captions(shard_set.shards)
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text("\n".join(build_corpus_vocab(captions)) + "\n", encoding="utf-8")
-        return ChineseTokenizer(read_vocab(saved), length)
-    return ChineseTokenizer.from_file(choice, length)
+        return ChineseTokenizer(read_vocab(saved), length, normalize=True)
+    return ChineseTokenizer.from_file(choice, length, normalize=True)
 
 
 def build_model(cfg: TrainConfig, tokenizer: ChineseTokenizer, device: torch.device, initialise: bool = True):
@@ -72,5 +73,5 @@ def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path]
     state = ckpt.load_checkpoint(path)
     model = rebuild_model(ckpt.model_config(state), workdir, device)
     model.load_state_dict(state["model"])
-    tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
+    tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"], normalize=True)
     return model.eval(), tokenizer, state

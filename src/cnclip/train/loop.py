@@ -126,7 +126,8 @@ class Trainer:
             raise DataError(f"{resume}: written by {state['world_size']} processes, now {self.rt.world_size}; "
                             f"exact resume needs the same number (or data.exact_resume: false)")
         if state is not None:  # the ids the checkpoint was trained with, whatever the config says now
-            self.tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"])
+            self.tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"],
+                                              normalize=True)
         self._setup_model(state)
         start_step, continuing = 0, False
         if state is not None:

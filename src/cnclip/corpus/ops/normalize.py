@@ -9,6 +9,8 @@ upstream) is kept here and rejected by the text filters (`text:replacement_char`
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
 from functools import lru_cache
 
 import polars as pl
@@ -22,6 +24,7 @@ _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 _INVISIBLE = r"[\p{Cf}\u034f]"
 # html.unescape never produces U+0001 (it maps &#1; to ''), so it can separate captions in a batch.
 _UNESCAPE_SEPARATOR = "\x01"
+_CONTROL_RE, _SPACES_RE = re.compile(_CONTROL), re.compile(r"\s+")
 _OPENCC_BATCH = 50_000
 
 
@@ -76,6 +79,27 @@ def normalize_captions(raw: pl.Series, opencc_config: str | None = "t2s") -> pl.
     if opencc_config:
         captions = convert_chinese(captions, opencc_config)
     return captions.rename("caption")
+
+
+def normalize_texts(texts: list[str], opencc_config: str | None = "t2s") -> list[str]:
+    """Texts given to a model (search queries, eval and training captions) normalized as
+    normalize_captions normalizes captions, so `２０２３年ＮＢＡ總決賽` reaches the model as the
+    `2023年NBA总决赛` it learnt; idempotent on captions already normalized.
+
+    Plain Python, not polars: tokenizers run this inside forked data-loader workers, where a
+    polars call deadlocks on the thread pool the parent process started.
+    """
+    out = []
+    for text in texts:
+        text = _CONTROL_RE.sub(" ", text or "")
+        text = html.unescape(text) if "&" in text else text
+        text = _CONTROL_RE.sub(" ", unicodedata.normalize("NFKC", text))
+        text = "".join(ch for ch in text if ch != "\u034f" and unicodedata.category(ch) != "Cf")
+        out.append(_SPACES_RE.sub(" ", text).strip())
+    if opencc_config and out:
+        converter = _opencc(opencc_config)
+        out = [converter.convert(text) for text in out]
+    return out
 
 
 def normalize_phrases(phrases: list[str], opencc_config: str | None = "t2s") -> list[str]:
