@@ -1,39 +1,11 @@
-"""Test helper: the published embeddings of a built corpus, made the way the embed stage publishes them
-(MANIFEST_DIR/embeddings/NNNNN.parquet per shard: key, uid, clip_score, image/text embeddings in
-float16, plus model.json). Search tests build on this until builds with an embed section exist."""
+"""Test helper: a searchable corpus, as a user makes one: build the demo corpus, train on it with
+`cnclip train`, then rebuild the same recipe with an `embed` section naming the model (only the
+embed and shard stages run again; the shards are the same), which publishes
+MANIFEST_DIR/embeddings/."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-
-import numpy as np
-import polars as pl
-from PIL import Image
-
-from cnclip.corpus.manifests.schemas import PUBLISHED_EMBEDDINGS
-from cnclip.embed import store
-from cnclip.embed.encoder import load_encoder
-from cnclip.search.shards import ShardMembers
-
-
-def embed_manifest(manifest_dir: Path, model_path: Path) -> Path:
-    """Encode every shard's images and captions with `model_path`; returns the embeddings folder."""
-    encoder = load_encoder(model_path, "cpu")
-    members = ShardMembers(manifest_dir)
-    out = Path(manifest_dir) / "embeddings"
-    for part in sorted((Path(manifest_dir) / "samples").glob("*.parquet")):
-        samples = pl.read_parquet(part, columns=["key", "shard", "uid", "caption"])
-        images = [Image.open(io.BytesIO(members.image(shard, key)[1]))
-                  for shard, key in samples.select("shard", "key").rows()]
-        image = encoder.encode_images(images)
-        text = encoder.encode_texts(samples["caption"].to_list())
-        scores = np.einsum("ij,ij->i", image, text).astype(np.float32)
-        frame = store.frame_of(samples["uid"], image, text, key=samples["key"], clip_score=scores)
-        store.write_part(frame.select(list(PUBLISHED_EMBEDDINGS.columns)), out / part.name, PUBLISHED_EMBEDDINGS)
-    store.write_model_record(out, str(model_path), encoder.dim)
-    return out
-
 
 _CACHE: dict = {}
 
@@ -64,6 +36,7 @@ def searchable_corpus(root: Path, images: int = 300, stage1: int = 30, stage2: i
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
-    embed_manifest(root / "manifests", root / "run" / "checkpoints" / "stage2-final.pt")
+    data["embed"] = {"model": str(root / "run" / "checkpoints" / "stage2-final.pt"), "device": "cpu"}
+    build(parse_recipe(data, "demo"), show_funnel=False)
     _CACHE["manifests"] = root / "manifests"
     return _CACHE["manifests"]
