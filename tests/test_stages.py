@@ -379,8 +379,12 @@ def test_every_stage_of_a_real_build_runs_on_the_given_engine(make_recipe, tmp_p
     funnel = pipeline.build(recipe, show_funnel=False, engine=engine)
     assert (funnel["samples"], funnel["rejected_by_reason"]) == (2, {"dedup:exact_duplicate": 1})
     assert [d for d, _ in engine.maps] == ["text: normalize + filter", "text: duplicates + caption cap",
+                                           "download: rows as sent", "download: part inputs",
+                                           "download: attempts per part",
                                            "hash: pHash of stored images", "shard: write tars", "shard: checksums"]
-    assert all(processes is None for _, processes in engine.maps)  # no stage setting: the engine's own
+    # No stage setting: the engine's own; the download always has one (its lanes).
+    assert all(processes is None for d, processes in engine.maps if not d.startswith("download"))
+    assert all(processes == recipe.download.processes for d, processes in engine.maps if d.startswith("download"))
 
 
 def test_shard_numbers_past_five_digits_keep_every_digit(make_recipe, tmp_path):
