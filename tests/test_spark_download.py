@@ -1,52 +1,19 @@
 """The download's routing and attempts table on the Spark engine: every step that touches rows is
-an engine task or query, so the driver reads none (polars reads fail in the driver's process
-while the stage runs; the executors' Python workers are other processes), and the routing is
-the local engine's: the same lanes and parts for the same rows."""
+an engine task or query, so the driver reads none (spark_driver.py), and the routing is the
+local engine's: the same lanes and parts for the same rows."""
 
 import polars as pl
 import pytest
 
 from cnclip.corpus.pipeline import run_text
 from cnclip.corpus.runtime.layout import BuildLayout
-from cnclip.corpus.runtime.spark_engine import SparkEngine
 from cnclip.corpus.stages.download import retry_failed, run_download_stage
 from cnclip.corpus.stages.download_routing import as_sent, route
 from loopback_routes import RouteServer, jpeg_bytes
+from spark_driver import Recording, driver_reads_no_rows
 from spark_session import spark  # noqa: F401 (the session fixture)
 
 pytestmark = [pytest.mark.spark]
-
-# Every polars entry point that reads rows into this process.
-READERS = ("read_parquet", "scan_parquet", "read_ipc", "scan_ipc", "read_csv", "scan_csv", "read_ndjson",
-           "scan_ndjson", "read_json")
-
-
-class Recording(SparkEngine):
-    """The Spark engine, noting each map's description and part count and each result the driver got."""
-
-    def __init__(self, spark):
-        super().__init__(spark)
-        self.maps: dict[str, list[int]] = {}
-        self.returned: list[int] = []
-
-    def map_parts(self, fn, parts, description, processes=None):
-        self.maps.setdefault(description, []).append(len(parts))
-        return super().map_parts(fn, parts, description, processes)
-
-    def rows(self, table):
-        rows = super().rows(table)
-        self.returned.append(len(rows))
-        return rows
-
-
-def driver_reads_no_rows(patch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("the driver read rows with polars")
-
-    for name in READERS:
-        patch.setattr(pl, name, refuse)
-    patch.setattr(pl.LazyFrame, "collect", refuse)
-
 
 def test_routing_and_attempts_run_as_engine_steps_and_route_as_the_local_engine(spark, make_recipe, tmp_path):
     images = {f"/{i}.jpg": jpeg_bytes(40, (i * 19 % 256, 60, 90)) for i in range(12)}
