@@ -11,7 +11,9 @@ What runs where:
   target; then one task turns them into the one Parquet file the stages read, cast to the
   declared types and checked by the same writer as the local engine (LocalEngine.write). That
   last step is where types Spark has not (UInt64 pHashes, which Spark reads as DECIMAL(20,0))
-  come back. The driver never holds the rows.
+  come back. It is not a rename: that one task reads every part and writes the file again,
+  streaming (its memory does not grow with the table, its time does, on one core). The
+  driver never holds the rows.
 - `rows`: collect, for the small results stages ask for (counts, a funnel).
 - `map_isolated`: as map_parts, each part's function in a process its task spawns: the
   download's lanes (img2dataset behind the in-process guard, one lane per task, all rows of a
@@ -242,8 +244,9 @@ class SparkEngine:
                 self.spark.catalog.dropTempView(name)
 
     def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
-        """The executors write part files beside `path`; one task makes them the one file (see
-        the module's docstring); the folder of parts is removed whatever happens."""
+        """The executors write part files beside `path`; one task rewrites them as the one file
+        (see the module's docstring: every row passes through that task); the folder of parts is
+        removed whatever happens."""
         path = Path(path).absolute()  # the committing task's worker need not share this folder
         folder = path.with_name(f".{path.name}.spark-{uuid.uuid4().hex[:8]}")
         try:

@@ -7,7 +7,6 @@ from pathlib import Path
 import polars as pl
 
 from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS, HASHES
-from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import DedupSettings, Recipe
 from cnclip.corpus.runtime import storage
@@ -62,6 +61,8 @@ def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
     if isinstance(engine, FindsDuplicates):
         return {"dropped": dict(_engine_decisions(layout, engine, recipe.dedup, evals)), "eval_images": evals.height}
+    from cnclip.corpus.ops.dedup import find_duplicates  # numba's kernels: only where the arrays run
+
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
     decisions = find_duplicates(rows, recipe.dedup, evals)
     DEDUP_DECISIONS.write(decisions, layout.dedup_decisions)
