@@ -24,7 +24,7 @@ from cnclip.corpus.recipe import Recipe, SampleWebSource
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import committed_parts
 from cnclip.corpus.runtime.engine import Engine, Table, default_engine
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.stages.download_attempts import attempts_path, build_attempts
 
@@ -174,6 +174,19 @@ def run_download_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     return {"by_status": _statuses(layout.download_dir, engine), "retries": 0, "guard": guard}
 
 
+def _plan_names(input_dir: Path | str) -> list[str]:
+    """The committed plans of every round so far: files, or on Spark folders of parts (a plan's
+    name is the engine's table name either way)."""
+    from cnclip.corpus.runtime.commit import is_committed
+
+    if storage.is_url(input_dir):
+        names = [Path(p).name for p in committed_parts(input_dir, ".parquet")]
+    else:
+        names = [p.name for p in Path(input_dir).iterdir()] if Path(input_dir).is_dir() else []
+    return sorted(n for n in names if n.startswith("plan") and n.endswith(".parquet")
+                  and is_committed(at(input_dir, n)))
+
+
 def _quoted(values: list[str]) -> str:
     return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
 
@@ -195,7 +208,7 @@ def retry_failed(recipe: Recipe, previous: dict, engine: Engine | None = None) -
     info(f"download: retrying {retried} rows that failed for transient reasons")
     attempt = previous.get("retries", 0) + 1
     # img2dataset deletes each part's input once done: the plans say which numbers are taken.
-    plans = [p for p in committed_parts(layout.download_input_dir, ".parquet") if Path(p).name.startswith("plan")]
+    plans = [at(layout.download_input_dir, name) for name in _plan_names(layout.download_input_dir)]
     ((last,),) = engine.rows(engine.sql("SELECT MAX(part) FROM plans", plans=engine.scan(plans)))
     guard = _download(recipe, engine, f"plan-retry-{attempt}.parquet", (last or 0) + 1, transient)
     build_attempts(layout.download_dir, engine, recipe.download.processes)
