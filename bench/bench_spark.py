@@ -249,11 +249,11 @@ def plan_once(root: Path, engine) -> pl.DataFrame:
 
 
 def route_once(root: Path) -> dict:
-    """The download's routing as the driver runs it before the lanes start, for 160 lanes (10
-    executors x 16 cores) and 10,000 hosts, in a fresh process (so the peak is the routing's, not
-    what earlier stages left in the allocator): every accepted row's uid, url and caption read
-    into memory, routed, written as the lanes' Arrow inputs and the plan."""
-    from cnclip.corpus.stages.download_lanes import write_plan
+    """The download's routing before the lanes start, for 160 lanes (10 executors x 16 cores) and
+    10,000 hosts, in a fresh process (so the peak is the routing's, not what earlier stages left
+    in the allocator): the rows in memory, then the routing's engine steps (its queries, the
+    lanes' Arrow inputs and the plan) on the local engine in that one process."""
+    from cnclip.corpus.stages.download_routing import write_plan
 
     sent = accepted_rows(root).select("uid", pl.format("http://h{}.example/{}.jpg", pl.col("uid") % 10_000,
                                                        pl.col("uid")).alias("url"), "caption")
@@ -281,7 +281,7 @@ def report_routing(root: Path) -> None:
     first, rows = runs[0], runs[0]["rows"]
     seconds = statistics.median(r["seconds"] for r in runs)
     over = statistics.median(r["peak"] - r["held"] for r in runs) * 1024 if first["peak"] else float("nan")
-    print(f"routing    driver (both)  {seconds:6.1f} s ({len(runs)} runs, one process each) | "
+    print(f"routing    one process    {seconds:6.1f} s ({len(runs)} runs, one process each) | "
           f"{rows / seconds:>10,.0f} rows/s per core | the rows {first['arrow'] / rows:,.0f} B/row in memory "
           f"(urls {first['url']:.0f} B, captions {first['caption']:.0f} B) + routing's peak over them "
           f"{over / rows:,.0f} B/row", flush=True)

@@ -15,7 +15,8 @@ from cnclip.corpus.pipeline import run_download, run_text
 from cnclip.corpus.recipe import RecipeError
 from cnclip.corpus.runtime.memory import download_memory, show_bytes, threads_within_budget
 from cnclip.corpus.sources.sample_web import png_bomb
-from cnclip.corpus.stages.download import as_sent, img2dataset_arguments
+from cnclip.corpus.stages.download import img2dataset_arguments
+from cnclip.corpus.stages.download_routing import as_sent
 from loopback_routes import RouteServer, jpeg_bytes
 
 # Runs img2dataset's own resizer on a bomb in a fresh process, with and without the pixel limit

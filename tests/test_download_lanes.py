@@ -16,7 +16,8 @@ from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.pipeline import run_download, run_text
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.stages.download_attempts import scan_attempts, write_attempts
-from cnclip.corpus.stages.download_lanes import lanes_per_host, route
+from cnclip.corpus.stages.download_lanes import lanes_per_host
+from cnclip.corpus.stages.download_routing import route
 from loopback_routes import RouteServer, jpeg_bytes
 
 

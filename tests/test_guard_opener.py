@@ -187,7 +187,8 @@ def lane_arguments(output, **overrides):
 def test_img2dataset_workers_fetch_through_the_guard(tmp_path, connections):
     """img2dataset's own downloader in a lane: each row's recorded error maps to its reason.
     (Lanes in spawned workers: test_download_lanes.py and every build test.)"""
-    from cnclip.corpus.stages.download_lanes import lane_tasks, run_lane, write_plan
+    from cnclip.corpus.stages.download_lanes import lane_tasks, run_lane
+    from cnclip.corpus.stages.download_routing import write_plan
 
     answers = iter([(429, {}, b"slow down")] + [(200, {"Content-Type": "image/jpeg"}, IMAGE)] * 5)
     with RouteServer() as site:

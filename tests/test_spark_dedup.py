@@ -90,3 +90,20 @@ def test_with_a_checkpoint_folder_the_rounds_are_checkpointed_there_alike(spark,
     found = spark_decisions(spark, tmp_path, rows, settings, None)
     assert_frame_equal(found, find_duplicates(rows.lazy(), settings, None))
     assert any((tmp_path / "checkpoints").rglob("part-*"))
+
+
+def test_the_driver_of_a_spark_build_never_imports_numba():
+    """numba (~60 MiB and most of a second to import) serves only the array form; the Spark rules
+    plan their bands with neardup.band_plan on the driver, which needs none of it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "import cnclip.corpus.pipeline, cnclip.corpus.stages.dedup, cnclip.corpus.runtime.spark_engine\n"
+             "from cnclip.corpus.ops import neardup_spark\n"
+             "from cnclip.corpus.ops.neardup import band_plan\n"
+             "assert band_plan(10**8, 4, 10**6).bands\n"
+             "print('numba' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]

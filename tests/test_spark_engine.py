@@ -212,3 +212,43 @@ def test_build_takes_an_engine_or_a_session_not_both(make_recipe):
     with pytest.raises(ValueError, match="pass engine= or spark=, not both"):
         build(recipe, engine=LocalEngine(1), spark=object())
     assert not (recipe.output_dir / "work").exists()
+
+
+@pytest.mark.spark
+def test_a_table_is_written_by_a_task_per_part_as_a_folder_that_every_reader_reads(spark, tmp_path):
+    """No one task rewrites a whole table: each of Spark's parts is cast and checked by its own
+    task into the table's folder, renamed into place over what was there (an earlier build's
+    file); polars, the local engine and Spark read the folder as the table, in order."""
+    from cnclip.corpus.runtime.commit import is_committed
+    from cnclip.corpus.runtime.spark_engine import SparkEngine
+
+    maps = []
+
+    class Noting(SparkEngine):
+        def map_parts(self, fn, parts, description, processes=None):
+            maps.append((description, [part.target.name for part in parts]))
+            return super().map_parts(fn, parts, description, processes)
+
+    engine = Noting(spark)
+    top = 2**64 - 1
+    pl.DataFrame({"uid": range(900), "phash": [top - i for i in range(900)]},
+                 schema={"uid": pl.Int64, "phash": pl.UInt64}).write_parquet(tmp_path / "h.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "hashes.parquet"
+    pl.DataFrame({"uid": [-1], "phash": [0]}, schema=HASHES.columns).write_parquet(target)
+    table = engine.scan([tmp_path / "h.parquet"]).repartitionByRange(3, "uid").sortWithinPartitions("uid")
+    engine.write(table, target, HASHES)
+    parts = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert maps == [("write hashes.parquet", parts)]
+    assert is_committed(target) and sorted(p.name for p in target.iterdir()) == parts
+    assert [p.name for p in out.iterdir()] == ["hashes.parquet"]  # nothing hidden left beside it
+    assert all(pl.read_parquet(target / part).height > 0 for part in parts)
+    written = pl.read_parquet(target)
+    assert written.schema == HASHES.columns and written["uid"].to_list() == list(range(900))
+    assert written["phash"].max() == top
+    assert LocalEngine(1).scan([target]).collect().equals(written)
+    assert engine.rows(engine.sql("SELECT COUNT(*), MIN(uid) FROM t", t=engine.scan([target]))) == [(900, 0)]
+    # Written again (a rerun), smaller: the folder is replaced whole.
+    engine.write(engine.sql("SELECT * FROM t WHERE uid < 5", t=engine.scan([target])), target, HASHES)
+    assert pl.read_parquet(target)["uid"].sort().to_list() == [0, 1, 2, 3, 4]

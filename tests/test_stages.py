@@ -183,7 +183,8 @@ def test_the_engine_given_to_build_is_the_one_every_stage_uses(small_recipe, mon
     recipe = small_recipe(shard={"processes": None}, text={"processes": 1})
     funnel = pipeline.build(recipe, show_funnel=False, engine=engine)
     assert funnel["input_rows"] == 3 and funnel["rejected"] == 3
-    assert engine.maps == [("text: normalize + filter", 1), ("text: duplicates + caption cap", 1),
+    assert engine.maps == [("ingest: read files", None), ("ingest: number rows", None),
+                           ("text: normalize + filter", 1), ("text: duplicates + caption cap", 1),
                            ("hash: pHash of stored images", None), ("shard: write tars", None),
                            ("shard: checksums", None)]
     assert engine.queries >= 6  # pair collapse, cap, plan keys, rejects, funnel counts
@@ -378,9 +379,14 @@ def test_every_stage_of_a_real_build_runs_on_the_given_engine(make_recipe, tmp_p
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("a stage built its own engine")))
     funnel = pipeline.build(recipe, show_funnel=False, engine=engine)
     assert (funnel["samples"], funnel["rejected_by_reason"]) == (2, {"dedup:exact_duplicate": 1})
-    assert [d for d, _ in engine.maps] == ["text: normalize + filter", "text: duplicates + caption cap",
+    assert [d for d, _ in engine.maps] == ["ingest: read files", "ingest: number rows",
+                                           "text: normalize + filter", "text: duplicates + caption cap",
+                                           "download: rows as sent", "download: part inputs",
+                                           "download: attempts per part",
                                            "hash: pHash of stored images", "shard: write tars", "shard: checksums"]
-    assert all(processes is None for _, processes in engine.maps)  # no stage setting: the engine's own
+    # No stage setting: the engine's own; the download always has one (its lanes).
+    assert all(processes is None for d, processes in engine.maps if not d.startswith("download"))
+    assert all(processes == recipe.download.processes for d, processes in engine.maps if d.startswith("download"))
 
 
 def test_shard_numbers_past_five_digits_keep_every_digit(make_recipe, tmp_path):

@@ -163,6 +163,17 @@ ATTEMPTS = Table("work/download/attempts.parquet", "output_dir", "download", ATT
 # (stages/download_lanes.py); the parts' own inputs beside it are img2dataset's Arrow files.
 DOWNLOAD_PLAN = Table("work/download-input/plan*.parquet", "output_dir", "download",
                       {"uid": _I64, "lane": _I32, "part": _I64})
+# What the routing reads and writes on the engine's executors (stages/download_routing.py): each
+# accepted part's rows as sent, with their host and its first lane; then each row's lane and its
+# part's index within that lane. Internal to the download: no keep column meets them.
+DOWNLOAD_SENT = Table("work/download-input/sent/*.parquet", "output_dir", "download",
+                      {"uid": _I64, "url": _STR, "caption": _STR, "host": _STR, "first_lane": _I64}, reserves=False)
+DOWNLOAD_ROUTES = Table("work/download-input/routes*.parquet", "output_dir", "download",
+                        {"uid": _I64, "url": _STR, "caption": _STR, "lane": _I32, "lane_part": _I64}, reserves=False)
+# One img2dataset part's results as attempts rows (download_attempts.py), before the latest of each
+# row is chosen across parts.
+ATTEMPT_PARTS = Table("work/download-input/attempts/*.parquet", "output_dir", "download", ATTEMPTS_SCHEMA,
+                      reserves=False)
 
 
 # img2dataset's own per-part columns (work/download/*.parquet, its output format, not declared
@@ -205,9 +216,8 @@ REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA,
 
 TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
-    DOWNLOAD_PLAN, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS, EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS,
-    EMBED_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED,
-    PUBLISHED_EMBEDDINGS,
+    DOWNLOAD_PLAN, DOWNLOAD_SENT, DOWNLOAD_ROUTES, ATTEMPT_PARTS, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS,
+    EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS, EMBED_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED, PUBLISHED_EMBEDDINGS,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.

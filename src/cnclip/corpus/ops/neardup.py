@@ -40,11 +40,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 from math import comb
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-from cnclip.corpus.ops.band_buckets import BandBuckets
+if TYPE_CHECKING:  # numba's import (~60 MiB, most of a second) only where the arrays are searched
+    from cnclip.corpus.ops.band_buckets import BandBuckets
 
 BITS = 64  # a pHash's width
 # Relative costs per hash bucketed and per candidate verified, one band (band_buckets.py, measured
@@ -156,6 +158,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int, blocks: int | None = None,
     if count < 2 or max_distance <= 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
+    from cnclip.corpus.ops.band_buckets import BandBuckets
+
     plan = combination_plan(blocks, max_distance) if blocks else band_plan(count, max_distance)
     buckets = BandBuckets(hashes, reuse)
     band_masks = [sum(plan.masks[i] for i in band) for band in plan.bands]
@@ -197,7 +201,11 @@ def equal_pairs(hashes: np.ndarray, buckets: BandBuckets | None = None) -> tuple
     if len(hashes) < 2:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    return (buckets or BandBuckets(hashes)).equals()
+    if buckets is None:
+        from cnclip.corpus.ops.band_buckets import BandBuckets
+
+        buckets = BandBuckets(hashes)
+    return buckets.equals()
 
 
 def component_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,9 +42,11 @@ def _part_of(marker: str) -> str:
 
 
 def is_committed(path: str | Path) -> bool:
-    """Whether the part at `path` is whole: it exists (local), or its marker does (elsewhere)."""
+    """Whether the part at `path` is whole: it exists (local: a file, or the folder of parts a
+    Spark write renames into place whole), or its marker does (elsewhere)."""
     if renames_atomically(path):
-        return Path(storage.local_path(path)).is_file()
+        local = Path(storage.local_path(path))
+        return local.is_file() or local.is_dir()
     return storage.exists(marker_of(path)) and storage.exists(path)
 
 

@@ -8,10 +8,15 @@ What runs where:
   missing from a part null there, types unified as the local engine unifies them) and
   `spark.sql` over temporary views; the stages' SQL strings are written for both dialects.
 - `write`: the executors write the table as Spark part files into a hidden folder beside the
-  target; then one task turns them into the one Parquet file the stages read, cast to the
-  declared types and checked by the same writer as the local engine (LocalEngine.write). That
-  last step is where types Spark has not (UInt64 pHashes, which Spark reads as DECIMAL(20,0))
-  come back. The driver never holds the rows.
+  target; then one task per part file casts it to the declared types and checks it with the
+  same writer as the local engine (LocalEngine.write), into a second hidden folder, which is
+  renamed into place at the target: on Spark a table is a folder of parts (`part-NNNNN.parquet`,
+  in Spark's partition order, so an ORDER BY holds across them) that polars and Spark both read
+  as one table, written by as many tasks as Spark wrote parts. A manifest (samples/, rejected/)
+  stays one file per name, as users and checksums read it: one task writes it from the parts
+  (a stream: bounded memory, one core's time). That step is where types Spark
+  has not (UInt64 pHashes, which Spark reads as DECIMAL(20,0)) come back. The driver never
+  holds the rows (it lists the part files).
 - `rows`: collect, for the small results stages ask for (counts, a funnel).
 - `map_isolated`: as map_parts, each part's function in a process its task spawns: the
   download's lanes (img2dataset behind the in-process guard, one lane per task, all rows of a
@@ -109,23 +114,63 @@ def spark_path(path: Path | str) -> str:
 
 @dataclass(frozen=True)
 class _Commit:
-    """Spark's part files of one table -> the one file the stages read."""
+    """One of Spark's part files of a table -> the same rows as a part of the table's folder."""
 
-    folder: Path
-    path: Path
+    source: Path
+    target: Path
     schema: Any
+    table: Path  # the table's own path, which an error names
 
 
-def commit_parts(task: _Commit) -> int:
-    """Runs as a Spark task: the part files in partition order (their names), through the local
-    engine's writer (declared types, checked, renamed into place whole); returns the rows."""
+def commit_part(task: _Commit) -> int:
+    """Runs as a Spark task: one part file through the local engine's writer (declared types,
+    checked, renamed into place whole); returns its rows."""
     import polars as pl
 
-    parts = sorted(task.folder.glob("part-*.parquet"))
-    if not parts:
-        raise RuntimeError(f"{task.folder}: Spark wrote no part file")
-    LocalEngine(1).write(pl.scan_parquet(parts), task.path, task.schema)
-    return pl.scan_parquet(task.path).select(pl.len()).collect().item()
+    from cnclip.corpus.manifests.schemas import SchemaError
+
+    try:
+        LocalEngine(1).write(pl.scan_parquet(task.source), task.target, task.schema)
+    except SchemaError as err:  # the table is what the stage wrote, not a hidden part of it
+        raise SchemaError(str(err).replace(str(task.target), str(task.table), 1)) from None
+    return pl.scan_parquet(task.target).select(pl.len()).collect().item()
+
+
+def commit_whole(task: _Commit) -> int:
+    """Runs as a Spark task: every part file of `task.source` (a folder), in partition order,
+    through the local engine's writer as the one file `task.target`; returns the rows."""
+    import polars as pl
+
+    LocalEngine(1).write(pl.scan_parquet(sorted(task.source.glob("part-*.parquet"))), task.target, task.schema)
+    return pl.scan_parquet(task.target).select(pl.len()).collect().item()
+
+
+def writes_one_file(schema: Any) -> bool:
+    """A manifest (samples/, rejected/: what users read, checksums cover and publishing copies)
+    is one file per name; every other table is written as a folder of parts."""
+    return getattr(schema, "root", None) == "manifest_dir"
+
+
+def table_parts(path: Path | str) -> list[Path | str]:
+    """The files of a table: itself, or the parts of a folder a Spark write made."""
+    local = Path(path)
+    if "://" not in str(path) and local.is_dir():
+        return sorted(local.glob("part-*.parquet"))
+    return [path]
+
+
+def _replace(staging: Path, path: Path) -> None:
+    """The folder `staging` at `path`, whatever was there moved aside first (a file a local build
+    wrote, or an earlier folder) and removed after: a reader sees the old table, then the new,
+    or, if the process dies between the two renames, none (the stage redoes it)."""
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def _watched(fn: Callable[[Part], Result], parent: int, part: Part) -> Result:
@@ -210,8 +255,8 @@ class SparkEngine:
         from pyspark.sql import functions as F
 
         groups: dict[tuple, list[Path | str]] = {}
-        for path in paths:
-            groups.setdefault(tuple(pl.read_parquet_schema(path).items()), []).append(path)
+        for path in paths:  # a folder of parts (a table this engine wrote): one schema, its first part's
+            groups.setdefault(tuple(pl.read_parquet_schema(table_parts(path)[0]).items()), []).append(path)
         if len(groups) == 1:
             return self.spark.read.parquet(*(spark_path(p) for p in paths))
         unified = pl.concat([pl.LazyFrame(schema=dict(group)) for group in groups],
@@ -242,15 +287,29 @@ class SparkEngine:
                 self.spark.catalog.dropTempView(name)
 
     def write(self, table: Table, path: Path, schema: Mapping[str, Any] | FileSchema | None = None) -> None:
-        """The executors write part files beside `path`; one task makes them the one file (see
-        the module's docstring); the folder of parts is removed whatever happens."""
-        path = Path(path).absolute()  # the committing task's worker need not share this folder
-        folder = path.with_name(f".{path.name}.spark-{uuid.uuid4().hex[:8]}")
+        """The executors write part files beside `path`; one task per part casts and checks it into
+        a folder renamed into place at `path`, or, for a manifest, one task makes them its one file
+        (see the module's docstring); the hidden folders are removed whatever happens."""
+        path = Path(path).absolute()  # the committing tasks' workers need not share this folder
+        token = uuid.uuid4().hex[:8]
+        written = path.with_name(f".{path.name}.spark-{token}")
+        staging = path.with_name(f".{path.name}.parts-{token}")
         try:
-            table.write.mode("overwrite").parquet(spark_path(folder))
-            self.map_parts(commit_parts, [_Commit(folder, path, schema)], f"write {path.name}")
+            table.write.mode("overwrite").parquet(spark_path(written))
+            parts = sorted(written.glob("part-*.parquet"))
+            if not parts:
+                raise RuntimeError(f"{written}: Spark wrote no part file")
+            if writes_one_file(schema):
+                self.map_parts(commit_whole, [_Commit(written, path, schema, path)], f"write {path.name}")
+                return
+            staging.mkdir(parents=True)
+            tasks = [_Commit(part, staging / f"part-{index:05d}.parquet", schema, path)
+                     for index, part in enumerate(parts)]
+            self.map_parts(commit_part, tasks, f"write {path.name}")
+            _replace(staging, path)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(written, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
 
     def rows(self, table: Table) -> list[tuple]:
         return [tuple(row) for row in table.collect()]

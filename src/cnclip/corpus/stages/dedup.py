@@ -8,7 +8,6 @@ import polars as pl
 
 from cnclip._common.console import summary_table
 from cnclip.corpus.manifests.schemas import DECISION_SCHEMA, DEDUP_DECISIONS, HASHES
-from cnclip.corpus.ops.dedup import find_duplicates
 from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import DedupSettings, Recipe
 from cnclip.corpus.runtime import storage
@@ -63,6 +62,8 @@ def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
     if isinstance(engine, FindsDuplicates):
         return {"dropped": dict(_engine_decisions(layout, engine, recipe.dedup, evals)), "eval_images": evals.height}
+    from cnclip.corpus.ops.dedup import find_duplicates  # numba's kernels: only where the arrays run
+
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
     decisions = find_duplicates(rows, recipe.dedup, evals)
     DEDUP_DECISIONS.write(decisions, layout.dedup_decisions)

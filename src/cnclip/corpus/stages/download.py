@@ -16,20 +16,17 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import polars as pl
-
 from cnclip._common.atomic import remove_temporaries
 from cnclip._common.console import info, stage_progress, summary_table
 from cnclip._common.mainguard import require_main_guard
 from cnclip.corpus.net.policy import GuardConfig
-from cnclip.corpus.net.uri import to_uri
 from cnclip.corpus.recipe import Recipe, SampleWebSource
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import committed_parts
-from cnclip.corpus.runtime.engine import Engine, Table
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.engine import Engine, Table, default_engine
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
-from cnclip.corpus.stages.download_attempts import scan_attempts, write_attempts
+from cnclip.corpus.stages.download_attempts import attempts_path, build_attempts
 
 
 @contextlib.contextmanager
@@ -52,31 +49,6 @@ def download_threads(recipe: Recipe) -> tuple[int, str | None]:
     d = recipe.download
     return threads_within_budget(d.processes, d.threads, recipe.image.max_pixels, d.max_response_bytes,
                                  d.memory_budget)
-
-
-def _to_uri_or_given(url: str) -> str:
-    try:
-        return to_uri(url)
-    except ValueError:  # a host IDNA cannot encode: img2dataset records the failure
-        return url
-
-
-def as_sent(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """`url` IDNA- and percent-encoded by the code html/warc links go through (corpus.uri), so
-    `/图片.jpg?名字=值`, `例子.中国` and spaces are fetched; only rows with a non-ASCII character, a
-    space or a control character pass through Python. The manifests keep the URL as given."""
-    odd = pl.col("url").str.contains(r"[^\x21-\x7e]")
-    encoded = frame.filter(odd).with_columns(pl.col("url").map_elements(_to_uri_or_given, return_dtype=pl.String))
-    return pl.concat([frame.filter(~odd), encoded]).sort("uid")
-
-
-def sent_rows(layout: BuildLayout, uids: pl.LazyFrame | None = None) -> pl.DataFrame:
-    """The accepted rows to download (all, or those of `uids`), URLs as browsers send them."""
-    rows = pl.concat([storage.scan_parquet(p) for p in committed_parts(layout.text_accepted_dir, ".parquet")],
-                     how="diagonal_relaxed")
-    if uids is not None:
-        rows = rows.join(uids, on="uid", how="semi")
-    return rows.select("url", "caption", "uid").pipe(as_sent).collect()
 
 
 def img2dataset_arguments(recipe: Recipe) -> dict:
@@ -124,12 +96,13 @@ def guard_config(recipe: Recipe) -> GuardConfig:
     return config.spread(lanes_per_host(config, recipe.download.processes))
 
 
-def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: int,
-              engine: Engine | None = None) -> dict:
-    """Route the rows to lanes (or take the plan an interrupted run left), then run img2dataset
-    in each lane's worker behind the guard; returns the guard's counts."""
+def _download(recipe: Recipe, engine: Engine, plan_name: str, first_part: int, only: Table | None = None) -> dict:
+    """Route the accepted rows (those of `only`, a table of uids) to lanes, or take the plan an
+    interrupted run left, then run img2dataset in each lane's worker behind the guard; returns
+    the guard's counts. The routing runs as the engine's tasks and queries (download_routing.py)."""
     require_main_guard("the download stage (img2dataset)")  # the lanes run in spawned workers
-    from cnclip.corpus.stages.download_lanes import run_lanes, write_plan
+    from cnclip.corpus.stages.download_lanes import run_lanes
+    from cnclip.corpus.stages.download_routing import plan_round, sent_parts
 
     layout = BuildLayout.of(recipe)
     # OpenCV checks its pixel limit on the header; albumentations (imported by img2dataset)
@@ -143,12 +116,14 @@ def _download(recipe: Recipe, rows: pl.DataFrame, plan_name: str, first_part: in
     storage.make_dirs(layout.download_input_dir)
     if not storage.is_url(layout.download_input_dir):  # an object store keeps no half-written inputs
         remove_temporaries(layout.download_input_dir)
-    plan = write_plan(rows, layout.download_input_dir, plan_name, recipe.download.processes,
-                      config.lanes_per_host, recipe.download.samples_per_part, first_part)
+    lanes = recipe.download.processes
+    accepted = committed_parts(layout.text_accepted_dir, ".parquet")
+    sent = sent_parts(engine, accepted, layout.download_input_dir, lanes, lanes)
+    plan = plan_round(engine, sent, layout.download_input_dir, plan_name, lanes, config.lanes_per_host,
+                      recipe.download.samples_per_part, first_part, only, lanes)
     arguments = img2dataset_arguments(recipe)
-    with serve_sample_webs(recipe), _parts_progress(layout.download_dir, plan):
-        return run_lanes(plan, layout.download_input_dir, arguments, config, recipe.download.processes, engine,
-                         log=download_log(layout))
+    with serve_sample_webs(recipe), _parts_progress(layout.download_dir, [p for _, parts in plan for p in parts]):
+        return run_lanes(plan, layout.download_input_dir, arguments, config, lanes, engine, log=download_log(layout))
 
 
 def download_log(layout: BuildLayout) -> Path | None:
@@ -158,13 +133,12 @@ def download_log(layout: BuildLayout) -> Path | None:
 
 
 @contextlib.contextmanager
-def _parts_progress(output_dir: Path | str, plan: pl.DataFrame) -> Iterator[None]:
+def _parts_progress(output_dir: Path | str, parts: list[int]) -> Iterator[None]:
     """A progress bar of img2dataset parts done (it writes a part's stats file last), polled."""
     import threading
 
     from cnclip.corpus.stages.download_lanes import done_parts
 
-    parts = plan["part"].unique().to_list()
     before = len(done_parts(output_dir))
     total = len(set(parts) - done_parts(output_dir))
     stop = threading.Event()
@@ -186,22 +160,41 @@ def _parts_progress(output_dir: Path | str, plan: pl.DataFrame) -> Iterator[None
             watcher.join()
 
 
-def _statuses(download_dir: Path) -> dict:
-    rows = scan_attempts(download_dir).group_by("status").agg(pl.len()).sort("status").collect().rows()
-    return dict(rows)
+def _statuses(download_dir: Path | str, engine: Engine) -> dict:
+    query = "SELECT status, COUNT(*) AS n FROM attempts GROUP BY status ORDER BY status"
+    return dict(engine.rows(engine.sql(query, attempts=engine.scan([attempts_path(download_dir)]))))
 
 
 def run_download_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     """Every accepted row downloaded once; after a crash only parts without their stats are redone.
-    `engine`: the build's (its lanes run as Spark tasks on a Spark engine)."""
+    `engine`: the build's (the routing's and the attempts table's tasks and queries, and the lanes,
+    run on it: on Spark, its executors)."""
     layout = BuildLayout.of(recipe)
+    engine = engine or default_engine()
     if not committed_parts(layout.text_accepted_dir, ".parquet"):
         info("download: no rows to download")
-        write_attempts(layout.download_dir)
+        build_attempts(layout.download_dir, engine, recipe.download.processes)
         return {"by_status": {}, "retries": 0}
-    guard = _download(recipe, sent_rows(layout), "plan.parquet", first_part=0, engine=engine)
-    write_attempts(layout.download_dir)
-    return {"by_status": _statuses(layout.download_dir), "retries": 0, "guard": guard}
+    guard = _download(recipe, engine, "plan.parquet", first_part=0)
+    build_attempts(layout.download_dir, engine, recipe.download.processes)
+    return {"by_status": _statuses(layout.download_dir, engine), "retries": 0, "guard": guard}
+
+
+def _plan_names(input_dir: Path | str) -> list[str]:
+    """The committed plans of every round so far: files, or on Spark folders of parts (a plan's
+    name is the engine's table name either way)."""
+    from cnclip.corpus.runtime.commit import is_committed
+
+    if storage.is_url(input_dir):
+        names = [Path(p).name for p in committed_parts(input_dir, ".parquet")]
+    else:
+        names = [p.name for p in Path(input_dir).iterdir()] if Path(input_dir).is_dir() else []
+    return sorted(n for n in names if n.startswith("plan") and n.endswith(".parquet")
+                  and is_committed(at(input_dir, n)))
+
+
+def _quoted(values: list[str]) -> str:
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
 
 
 def retry_failed(recipe: Recipe, previous: dict, engine: Engine | None = None) -> dict:
@@ -211,21 +204,21 @@ def retry_failed(recipe: Recipe, previous: dict, engine: Engine | None = None) -
     from cnclip.corpus.net.reasons import TRANSIENT
 
     layout = BuildLayout.of(recipe)
-    transient = scan_attempts(layout.download_dir).filter(
-        (pl.col("status") != "success") & pl.col("reason").is_in(sorted(TRANSIENT))).select("uid")
-    rows = sent_rows(layout, transient)
-    if rows.height == 0:
+    engine = engine or default_engine()
+    query = f"SELECT uid FROM attempts WHERE status <> 'success' AND reason IN ({_quoted(sorted(TRANSIENT))})"
+    transient = engine.sql(query, attempts=engine.scan([attempts_path(layout.download_dir)]))
+    ((retried,),) = engine.rows(engine.sql("SELECT COUNT(*) FROM transient", transient=transient))
+    if retried == 0:
         info("download: no transient failures to retry")
         return previous
-    info(f"download: retrying {rows.height} rows that failed for transient reasons")
+    info(f"download: retrying {retried} rows that failed for transient reasons")
     attempt = previous.get("retries", 0) + 1
     # img2dataset deletes each part's input once done: the plans say which numbers are taken.
-    plans = [p for p in committed_parts(layout.download_input_dir, ".parquet") if Path(p).name.startswith("plan")]
-    used = pl.concat([storage.scan_parquet(p).select("part") for p in plans])
-    first_part = (used.select(pl.col("part").max()).collect().item() or 0) + 1
-    guard = _download(recipe, rows, f"plan-retry-{attempt}.parquet", first_part, engine)
-    write_attempts(layout.download_dir)
-    return {"by_status": _statuses(layout.download_dir), "retries": attempt, "retried": rows.height,
+    plans = [at(layout.download_input_dir, name) for name in _plan_names(layout.download_input_dir)]
+    ((last,),) = engine.rows(engine.sql("SELECT MAX(part) FROM plans", plans=engine.scan(plans)))
+    guard = _download(recipe, engine, f"plan-retry-{attempt}.parquet", (last or 0) + 1, transient)
+    build_attempts(layout.download_dir, engine, recipe.download.processes)
+    return {"by_status": _statuses(layout.download_dir, engine), "retries": attempt, "retried": retried,
             "guard": guard}
 
 

@@ -9,11 +9,11 @@ host's concurrency (and of a robots.txt Crawl-delay). Either way the per-host li
 processes with no state shared between them, here as on a cluster. `file://` rows have no host
 and are spread over every lane.
 
-The routing is written once per attempt as `plan.parquet` (uid, lane, part) beside the part
-inputs, after them; a resumed run reuses it and redoes only the parts without img2dataset's
-`_stats.json`, as img2dataset's incremental mode would. On a URL work_dir img2dataset writes
-its parts through fsspec; each of its files is one object, whole once it is there, and the
-stats file, written last, is what commits a part.
+The routing (download_routing.py, as engine tasks and queries) is written once per attempt as
+`plan.parquet` (uid, lane, part) beside the part inputs, after them; a resumed run reuses it
+and redoes only the parts without img2dataset's `_stats.json`, as img2dataset's incremental
+mode would. On a URL work_dir img2dataset writes its parts through fsspec; each of its files is
+one object, whole once it is there, and the stats file, written last, is what commits a part.
 
 What img2dataset prints in a lane (a failed sample's traceback, its messages) is appended to the
 build's `work/download.log`, not the terminal: the lane's stdout and stderr descriptors point
@@ -30,46 +30,23 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import polars as pl
 
 from cnclip._common.atomic import atomic_path
 from cnclip._common.library_log import output_to
-from cnclip.corpus.manifests.schemas import DOWNLOAD_PLAN
 from cnclip.corpus.net.policy import GuardConfig
 from cnclip.corpus.runtime import storage
-from cnclip.corpus.runtime.commit import is_committed
 from cnclip.corpus.runtime.engine import Engine, IsolatedMaps
-from cnclip.corpus.runtime.layout import at
 
 # img2dataset's names: `{part:05d}.tar`, `.parquet`, `_stats.json` (its oom_shard_count default).
 PART_DIGITS = 5
-_HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#\\]*@)?(\[[^\]/]*\]|[^:/?#\\]*)"
 
 
 def lanes_per_host(config: GuardConfig, lanes: int) -> int:
     """How many lanes one host's rows are spread over (see the module docstring)."""
     return 1 if config.per_host_delay > 0 else max(1, min(lanes, config.per_host_concurrency))
-
-
-def route(rows: pl.DataFrame, lanes: int, per_host: int, per_part: int, first_part: int) -> pl.DataFrame:
-    """rows (uid, url, caption) -> with `lane` and `part`: a host's rows dealt in uid order over
-    its lanes, each lane cut into parts of per_part rows, numbered from first_part lane by lane."""
-    host = pl.col("url").str.extract(_HOST, 1).str.to_lowercase().fill_null("")
-    spread = pl.when(pl.col("host") == "").then(pl.lit(lanes)).otherwise(pl.lit(per_host))
-    routed = (
-        rows.sort("uid")
-        .with_columns(host.alias("host"))
-        .with_columns(((pl.col("host").hash(seed=0) % lanes).cast(pl.Int64)
-                       + pl.int_range(pl.len()).over("host") % spread).alias("lane"))
-        .with_columns((pl.col("lane") % lanes).cast(pl.Int32).alias("lane"))
-        .with_columns((pl.int_range(pl.len()).over("lane") // per_part).alias("local"))
-    )
-    counts = (routed.group_by("lane").agg((pl.col("local").max() + 1).alias("parts")).sort("lane")
-              .with_columns((pl.col("parts").cum_sum() - pl.col("parts") + first_part).alias("offset")))
-    return (routed.join(counts, on="lane").with_columns((pl.col("offset") + pl.col("local")).alias("part"))
-            .select("uid", "url", "caption", "lane", pl.col("part").cast(pl.Int64)).sort("part", "uid"))
 
 
 def part_name(part: int, suffix: str) -> str:
@@ -83,7 +60,7 @@ def done_parts(output_dir: Path | str) -> set[int]:
             if name.endswith("_stats.json") and name.removesuffix("_stats.json").isdigit()}
 
 
-def _write_input(frame: pl.DataFrame, path: Path | str) -> None:
+def write_input_file(frame: pl.DataFrame, path: Path | str) -> None:
     """One part's input (Arrow IPC): renamed into place locally; one PUT, whole, on a URL."""
     rows = frame.select("uid", "caption", "url")
     if storage.is_url(path):
@@ -95,20 +72,6 @@ def _write_input(frame: pl.DataFrame, path: Path | str) -> None:
         return
     with atomic_path(path) as tmp:
         rows.write_ipc(tmp, compression="uncompressed")
-
-
-def write_plan(rows: pl.DataFrame, input_dir: Path | str, plan_name: str, lanes: int, per_host: int,
-               per_part: int, first_part: int) -> pl.DataFrame:
-    """The part inputs img2dataset's downloader reads (Arrow IPC files), then the plan; an
-    existing plan is kept: its parts may already be downloaded."""
-    plan_path = at(input_dir, plan_name)
-    if is_committed(plan_path):
-        return storage.read_parquet(plan_path)
-    routed = route(rows, lanes, per_host, per_part, first_part)
-    for (part,), frame in routed.partition_by("part", as_dict=True, maintain_order=True).items():
-        _write_input(frame, at(input_dir, part_name(part, ".arrow")))
-    DOWNLOAD_PLAN.write(routed.select("uid", "lane", "part"), plan_path)
-    return routed.select("uid", "lane", "part")
 
 
 @dataclass(frozen=True)
@@ -191,15 +154,24 @@ def _download_parts(task: LaneTask) -> dict[str, int]:
         return policy.stats()
 
 
-def lane_tasks(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
-               log: Optional[Path | str] = None) -> list[LaneTask]:
-    lanes = plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()
+def lanes_of(plan: pl.DataFrame) -> list[tuple[int, tuple[int, ...]]]:
+    """A plan in memory (a test's) -> each lane and its parts, as download_routing.plan_round gives them."""
+    return [(lane, tuple(parts)) for lane, parts in
+            plan.group_by("lane").agg(pl.col("part").unique().sort()).sort("lane").rows()]
+
+
+def lane_tasks(lanes: pl.DataFrame | Sequence[tuple[int, tuple[int, ...]]], input_dir: Path | str, arguments: dict,
+               config: GuardConfig, log: Optional[Path | str] = None) -> list[LaneTask]:
+    """One task per lane, of its parts (from plan_round, or a plan in memory)."""
+    if isinstance(lanes, pl.DataFrame):
+        lanes = lanes_of(lanes)
     log = None if log is None else str(log)
     return [LaneTask(lane, tuple(parts), str(input_dir), arguments, config, log=log) for lane, parts in lanes]
 
 
-def run_lanes(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config: GuardConfig,
-              processes: int, engine: Engine | None = None, log: Optional[Path | str] = None) -> dict[str, int]:
+def run_lanes(lanes: Sequence[tuple[int, tuple[int, ...]]], input_dir: Path | str, arguments: dict,
+              config: GuardConfig, processes: int, engine: Engine | None = None,
+              log: Optional[Path | str] = None) -> dict[str, int]:
     """Every lane of the plan, each in a fresh spawned worker, `processes` at a time; the guard's
     counts summed. Fresh even for a single lane: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when
     it loads, and the installed opener is process-wide, so neither may come from the caller's
@@ -209,11 +181,11 @@ def run_lanes(plan: pl.DataFrame, input_dir: Path | str, arguments: dict, config
     storage.make_dirs(arguments["output_folder"])
     totals: collections.Counter = collections.Counter()
     if isinstance(engine, IsolatedMaps):
-        tasks = lane_tasks(plan, input_dir, arguments, config, log)
+        tasks = lane_tasks(lanes, input_dir, arguments, config, log)
         for stats in engine.map_isolated(run_lane, tasks, "download: lanes"):
             totals.update(stats)
         return dict(sorted(totals.items()))
-    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(plan, input_dir, arguments, config, log)]
+    tasks = [replace(task, parent=os.getpid()) for task in lane_tasks(lanes, input_dir, arguments, config, log)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, min(processes, len(tasks))), mp_context=context) as pool:
         for stats in pool.map(run_lane, tasks):
