@@ -11,6 +11,7 @@ os.environ.setdefault("CNCLIP_QUIET", "1")
 from browser import browser  # noqa: E402, F401 (the session fixture, declared once for every module)
 from cnclip.corpus.recipe import parse_recipe  # noqa: E402
 from cnclip.corpus.sources.sample_web import SampleWebServer  # noqa: E402
+from search_corpus import demo_corpus, demo_recipe, searchable_corpus  # noqa: E402, F401 (session fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

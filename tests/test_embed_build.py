@@ -142,6 +142,7 @@ def test_published_embeddings_follow_the_samples(scored):
         text = embedded["text_embedding"].to_numpy().astype(np.float32)
         assert np.allclose((image * text).sum(1), rows["clip_score"].to_numpy(), atol=5e-3)
     record = json.loads((manifests / "embeddings" / "model.json").read_text())
-    assert record == {"model": f"cnclip-checkpoint:{recipe.embed.model}", "width": 64, "precision": "fp32"}
+    assert record == {"model": recipe.embed.model, "loaded_as": f"cnclip-checkpoint:{recipe.embed.model}",
+                      "width": 64, "precision": "fp32"}
     checksums = json.loads((manifests / "checksums.json").read_text())["files"]
     assert "embeddings/model.json" in checksums and "embeddings/00000.parquet" in checksums

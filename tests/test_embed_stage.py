@@ -5,7 +5,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cnclip.corpus import build, parse_recipe
+from cnclip.corpus import build, parse_recipe, run_dedup, run_download, run_text
 from cnclip.corpus.ops.semantic_dedup import semantic_duplicates
 from cnclip.corpus.recipe import RecipeError
 from conftest import free_port
@@ -100,7 +100,12 @@ def test_a_rerun_reuses_every_part_and_a_new_model_redoes_them(local_build):
 @pytest.mark.spark
 def test_the_spark_engine_writes_the_same_embedding_parts(local_build, tmp_path, spark):
     root, port, sections = local_build
-    build(_recipe(tmp_path, port, **sections), show_funnel=False, spark=spark)
+    recipe = _recipe(tmp_path, port, **sections)
+    # The stages before embed on the local engine (they have Spark tests of their own), then the
+    # build on Spark: the up-to-date stages are skipped, embed and shard run on the executors.
+    run_text(recipe), run_download(recipe), run_dedup(recipe)
+    assert not (tmp_path / "out" / "work" / "embed").exists()
+    build(recipe, show_funnel=False, spark=spark)
     local, on_spark = _parts(root), _parts(tmp_path)
     assert local.keys() == on_spark.keys() and local
     for name in local:

@@ -10,37 +10,24 @@ import json
 import tarfile
 
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from browser import rendered
 from cnclip.cli import app
 from cnclip.train.runlog import read_log
-from conftest import REPO
-from test_train_demo import demo_corpus  # noqa: F401 (the module fixture: one demo build for this module)
+from search_corpus import STAGE1_STEPS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def demo_run(demo_corpus, tmp_path_factory):  # noqa: F811
-    """A short two-stage run on the demo corpus, and its report written by the command."""
-    root = tmp_path_factory.mktemp("demo_run")
-    config = yaml.safe_load((REPO / "recipes" / "train-demo.yaml").read_text(encoding="utf-8"))
-    shards = demo_corpus / "data" / "shards"
-    config["output_dir"] = str(root / "run")
-    config["data"].update(train=str(shards / "{00000..00001}.tar"), manifest_dir=str(demo_corpus / "manifests"))
-    config["eval"]["sets"][0]["data"] = str(shards / "00002.tar")
-    config.update(log_every=5, checkpoint_every=1000)
-    config["stage1"]["steps"], config["stage2"]["steps"], config["eval"]["every"] = 20, 20, 10
-    path = root / "train.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
-    result = CliRunner().invoke(app, ["train", str(path)])
+def demo_run(searchable_corpus):
+    """The shared two-stage run on the demo corpus (search_corpus.py), its report written by the command."""
+    run = searchable_corpus.parent / "run"
+    result = CliRunner().invoke(app, ["train", "report", str(run), "--out", str(run / "report.html")])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["train", "report", str(root / "run")])
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return run
 
 
 def _flat_point(image: Image.Image) -> tuple[int, int]:
@@ -54,7 +41,7 @@ def _flat_point(image: Image.Image) -> tuple[int, int]:
     return min(candidates[:200], key=lambda p: spread(*p))
 
 
-def test_the_built_corpus_report_renders_with_the_funnels_numbers(browser, demo_corpus, tmp_path):  # noqa: F811
+def test_the_built_corpus_report_renders_with_the_funnels_numbers(browser, demo_corpus, tmp_path):
     manifests = demo_corpus / "manifests"
     report = manifests / "report.html"
     assert report.is_file()  # written by the build itself
@@ -83,7 +70,7 @@ def test_the_built_corpus_report_renders_with_the_funnels_numbers(browser, demo_
         page.close()
 
 
-def test_a_thumbnails_centre_is_the_shard_images_centre_colour(browser, demo_corpus, tmp_path):  # noqa: F811
+def test_a_thumbnails_centre_is_the_shard_images_centre_colour(browser, demo_corpus, tmp_path):
     seen = rendered(browser, demo_corpus / "manifests" / "report.html")
     page = seen.page
     try:
@@ -122,6 +109,6 @@ def test_the_run_report_renders_its_curves_and_last_evaluation(browser, demo_run
         assert float(cells[header.index("mean_recall")].replace(",", "")) == pytest.approx(last["mean_recall"],
                                                                                             rel=1e-3)
         config = page.inner_text("#config pre")
-        assert json.loads(config)["stage1"]["steps"] == 20
+        assert json.loads(config)["stage1"]["steps"] == STAGE1_STEPS
     finally:
         page.close()

@@ -13,7 +13,6 @@ from cnclip.cli import app
 from cnclip.corpus.sources.sample_web import COLORS, SHAPES
 from cnclip.search import Searcher, search
 from cnclip.search.shards import ShardMembers
-from search_corpus import searchable_corpus
 
 # The first test builds the demo corpus and trains on it (minutes on 2 shared cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -22,8 +21,8 @@ QUERY = "一个红色的圆形"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return searchable_corpus(tmp_path_factory.mktemp("search"))
+def corpus(searchable_corpus):
+    return searchable_corpus
 
 
 @pytest.fixture(scope="module")

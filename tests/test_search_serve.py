@@ -11,7 +11,6 @@ from browser import open_page, snapshot
 from cnclip.search import Searcher
 from cnclip.search.serve import make_server
 from cnclip.search.shards import ShardMembers
-from search_corpus import searchable_corpus
 
 # The first test builds the demo corpus and trains on it (minutes on 2 shared cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -20,8 +19,8 @@ QUERY = "一个红色的圆形"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    corpus = searchable_corpus(tmp_path_factory.mktemp("search"))
+def server(searchable_corpus):
+    corpus = searchable_corpus
     running = make_server(Searcher.open(corpus, device="cpu"), 0)
     thread = threading.Thread(target=running.serve_forever, daemon=True)
     thread.start()

@@ -61,3 +61,26 @@ def test_ingest_files_are_tasks_with_the_local_engines_uids(spark, make_recipe, 
     assert again.maps == {"ingest: read files": [6], "ingest: number rows": [5]}
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert pl.read_parquet(lost).equals(want["000-00003.parquet"])
+
+
+def test_warc_files_are_scanned_by_the_executors_one_task_each(spark, make_recipe, tmp_path):
+    from test_crawl import response, write_warc
+
+    (tmp_path / "warc").mkdir()
+    for f in range(2):
+        write_warc(tmp_path / "warc" / f"{f}.warc.gz", lambda w, f=f: [
+            response(w, f"http://s.example/{f}-{i}.html", f'<img src="{i}.jpg" alt="第{f}个文件第{i}页的图片说明">'.encode())
+            for i in range(3)])
+    sources = [{"name": "cc", "kind": "warc", "path": str(tmp_path / "warc" / "*.warc.gz")}]
+    local = make_recipe(sources)
+    on_spark = make_recipe(sources, output_dir=str(tmp_path / "spark-out"), manifest_dir=str(tmp_path / "spark-m"))
+    expected = ingest(local)
+    engine = Recording(spark)
+    report = ingest(on_spark, engine)
+    assert report == expected and report["source_reports"]["cc"]["files"][1]["pairs"] == 3
+    assert engine.maps["ingest cc: scan WARC files"] == [2]
+    for name in ("cc-00000.parquet", "cc-00001.parquet"):
+        got, want = (pl.read_parquet(root / "work" / "crawl" / name) for root in (tmp_path / "spark-out", tmp_path / "out"))
+        assert got.equals(want) and got.height == 3, name
+    again = Recording(spark)  # scanned files are kept: a rerun scans nothing
+    assert ingest(on_spark, again) == expected and "ingest cc: scan WARC files" not in again.maps

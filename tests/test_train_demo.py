@@ -6,22 +6,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cnclip.corpus import build, parse_recipe
 from cnclip.train.cli import app
 from cnclip.train.runlog import read_log
-from conftest import REPO, free_port
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_corpus")
-    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text(encoding="utf-8"))
-    data.update(output_dir=str(root / "data"), manifest_dir=str(root / "manifests"))
-    data["sources"][0]["port"] = free_port()
-    build(parse_recipe(data, "demo"), show_funnel=False)
-    return root
 
 
 def test_demo_recipe_trains_both_stages(demo_corpus, tmp_path):

@@ -16,6 +16,7 @@ from cnclip.train.models import (
     load_image_tower,
     parameter_count,
 )
+from embed_models import tiny_chinese_clip
 
 # Chinese-CLIP's published sizes (README of OFA-Sys/Chinese-CLIP): 77M, 188M, 406M, 407M, 958M.
 PAPER_SIZES = {"cn-RN50": 77.0e6, "cn-ViT-B-16": 188.3e6, "cn-ViT-L-14": 406.2e6, "cn-ViT-L-14-336": 406.6e6,
@@ -143,18 +144,10 @@ def test_image_tower_mismatch_is_an_error(tmp_path):
 
 def test_chinese_clip_checkpoint_gives_identical_embeddings(tmp_path):
     """A Chinese-CLIP (cn_clip) training checkpoint loads into the zoo model: same embeddings."""
-    cn_model = pytest.importorskip("cn_clip.clip.model")
-    torch.manual_seed(0)
+    pytest.importorskip("cn_clip.clip.model")
     vocab_size = 300
-    reference = cn_model.CLIP(
-        embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
-        vocab_size=vocab_size, text_attention_probs_dropout_prob=0.0, text_hidden_act="gelu",
-        text_hidden_dropout_prob=0.0, text_hidden_size=64, text_initializer_range=0.02, text_intermediate_size=128,
-        text_max_position_embeddings=64, text_num_attention_heads=2, text_num_hidden_layers=2,
-        text_type_vocab_size=2, vision_head_width=32).eval()
     # cn_clip's training script saves {"epoch", "step", "state_dict": {"module.…"}}.
-    torch.save({"epoch": 1, "step": 10, "state_dict": {"module." + k: v for k, v in reference.state_dict().items()}},
-               tmp_path / "epoch1.pt")
+    _, reference = tiny_chinese_clip(tmp_path / "epoch1.pt", vocab_size)
     model, _ = create_model("cn-tiny", vocab_size=vocab_size, workdir=tmp_path)
     load_clip_weights(model, tmp_path / "epoch1.pt")
     model.eval()

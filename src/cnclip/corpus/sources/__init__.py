@@ -7,7 +7,9 @@ numbers rows per file as for metadata), then read like metadata.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import polars as pl
 
@@ -21,6 +23,9 @@ from cnclip.corpus.sources.metadata import (
     read_metadata_lines,
     reads_lines,
 )
+
+if TYPE_CHECKING:
+    from cnclip.corpus.runtime.engine import Engine
 
 __all__ = ["NeedsLineReader", "SourceError", "prepare_source", "read_source_file", "read_source_lines", "reads_lines",
            "source_inputs"]
@@ -37,11 +42,30 @@ def source_inputs(source: Source) -> list[str]:
     return []
 
 
-def prepare_source(source: Source, sample_web_dir: Path, crawl_dir: Path, crawl: CrawlSettings
-                   ) -> tuple[list[str], dict | None]:
+@dataclass(frozen=True)
+class WarcTask:
+    """One WARC/WAT file to scan into its pairs file and its report (an engine task)."""
+
+    path: str
+    source: WarcSource
+    out: str
+    report: str
+
+
+def extract_warc_task(task: WarcTask) -> None:
+    from cnclip.corpus.sources.warc import WarcReport, extract_warc_file
+
+    _write_report(Path(task.report), extract_warc_file(task.path, task.source, task.out, WarcReport()).to_dict())
+
+
+def prepare_source(source: Source, sample_web_dir: Path, crawl_dir: Path, crawl: CrawlSettings,
+                   engine: Optional[Engine] = None) -> tuple[list[str], dict | None]:
     """The files to read for a source, in the order their rows are numbered, and the report of
     the crawl or scan that made them (None for files read as they are). Outputs that exist are
-    whole (written atomically) and reused, so an interrupted ingest does not crawl again."""
+    whole (written atomically) and reused, so an interrupted ingest does not crawl again. WARC
+    files are scanned as the engine's tasks, one per file (on Spark, by the executors): the
+    driver only lists them. An html crawl follows links from page to page under one politeness
+    budget, so it runs where the build runs, bounded by `crawl.max_pages`."""
     if isinstance(source, SampleWebSource):
         from cnclip.corpus.sources.sample_web import write_sample_web
 
@@ -55,20 +79,18 @@ def prepare_source(source: Source, sample_web_dir: Path, crawl_dir: Path, crawl:
             _write_report(report_path, crawl_html(source, crawl, out).to_dict())
         return [str(out)], _read_report(report_path)
     if isinstance(source, WarcSource):
-        from cnclip.corpus.sources.warc import WarcReport, extract_warc_file
+        from cnclip.corpus.runtime.engine import default_engine
 
         files = expand_paths(source.path)
         if not files:
             raise SourceError(f"source {source.name!r}: path {source.path!r} matches no file")
-        outputs, reports = [], []
-        for index, path in enumerate(files):
-            out = crawl_dir / f"{source.name}-{index:05d}.parquet"
-            report_path = out.with_suffix(".report.json")
-            if not (out.exists() and report_path.exists()):
-                _write_report(report_path, extract_warc_file(path, source, out, WarcReport()).to_dict())
-            outputs.append(str(out))
-            reports.append(_read_report(report_path))
-        return outputs, {"files": reports}
+        tasks = [WarcTask(path, source, str(out), str(out.with_suffix(".report.json")))
+                 for path, out in ((p, crawl_dir / f"{source.name}-{i:05d}.parquet") for i, p in enumerate(files))]
+        todo = [t for t in tasks if not (Path(t.out).exists() and Path(t.report).exists())]
+        if todo:
+            Path(crawl_dir).mkdir(parents=True, exist_ok=True)
+            (engine or default_engine()).map_parts(extract_warc_task, todo, f"ingest {source.name}: scan WARC files")
+        return [t.out for t in tasks], {"files": [_read_report(Path(t.report)) for t in tasks]}
     files = expand_paths(source.path)
     if not files:
         raise SourceError(f"source {source.name!r}: path {source.path!r} matches no file")

@@ -190,7 +190,10 @@ def _write_model_record(recipe: Recipe, layout: BuildLayout, results: list[dict]
     else:
         encoder = load_encoder(recipe.embed.model, recipe.embed.device, recipe.embed.architecture)
         record = {"model": encoder.name, "width": encoder.dim, "precision": encoder.precision}
-    store.write_model_record(Path(storage.local_path(layout.embed_dir)), record.pop("model"), record.pop("width"),
+    # `model` is the path as the recipe gives it (what search and `--model` load again); what
+    # loaded it is beside it.
+    record["loaded_as"] = record.pop("model")
+    store.write_model_record(Path(storage.local_path(layout.embed_dir)), recipe.embed.model, record.pop("width"),
                              **record)
     return store.read_model_record(Path(storage.local_path(layout.embed_dir)))
 
