@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from cnclip._common.errors import CnclipError
+from cnclip._common.records import read_record
 from cnclip.report import charts, corpus_data
 from cnclip.report.images import download_images, image_tag, images_by_key
 from cnclip.report.page import Section, esc, figures, note, number, settings_block, table, write_page
@@ -29,16 +30,9 @@ class ReportError(CnclipError, FileNotFoundError):
 
 
 def _funnel(manifest_dir: Path) -> dict:
-    path = manifest_dir / "funnel.json"
-    try:
-        funnel = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no funnel.json: not a built corpus (run `cnclip corpus build` first)") from None
-    except (OSError, ValueError) as err:
-        raise ReportError(f"{path}: unreadable ({err})") from None
-    if not isinstance(funnel, dict) or not isinstance(funnel.get("stages"), list):
-        raise ReportError(f"{path}: not a build's funnel (no 'stages' list)")
-    return funnel
+    return read_record(manifest_dir / "funnel.json", lambda p: p.read_text(encoding="utf-8"), ReportError,
+                       "no funnel.json: not a built corpus (run `cnclip corpus build` first)", "stages", list,
+                       "a build's funnel")
 
 
 def funnel_section(funnel: dict) -> Section:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
+from cnclip._common.records import read_record
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.engine import Engine, default_engine
 
@@ -119,16 +120,8 @@ class ChecksumsError(CnclipError, ValueError):
 
 def read_checksums(manifest_dir: Location) -> dict:
     """The record, or a one-line problem (ChecksumsError) when it is missing or unreadable."""
-    path = location_in(as_location(manifest_dir), CHECKSUMS)
-    try:
-        record = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise ChecksumsError(f"{path}: missing (not a finished build)") from None
-    except (OSError, ValueError) as err:
-        raise ChecksumsError(f"{path}: unreadable ({err})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        raise ChecksumsError(f"{path}: not a checksums record (no 'files' mapping)")
-    return record
+    return read_record(location_in(as_location(manifest_dir), CHECKSUMS), storage.read_text, ChecksumsError,
+                       "missing (not a finished build)", "files", dict, "a checksums record")
 
 
 def recorded_shards_dir(manifest_dir: Location, record: dict) -> Location:
