@@ -30,8 +30,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
 
+# Two pytest workers (pytest-xdist): much of the suite waits on servers, subprocesses and timeouts,
+# so two keep both cores busy; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: lint chromium
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The browser tests render pages in headless Chromium: Debian's package, installed when missing
 # (as root through apt-get; otherwise the tests say they cannot find it and how to install it).

@@ -16,6 +16,21 @@ from search_corpus import demo_corpus, demo_recipe, searchable_corpus  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Session fixtures that cost tens of seconds: under pytest-xdist's `--dist loadgroup` (what `make
+# test` runs) the tests sharing one run on one worker, which makes it once. A Spark test that also
+# reads the demo build goes with Spark: the session is the dearer of the two to start.
+_DEMO_FIXTURES = frozenset({"demo_recipe", "demo_corpus", "searchable_corpus"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("spark"):
+            item.add_marker(pytest.mark.xdist_group("spark"))
+        elif _DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("demo"))
+
+
 def flip(value, bits):
     """A 64-bit hash with the given bits flipped: a near-duplicate at a known distance."""
     value = np.uint64(value)
