@@ -129,7 +129,8 @@ def ingest(recipe: Recipe, engine: Engine | None = None) -> dict:
     source_reports: dict[str, dict] = {}
     tasks: list[FileTask] = []
     for source_index, source in enumerate(recipe.sources):
-        files, report = prepare_source(source, layout.sample_web_dir, at(layout.work, "crawl"), recipe.crawl, engine)
+        files, report = prepare_source(source, layout.sample_web_dir, at(layout.work, "crawl"), recipe.crawl, engine,
+                                       layout.sources_dir)
         if report is not None:
             source_reports[source.name] = report
         for file_index, path in enumerate(files):
@@ -170,7 +171,7 @@ class IngestStage(Stage):
         return [[input_listing(source_inputs(s)) for s in recipe.sources]]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.ingest_dir, at(layout.work, "crawl"))
+        return (layout.ingest_dir, at(layout.work, "crawl"), layout.sources_dir)
 
     def run(self, context: StageContext) -> dict:
         return ingest(context.recipe, context.engine)
