@@ -14,9 +14,10 @@ from cnclip.corpus.recipe import RecipeError, parse_recipe
 from cnclip.corpus.sources.metadata import SourceError
 from dataset_files import jpeg_bytes, mean_colour, tsv_line, write_coco, write_cn_clip, write_visual_genome
 
-COCO_SEEDS = {1: 11, 2: 12, 3: 13}
+COCO_SEEDS = {1: 11, 2: 12, 3: 13, 4: 11}  # image 4: the same file as image 1
 COCO_CAPTIONS = [(1, "一只红色的猫在睡觉"), (2, "蓝天下的一座白色房子"), (1, "沙发上躺着一只小猫"),
-                 (3, "这张图片的文件不见了"), (99, "没有这张图片的编号啊"), (2, 12345)]
+                 (3, "这张图片的文件不见了"), (99, "没有这张图片的编号啊"), (2, 12345),
+                 (4, "复制的图片的第一句"), (4, "复制的图片的第二句")]
 VG_SEEDS = {7: 21, 8: 22, 9: 23}
 VG_REGIONS = {7: ["红色的圆", "蓝色的方块", "红色的圆", "  绿色的  三角 "], 8: ["一棵高高的树木"], 9: ["", "  "]}
 CN_SEEDS = {10: 31, 11: 32, 13: 33}
@@ -53,8 +54,6 @@ def built(tmp_path_factory):
         # No download.allow_local_files: the stored images are in the build's own folder.
         "download": {"processes": 1, "threads": 4, "timeout": 3, "retries": 0, "samples_per_part": 50},
         "image": {"size": 32, "min_side": 16},
-        # Several captions of one image are the same image: exact/near dedup would keep one.
-        "dedup": {"exact": False, "near": False},
         "shard": {"samples_per_shard": 4, "processes": 1},
         "text": {"processes": 1},
     }
@@ -89,7 +88,7 @@ def test_every_row_is_in_samples_or_rejected_with_its_reason(built):
                     ("muge", "两张图片共用的描述文字", 10), ("muge", "两张图片共用的描述文字", 11),
                     ("muge", "第三张图片的中文描述", 13)}
     assert samples.filter(pl.col("source") == "muge").sort("image_id")["text_id"].to_list() == [1, 1, 6]
-    got = {(r["source"], r["reason"], r["detail"]) for r in rejected.iter_rows(named=True)}
+    got = {(r["source"], r["reason"], r["detail"]) for r in rejected.iter_rows(named=True) if r["stage"] != "dedup"}
     assert got == {
         ("coco", "ingest:bad_row", f"captions.json: annotations[3]: images[2] (id 3): no file "
                                    f"'COCO_val2014_000000000003.jpg' in {root / 'coco' / 'images'}"),
@@ -103,9 +102,21 @@ def test_every_row_is_in_samples_or_rejected_with_its_reason(built):
                                    "double quotes: line 1 column 2 (char 1))"),
         ("muge", "ingest:bad_row", "valid_texts.jsonl line 5: no key 'image_ids' (a query without its images)"),
     }
-    # Input rows: 6 captions + 3 VG images + (2 + 1 + 1 + 1 + 1 + 1) pairs or bad text lines.
-    assert samples.height + rejected.height == 6 + 3 + 7
+    # Input rows: 8 captions + 3 VG images + (2 + 1 + 1 + 1 + 1 + 1) pairs or bad text lines.
+    assert samples.height + rejected.height == 8 + 3 + 7
     assert samples["uid"].is_unique().all() and not set(samples["uid"]) & set(rejected["uid"])
+
+
+def test_captions_of_one_image_are_kept_together_and_dropped_together(built):
+    """Two captions of image 1 are one image, not duplicates; image 4 (the same file) is a copy
+    of it: both its captions are dropped, naming image 1's first row."""
+    _, recipe = built
+    samples, rejected = _manifests(recipe.manifest_dir)
+    assert samples.filter(pl.col("image_id") == 1).height == 2
+    dropped = rejected.filter(pl.col("stage") == "dedup")
+    first = samples.filter(pl.col("caption") == "一只红色的猫在睡觉")["key"].item()
+    assert sorted(dropped.select("source", "image_id", "reason", "duplicate_of").rows()) == [
+        ("coco", 4, "dedup:exact_duplicate", first)] * 2
 
 
 def test_shards_hold_each_rows_own_image(built):
@@ -116,8 +127,8 @@ def test_shards_hold_each_rows_own_image(built):
     seeds = {"coco": COCO_SEEDS, "vg": VG_SEEDS, "muge": CN_SEEDS}
     for row in samples.iter_rows(named=True):
         expected = mean_colour(jpeg_bytes(seeds[row["source"]][row["image_id"]]))
-        others = [mean_colour(jpeg_bytes(s)) for name, table in seeds.items() for i, s in table.items()
-                  if (name, i) != (row["source"], row["image_id"])]
+        own = seeds[row["source"]][row["image_id"]]
+        others = [mean_colour(jpeg_bytes(s)) for table in seeds.values() for s in table.values() if s != own]
         got = mean_colour(images[row["key"]])
         assert np.abs(got - expected).max() < 6, row
         assert min(np.abs(got - other).max() for other in others) > 6
@@ -129,7 +140,7 @@ def test_images_are_stored_once_in_the_builds_folder_and_reused(built):
     _, recipe = built
     stored = Path(recipe.output_dir) / "work" / "sources"
     assert sorted(p.name for p in (stored / "muge" / "images").iterdir()) == ["10.jpg", "11.jpg", "13.jpg"]
-    assert sorted(p.name for p in (stored / "coco" / "images").iterdir()) == ["1.jpg", "2.jpg"]
+    assert sorted(p.name for p in (stored / "coco" / "images").iterdir()) == ["1.jpg", "2.jpg", "4.jpg"]
     assert (stored / "muge" / "images" / "11.jpg").read_bytes() == jpeg_bytes(CN_SEEDS[11])
     before = {p: p.stat().st_mtime_ns for p in stored.rglob("*") if p.is_file()}
     build(recipe, show_funnel=False)

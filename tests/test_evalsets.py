@@ -104,7 +104,8 @@ def test_the_phash_list_drops_an_eval_image_from_a_build(written, tmp_path):
 
     root, _ = written
     train_set = write_cn_clip(tmp_path / "train", "train", [tsv_line(1, SEEDS[1]), tsv_line(7, 77)],
-                              [{"text_id": 1, "text": "训练集里的一张图", "image_ids": [1, 7]}])
+                              [{"text_id": 1, "text": "训练集里的一张图", "image_ids": [1, 7]},
+                               {"text_id": 2, "text": "同一张图的第二句描述", "image_ids": [1]}])
     data = {"name": "decontaminated", "output_dir": str(tmp_path / "o"), "manifest_dir": str(tmp_path / "m"),
             "sources": [{"name": "train", "kind": "cn_clip", "path": str(train_set)}],
             "download": {"processes": 1, "threads": 2, "timeout": 3, "retries": 0},
@@ -115,8 +116,9 @@ def test_the_phash_list_drops_an_eval_image_from_a_build(written, tmp_path):
     rejected = pl.read_parquet(tmp_path / "m" / "rejected" / "*.parquet")
     assert samples["image_id"].to_list() == [7]
     overlap = rejected.filter(pl.col("reason") == "dedup:eval_overlap")
-    assert overlap["image_id"].to_list() == [1]
-    assert overlap["duplicate_of"].to_list() == [f"{root / 'out' / 'test' / 'phashes.parquet'}:0.tar/1"]
+    # Both captions of the eval image go, as one image.
+    assert overlap["image_id"].to_list() == [1, 1]
+    assert overlap["duplicate_of"].to_list() == [f"{root / 'out' / 'test' / 'phashes.parquet'}:0.tar/1"] * 2
 
 
 def test_evalset_help_shows_an_example():

@@ -38,6 +38,11 @@ class CocoSource(StrictModel):
         """Whether its images are written under the build's work/sources/ folder."""
         return self.images != IMAGES_FROM_URLS
 
+    @property
+    def several_captions(self) -> bool:
+        """Rows of one image share its URL: dedup treats them as one image (stages/dedup.py)."""
+        return True
+
 
 class VisualGenomeSource(StrictModel):
     """Visual Genome region descriptions: an image's distinct phrases, in order, joined into one
@@ -79,6 +84,10 @@ class CnClipSource(StrictModel):
 
     @property
     def stores_images(self) -> bool:
+        return True
+
+    @property
+    def several_captions(self) -> bool:
         return True
 
 
