@@ -12,7 +12,7 @@ import pytest
 
 from cnclip.corpus.recipe import RecipeError, parse_recipe
 from cnclip.corpus.sources.metadata import SourceError
-from dataset_files import jpeg_bytes, mean_colour, tsv_line, write_coco, write_cn_clip, write_visual_genome
+from dataset_files import jpeg_bytes, mean_colour, tsv_line, write_cn_clip, write_coco, write_visual_genome
 
 COCO_SEEDS = {1: 11, 2: 12, 3: 13, 4: 11}  # image 4: the same file as image 1
 COCO_CAPTIONS = [(1, "一只红色的猫在睡觉"), (2, "蓝天下的一座白色房子"), (1, "沙发上躺着一只小猫"),

@@ -124,3 +124,20 @@ def test_the_phash_list_drops_an_eval_image_from_a_build(written, tmp_path):
 def test_evalset_help_shows_an_example():
     result = CliRunner().invoke(app, ["corpus", "evalset", "--help"])
     assert result.exit_code == 0 and "Example: cnclip corpus evalset flickr30k_cn" in result.output
+
+
+def test_read_as_clip_benchmark_reads_a_wds_set(written):
+    """clip_benchmark's build_wds_dataset, step for step: nshards.txt, dataset_type.txt, the
+    brace pattern of the tars, images decoded with PIL and `{key}.txt` split into lines."""
+    import webdataset as wds
+
+    root, _ = written
+    data_dir = root / "out"
+    nshards = int((data_dir / "test" / "nshards.txt").read_text())
+    assert (data_dir / "dataset_type.txt").read_text().strip().lower() == "retrieval"
+    pattern = str(data_dir / "test" / ("{0..%d}.tar" % (nshards - 1)))
+    dataset = (wds.WebDataset(pattern, nodesplitter=lambda src: src, shardshuffle=False)
+               .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
+               .to_tuple("webp;png;jpg;jpeg", "txt").map_tuple(lambda image: image.size, str.splitlines))
+    assert list(dataset) == [((64, 64), ["一只红色的猫", "沙发上的 猫 在睡觉"]), ((64, 64), ["两张图共用的描述"]),
+                             ((64, 64), ["两张图共用的描述", "第三张图的描述"])]

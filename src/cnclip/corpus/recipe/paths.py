@@ -54,7 +54,9 @@ def _folder_problem(key: str, path: str) -> str | None:
     local = Path(path)
     if local.is_dir():
         return None
-    return f"{key}: {_shown(path)} is a file, not a folder" if local.exists() else f"{key}: no such folder {_shown(path)}"
+    if local.exists():
+        return f"{key}: {_shown(path)} is a file, not a folder"
+    return f"{key}: no such folder {_shown(path)}"
 
 
 def _format_source_problems(index: int, source) -> list[str | None]:

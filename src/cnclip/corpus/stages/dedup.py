@@ -57,7 +57,8 @@ WHERE a.uid <> f.first_uid
 _SHARED_FATE = """
 SELECT * FROM decisions
 UNION ALL
-SELECT s.uid, d.reason, d.duplicate_of_uid, d.duplicate_of_eval, d.detail FROM same s JOIN decisions d ON s.first_uid = d.uid
+SELECT s.uid, d.reason, d.duplicate_of_uid, d.duplicate_of_eval, d.detail
+FROM same s JOIN decisions d ON s.first_uid = d.uid
 """
 
 

@@ -90,11 +90,10 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
 
 
 def guard_config(recipe: Recipe) -> GuardConfig:
-    from cnclip.corpus.stages.download_lanes import lanes_per_host
-
     from dataclasses import replace
 
     from cnclip.corpus.sources.stored import own_image_root
+    from cnclip.corpus.stages.download_lanes import lanes_per_host
 
     config = GuardConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
     own = own_image_root(recipe)
