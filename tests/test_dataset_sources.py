@@ -241,3 +241,31 @@ def test_base64_in_either_alphabet_and_bad_payloads():
     assert decode_image(base64.urlsafe_b64encode(data)) == data
     assert decode_image(base64.b64encode(data).rstrip(b"=") + b"\r") == data
     assert decode_image(b"") is None and decode_image(b"abc$") is None and decode_image(b"a") is None
+
+
+def test_the_built_corpus_verifies(built):
+    from cnclip.corpus import verify_corpus
+
+    _, recipe = built
+    assert verify_corpus(recipe.manifest_dir) == []
+
+
+def test_changed_annotations_are_read_again_and_clean_keeps_the_users_images(tmp_path):
+    from cnclip.corpus import build, clean
+
+    coco = write_coco(tmp_path / "coco", {1: 1, 2: 2}, [(1, "一只红色的猫在睡觉")])
+    data = {"name": "c", "output_dir": str(tmp_path / "out"), "manifest_dir": str(tmp_path / "m"),
+            "sources": [{"name": "coco", "kind": "coco", "annotations": str(coco),
+                         "images": str(tmp_path / "coco" / "images")}],
+            "download": {"processes": 1, "threads": 2, "timeout": 3, "retries": 0},
+            "image": {"size": 32, "min_side": 16}, "shard": {"processes": 1}, "text": {"processes": 1}}
+    build(parse_recipe(data, "c"), show_funnel=False)
+    write_coco(tmp_path / "coco", {1: 1, 2: 2}, [(1, "一只红色的猫在睡觉"), (2, "蓝天下的一座白色房子")])
+    build(parse_recipe(data, "c"), show_funnel=False)
+    samples = pl.read_parquet(tmp_path / "m" / "samples" / "*.parquet")
+    assert sorted(samples["image_id"]) == [1, 2]
+    originals = {p.name: p.read_bytes() for p in (tmp_path / "coco" / "images").iterdir()}
+    clean(parse_recipe(data, "c"))
+    assert not (tmp_path / "out" / "work" / "sources").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "coco" / "images").iterdir()} == originals
+    assert sorted(originals) == ["COCO_val2014_000000000001.jpg", "COCO_val2014_000000000002.jpg"]
