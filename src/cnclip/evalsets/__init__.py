@@ -50,25 +50,37 @@ class EvalSetSummary:
     skipped_details: list[str] = field(default_factory=list)
 
 
+def check_inputs(kind: str, path: str, split: str, images: str | None) -> None:
+    """The files a set is read from, checked before anything is written."""
+    if kind not in EVALSET_KINDS:
+        raise EvalSetWriteError(f"kind: expected one of {', '.join(EVALSET_KINDS)} (got {kind!r})")
+    if kind == "coco":
+        if not images or images == IMAGES_FROM_URLS:
+            raise EvalSetWriteError("coco: --images must name the folder holding the images (an evaluation "
+                                    "set is written from local images)")
+        if not Path(images).is_dir():
+            raise EvalSetWriteError(f"--images: no such folder {images!r}")
+        if not Path(path).is_file():
+            raise EvalSetWriteError(f"coco: no such file {path!r}")
+        return
+    from cnclip.corpus.sources.cn_clip import split_files
+
+    for file in split_files(path, split):
+        if not file.is_file():
+            raise EvalSetWriteError(f"{kind}: no such file {str(file)!r} (split {split})")
+
+
 def read_pairs(kind: str, path: str, split: str, images: str | None, scratch: Path) -> pl.DataFrame:
     """The set's (url, caption_raw, image_id, reason, detail) rows, images stored in `scratch`."""
     from cnclip.corpus.sources.metadata import SourceError
 
     try:
         if kind == "coco":
-            if not images or images == IMAGES_FROM_URLS:
-                raise EvalSetWriteError("coco: --images must name the folder holding the images (an evaluation "
-                                        "set is written from local images)")
-            if not Path(images).is_dir():
-                raise EvalSetWriteError(f"--images: no such folder {images!r}")
             from cnclip.corpus.sources.coco import read_coco
 
             return read_coco(path, images, scratch)
-        from cnclip.corpus.sources.cn_clip import read_cn_clip, split_files
+        from cnclip.corpus.sources.cn_clip import read_cn_clip
 
-        for file in split_files(path, split):
-            if not file.is_file():
-                raise EvalSetWriteError(f"{kind}: no such file {str(file)!r} (split {split})")
         return read_cn_clip(path, split, scratch)
     except SourceError as err:
         raise EvalSetWriteError(str(err)) from None
@@ -143,8 +155,7 @@ def write_evalset(kind: str, path: str, out: Path, split: str = "test", images: 
     """Write DIR/{split}/ (refused if it exists: it may be the user's) and DIR/dataset_type.txt."""
     from cnclip.corpus.ops.eval_hashes import write_eval_hashes
 
-    if kind not in EVALSET_KINDS:
-        raise EvalSetWriteError(f"kind: expected one of {', '.join(EVALSET_KINDS)} (got {kind!r})")
+    check_inputs(kind, path, split, images)
     target = Path(out) / split
     if target.exists():
         raise EvalSetWriteError(f"{target}: already exists; remove it or choose another --out")

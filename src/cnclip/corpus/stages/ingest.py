@@ -171,7 +171,7 @@ class IngestStage(Stage):
         return [[input_listing(source_inputs(s)) for s in recipe.sources]]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.ingest_dir, at(layout.work, "crawl"), layout.sources_dir)
+        return (layout.ingest_dir, at(layout.work, "crawl"))
 
     def run(self, context: StageContext) -> dict:
         return ingest(context.recipe, context.engine)
