@@ -269,3 +269,21 @@ def test_changed_annotations_are_read_again_and_clean_keeps_the_users_images(tmp
     assert not (tmp_path / "out" / "work" / "sources").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "coco" / "images").iterdir()} == originals
     assert sorted(originals) == ["COCO_val2014_000000000001.jpg", "COCO_val2014_000000000002.jpg"]
+
+
+def test_visual_genome_images_from_image_data_urls(tmp_path):
+    import json
+
+    from cnclip.corpus.sources.visual_genome import read_visual_genome
+
+    regions = tmp_path / "region_descriptions.json"
+    regions.write_text(json.dumps([{"id": 1, "regions": [{"phrase": "一棵树"}, {"phrase": " 一棵树 "},
+                                                          {"phrase": "蓝天"}, {"phrase": "白云"}]},
+                                   {"id": 2, "regions": [{"phrase": "小狗"}]}]), encoding="utf-8")
+    image_data = tmp_path / "image_data.json"
+    image_data.write_text(json.dumps([{"image_id": 1, "url": "https://cs.example/VG_100K/1.jpg"},
+                                      {"image_id": 2}]), encoding="utf-8")
+    rows = read_visual_genome(str(regions), "url", str(image_data), tmp_path / "work", " | ", max_phrases=2)
+    assert rows.select("url", "caption_raw", "image_id", "detail").rows() == [
+        ("https://cs.example/VG_100K/1.jpg", "一棵树 | 蓝天", 1, None),
+        (None, "小狗", 2, "region_descriptions.json: [1]: image 2 has no url in image_data.json")]
