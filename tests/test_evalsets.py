@@ -141,3 +141,23 @@ def test_read_as_clip_benchmark_reads_a_wds_set(written):
                .to_tuple("webp;png;jpg;jpeg", "txt").map_tuple(lambda image: image.size, str.splitlines))
     assert list(dataset) == [((64, 64), ["一只红色的猫", "沙发上的 猫 在睡觉"]), ((64, 64), ["两张图共用的描述"]),
                              ((64, 64), ["两张图共用的描述", "第三张图的描述"])]
+
+
+def test_members_are_named_by_what_the_image_is():
+    import io
+
+    from PIL import Image
+
+    from cnclip.evalsets import _image_member
+
+    def encoded(fmt):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    png, gif = encoded("PNG"), encoded("GIF")
+    assert _image_member(png) == ("png", png)
+    assert _image_member(encoded("JPEG"))[0] == "jpg"
+    extension, data = _image_member(gif)
+    assert extension == "png" and Image.open(io.BytesIO(data)).format == "PNG"
+    assert _image_member(b"not an image") is None and _image_member(png[:40]) is None

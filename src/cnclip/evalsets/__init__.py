@@ -34,7 +34,7 @@ from cnclip.corpus.recipe.sources_formats import CN_CLIP_KINDS, IMAGES_FROM_URLS
 
 EVALSET_KINDS = ("coco", *CN_CLIP_KINDS)
 PHASH_LIST = "phashes.parquet"
-_STORED_FORMATS = {".jpg": "jpg", ".png": "png", ".webp": "webp"}
+_STORED_FORMATS = {"jpeg": "jpg", "png": "png", "webp": "webp"}  # PIL's format -> the member's extension
 
 
 class EvalSetWriteError(CnclipError, ValueError):
@@ -86,16 +86,17 @@ def read_pairs(kind: str, path: str, split: str, images: str | None, scratch: Pa
         raise EvalSetWriteError(str(err)) from None
 
 
-def _image_member(data: bytes, stored: Path) -> tuple[str, bytes] | None:
+def _image_member(data: bytes) -> tuple[str, bytes] | None:
     """(extension, bytes) of an image as a member: the file as it is when it is a JPEG, PNG or
-    WebP, else re-encoded as PNG; None when it cannot be decoded."""
+    WebP (named by what it is, not by its file name), else re-encoded as PNG; None when it cannot
+    be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            if stored.suffix in _STORED_FORMATS and (opened.format or "").lower() in ("jpeg", "png", "webp"):
-                return _STORED_FORMATS[stored.suffix], data
+            if (opened.format or "").lower() in _STORED_FORMATS:
+                return _STORED_FORMATS[opened.format.lower()], data
             buffer = io.BytesIO()
             opened.convert("RGB").save(buffer, format="PNG")
             return "png", buffer.getvalue()
@@ -134,7 +135,7 @@ def _write_shards(images: pl.DataFrame, folder: Path, per_shard: int, summary: E
         with atomic_path(folder / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in chunk:
                 stored = Path(local_path(row["url"]))
-                member = _image_member(stored.read_bytes(), stored)
+                member = _image_member(stored.read_bytes())
                 if member is None:
                     summary.skipped += len(row["caption"])
                     summary.skipped_details.append(f"image {row['image_id']}: cannot be decoded")
