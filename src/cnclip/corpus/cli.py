@@ -110,6 +110,39 @@ def hash_eval(
 
 
 @app.command()
+def evalset(
+    kind: str = typer.Argument(..., help="coco, cn_clip, muge, flickr30k_cn or coco_cn"),
+    path: str = typer.Argument(..., help="coco: the captions JSON; the others: the folder of "
+                                         "{split}_imgs.tsv and {split}_texts.jsonl"),
+    out: Path = typer.Option(..., "--out", help="the folder to write (clip_benchmark's WebDataset layout)"),
+    split: str = typer.Option("test", "--split", help="the split folder to write (cn_clip kinds: the split read)"),
+    images: Optional[str] = typer.Option(None, "--images", help="coco: the folder holding images[].file_name"),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", min=1),
+    size: int = typer.Option(224, help="pHash list: image.size of the recipes that will use it"),
+    resize_mode: str = typer.Option("center_crop", help="pHash list: image.resize_mode of those recipes"),
+) -> None:
+    """Write an evaluation set: one sample per image with all its captions ({key}.txt lines),
+    OUT/{split}/N.tar, nshards.txt, sizes.json, phashes.parquet (for dedup.eval_images) and
+    OUT/dataset_type.txt. Read by `cnclip eval --data 'OUT/test/*.tar'` and clip_benchmark.
+
+    Example: cnclip corpus evalset flickr30k_cn data/Flickr30k-CN --split test --out evalsets/flickr30k-cn
+    """
+    from cnclip.evalsets import write_evalset
+
+    try:
+        settings = validate_mapping(ImageSettings, {"size": size, "resize_mode": resize_mode}, "evalset",
+                                    RecipeError)
+        summary = write_evalset(kind, path, out, split, images, samples_per_shard, settings)
+    except CnclipError as err:
+        error(str(err).splitlines()[0])
+        raise typer.Exit(2) from None
+    skipped = f"; {summary.skipped} input row(s) left out (first: {summary.skipped_details[0]})" \
+        if summary.skipped else ""
+    typer.echo(f"{summary.images} images, {summary.captions} captions in {summary.shards} shard(s) -> "
+               f"{out / split}{skipped}")
+
+
+@app.command()
 def shard(recipe: Path = RecipeArg) -> None:
     """Write the final WebDataset shards, samples/ and rejected/ manifests and funnel.json.
 

@@ -18,6 +18,7 @@ from cnclip._common.yaml_loader import read_yaml
 from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource, SourceName, UserAgentText, WarcSource
 from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.paths import recipe_path_problems
+from cnclip.corpus.recipe.sources_formats import FORMAT_KINDS, CnClipSource, CocoSource, VisualGenomeSource
 
 
 # The column names a source may not keep are the build's own, derived from the declared tables
@@ -86,9 +87,10 @@ class SampleWebSource(StrictModel):
     port: int = Field(default=18765, ge=1, le=65535)
 
 
-Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource], Field(discriminator="kind")]
+Source = Annotated[Union[MetadataSource, SampleWebSource, HtmlSource, WarcSource, CocoSource, VisualGenomeSource,
+                         CnClipSource], Field(discriminator="kind")]
 # The `kind` values above: pydantic's error locations name them, the user's key paths do not.
-SOURCE_KINDS = ("metadata", "sample_web", "html", "warc")
+SOURCE_KINDS = ("metadata", "sample_web", "html", "warc", *FORMAT_KINDS)
 
 
 class TextSettings(StrictModel):
@@ -332,7 +334,7 @@ class Recipe(StrictModel):
                 raise ValueError("work_dir is a URL: output_dir must be one too (the stages write the shards "
                                  "in place)")
             local = [f"sources[{i}] ({s.kind})" for i, s in enumerate(self.sources)
-                     if s.kind in _LOCAL_WORK_KINDS]
+                     if s.kind in _LOCAL_WORK_KINDS or getattr(s, "stores_images", False)]
             if local:
                 raise ValueError(f"work_dir is a URL: {local[0]} writes its pages or images to a local "
                                  "folder; give work_dir a local folder")

@@ -50,6 +50,35 @@ def _eval_set_problem(key: str, path: str) -> str | None:
     return None if Path(path).exists() else f"{key}: no such file or folder {_shown(path)}"
 
 
+def _folder_problem(key: str, path: str) -> str | None:
+    local = Path(path)
+    if local.is_dir():
+        return None
+    if local.exists():
+        return f"{key}: {_shown(path)} is a file, not a folder"
+    return f"{key}: no such folder {_shown(path)}"
+
+
+def _format_source_problems(index: int, source) -> list[str | None]:
+    """The files a coco / visual_genome / cn_clip source reads, and its images folder."""
+    key = f"sources[{index}]"
+    if source.kind == "coco":
+        problems = [_file_problem(f"{key}.annotations", source.annotations)]
+    elif source.kind == "visual_genome":
+        problems = [_file_problem(f"{key}.regions", source.regions)]
+        if source.image_data:
+            problems.append(_file_problem(f"{key}.image_data", source.image_data))
+    else:
+        folder = _folder_problem(f"{key}.path", source.path)
+        if folder:
+            return [folder]
+        return [_file_problem(f"{key}.path", str(Path(source.path) / f"{source.split}_{name}"))
+                for name in ("imgs.tsv", "texts.jsonl")]
+    if source.stores_images:
+        problems.append(_folder_problem(f"{key}.images", source.images))
+    return problems
+
+
 def recipe_path_problems(recipe: "Recipe") -> list[str]:
     """One `key: problem` line per missing path, in recipe order."""
     problems: list[str | None] = []
@@ -58,6 +87,8 @@ def recipe_path_problems(recipe: "Recipe") -> list[str]:
             problems.append(_source_path_problem(f"sources[{index}].path", source.path))
         if source.kind == "html" and source.seeds_file:
             problems.append(_file_problem(f"sources[{index}].seeds_file", source.seeds_file))
+        if hasattr(source, "stores_images"):
+            problems.extend(_format_source_problems(index, source))
     if recipe.text.blacklist:
         problems.append(_file_problem("text.blacklist", recipe.text.blacklist))
     for index, path in enumerate(recipe.dedup.eval_images):

@@ -62,6 +62,11 @@ class BuildLayout:
         return at(self.work, "ingest")
 
     # text: normalized parts (every row, with its reason), then accepted/ and rejected/ parts
+    # the dataset kinds' rows and stored images (coco, visual_genome, cn_clip): one folder a source
+    @property
+    def sources_dir(self) -> Path | str:
+        return at(self.work, "sources")
+
     @property
     def text_dir(self) -> Path | str:
         return at(self.work, "text")

@@ -2,7 +2,9 @@
 
 metadata files are read as they are; the sample web is generated; html sources are crawled and
 warc files are scanned into pair files under work/crawl/ first (one per WARC file, so ingest
-numbers rows per file as for metadata), then read like metadata.
+numbers rows per file as for metadata), then read like metadata. The dataset kinds (coco,
+visual_genome, cn_clip and its presets) are read into work/sources/<name>/rows.parquet, their
+local and base64 images stored beside it (formats.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import polars as pl
 
 from cnclip.corpus.recipe import MetadataSource, SampleWebSource, Source
 from cnclip.corpus.recipe.crawl import CrawlSettings, HtmlSource, WarcSource
+from cnclip.corpus.recipe.sources_formats import FORMAT_SOURCES
 from cnclip.corpus.sources.metadata import (
     NeedsLineReader,
     SourceError,
@@ -39,7 +42,21 @@ def source_inputs(source: Source) -> list[str]:
         return expand_paths(source.path)
     if isinstance(source, HtmlSource) and source.seeds_file:
         return [source.seeds_file]
+    if isinstance(source, FORMAT_SOURCES):
+        return _format_inputs(source)
     return []
+
+
+def _format_inputs(source: Source) -> list[str]:
+    """A dataset's annotation files (its images folder is not listed: a listing of every image
+    would cost a walk of the dataset on each build)."""
+    if source.kind == "coco":
+        return [source.annotations]
+    if source.kind == "visual_genome":
+        return [source.regions, *([source.image_data] if source.image_data else [])]
+    from cnclip.corpus.sources.cn_clip import split_files
+
+    return [str(p) for p in split_files(source.path, source.split)]
 
 
 @dataclass(frozen=True)
@@ -59,13 +76,19 @@ def extract_warc_task(task: WarcTask) -> None:
 
 
 def prepare_source(source: Source, sample_web_dir: Path, crawl_dir: Path, crawl: CrawlSettings,
-                   engine: Optional[Engine] = None) -> tuple[list[str], dict | None]:
+                   engine: Optional[Engine] = None, sources_dir: Optional[Path] = None
+                   ) -> tuple[list[str], dict | None]:
     """The files to read for a source, in the order their rows are numbered, and the report of
     the crawl or scan that made them (None for files read as they are). Outputs that exist are
     whole (written atomically) and reused, so an interrupted ingest does not crawl again. WARC
     files are scanned as the engine's tasks, one per file (on Spark, by the executors): the
     driver only lists them. An html crawl follows links from page to page under one politeness
-    budget, so it runs where the build runs, bounded by `crawl.max_pages`."""
+    budget, so it runs where the build runs, bounded by `crawl.max_pages`. A dataset kind is
+    read once into `sources_dir/<name>/` (work/sources/), on the driver."""
+    if isinstance(source, FORMAT_SOURCES):
+        from cnclip.corpus.sources.formats import prepare_format_source
+
+        return prepare_format_source(source, Path(sources_dir or Path(crawl_dir).parent / "sources"))
     if isinstance(source, SampleWebSource):
         from cnclip.corpus.sources.sample_web import write_sample_web
 
@@ -105,6 +128,8 @@ def read_source_file(source: Source, path: str) -> pl.LazyFrame:
         )
     if isinstance(source, (HtmlSource, WarcSource)):
         return pl.scan_parquet(path).select(_PAIR_COLUMNS)
+    if isinstance(source, FORMAT_SOURCES):
+        return pl.scan_parquet(path)
     assert isinstance(source, MetadataSource)
     return read_metadata_file(source, path)
 

@@ -1,4 +1,10 @@
-"""Dedup stage: the rules of ops/dedup.py over every downloaded row, one decisions file."""
+"""Dedup stage: the rules of ops/dedup.py over every downloaded row, one decisions file.
+
+A dataset source with several captions per image (coco, cn_clip and its presets) gives one row
+per caption, all with the same image URL: those rows are one image, not copies of it. The rules
+see only the first row of such an image (lowest uid); the others share its fate (kept with it,
+or dropped with its reason and the row or evaluation image it duplicates).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from cnclip.corpus.ops.eval_hashes import load_eval_hashes
 from cnclip.corpus.recipe import DedupSettings, Recipe
 from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import committed_parts
-from cnclip.corpus.runtime.engine import Engine, FindsDuplicates, Table
+from cnclip.corpus.runtime.engine import Engine, FindsDuplicates, Table, default_engine
 from cnclip.corpus.runtime.fingerprints import eval_listing
 from cnclip.corpus.runtime.layout import BuildLayout
 from cnclip.corpus.runtime.stage import Stage, StageContext
@@ -40,14 +46,48 @@ WHERE t.status = 'success'
 """
 
 
+# The rows of a several-captions source after the first of their image (same source, same URL),
+# each with that first row (`first_uid`).
+_SAME_IMAGE = """
+SELECT a.uid, f.first_uid FROM accepted a
+JOIN (SELECT source, url, MIN(uid) AS first_uid FROM accepted WHERE source IN ({names}) GROUP BY source, url) f
+  ON a.source = f.source AND a.url = f.url
+WHERE a.uid <> f.first_uid
+"""
+_SHARED_FATE = """
+SELECT * FROM decisions
+UNION ALL
+SELECT s.uid, d.reason, d.duplicate_of_uid, d.duplicate_of_eval, d.detail
+FROM same s JOIN decisions d ON s.first_uid = d.uid
+"""
+
+
+def _same_image_rows(recipe: Recipe, layout: BuildLayout, engine: Engine) -> Table | None:
+    """(uid, first_uid) of the rows that repeat an earlier row's image in a several-captions
+    source; None when the recipe has no such source."""
+    names = [s.name for s in recipe.sources if getattr(s, "several_captions", False)]
+    if not names:
+        return None
+    quoted = ", ".join("'" + name.replace("'", "''") + "'" for name in names)
+    return engine.sql(_SAME_IMAGE.format(names=quoted), accepted=scan_accepted(layout, engine))
+
+
 def _engine_decisions(layout: BuildLayout, engine: FindsDuplicates, settings: DedupSettings,
-                      evals: pl.DataFrame) -> list:
+                      evals: pl.DataFrame, same: Table | None) -> list:
     """The dedup rules run by the engine on its own tables (no step on one machine); returns the
     (reason, count) rows of the decisions written."""
     rows = engine.sql(_DEDUP_INPUT, attempts=engine.scan([attempts_path(layout.download_dir)]),
                       hashes=engine.scan(committed_parts(layout.hash_dir, ".parquet"), HASHES.columns),
                       accepted=scan_accepted(layout, engine))
-    engine.write(engine.find_duplicates(rows, settings, evals), layout.dedup_decisions, DEDUP_DECISIONS)
+    if same is None:
+        engine.write(engine.find_duplicates(rows, settings, evals), layout.dedup_decisions, DEDUP_DECISIONS)
+    else:
+        rows = engine.sql("SELECT r.* FROM rows r LEFT ANTI JOIN same s ON r.uid = s.uid", rows=rows, same=same)
+        firsts = storage.join(str(layout.dedup_dir), "first-rows.parquet") if storage.is_url(layout.dedup_dir) \
+            else Path(layout.dedup_dir) / "first-rows.parquet"
+        engine.write(engine.find_duplicates(rows, settings, evals), firsts, DEDUP_DECISIONS)
+        engine.write(engine.sql(_SHARED_FATE, decisions=engine.scan([firsts]), same=same), layout.dedup_decisions,
+                     DEDUP_DECISIONS)
     return engine.rows(engine.sql("SELECT reason, COUNT(*) FROM decisions GROUP BY reason ORDER BY reason",
                                   decisions=engine.scan([layout.dedup_decisions])))
 
@@ -60,12 +100,20 @@ def run_dedup_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
         DEDUP_DECISIONS.write(pl.DataFrame(schema=DECISION_SCHEMA), layout.dedup_decisions)
         return {"dropped": {}, "eval_images": 0}
     evals = load_eval_hashes(recipe.dedup.eval_images, recipe.image)
+    same = _same_image_rows(recipe, layout, engine or default_engine())
     if isinstance(engine, FindsDuplicates):
-        return {"dropped": dict(_engine_decisions(layout, engine, recipe.dedup, evals)), "eval_images": evals.height}
+        return {"dropped": dict(_engine_decisions(layout, engine, recipe.dedup, evals, same)),
+                "eval_images": evals.height}
     from cnclip.corpus.ops.dedup import find_duplicates  # numba's kernels: only where the arrays run
 
     rows = scan_dedup_input(layout.download_dir, layout.hash_dir, scan_accepted(layout, engine))
+    if same is not None:
+        same = same.collect() if isinstance(same, pl.LazyFrame) else same
+        rows = rows.join(same.lazy().select("uid"), on="uid", how="anti")
     decisions = find_duplicates(rows, recipe.dedup, evals)
+    if same is not None:
+        shared = same.join(decisions.rename({"uid": "first_uid"}), on="first_uid").select(DECISION_SCHEMA.keys())
+        decisions = pl.concat([decisions, shared.cast(DECISION_SCHEMA)]).sort("uid")
     DEDUP_DECISIONS.write(decisions, layout.dedup_decisions)
     counts = decisions.group_by("reason").len().sort("reason").rows()
     return {"dropped": dict(counts), "eval_images": evals.height}

@@ -90,9 +90,15 @@ def img2dataset_arguments(recipe: Recipe) -> dict:
 
 
 def guard_config(recipe: Recipe) -> GuardConfig:
+    from dataclasses import replace
+
+    from cnclip.corpus.sources.stored import own_image_root
     from cnclip.corpus.stages.download_lanes import lanes_per_host
 
     config = GuardConfig.from_settings(recipe.download, request_timeout=recipe.download.timeout)
+    own = own_image_root(recipe)
+    if own is not None:  # the images the build stored itself (work/sources/): its own folder
+        config = replace(config, allow_local_files=(*config.allow_local_files, str(own)))
     return config.spread(lanes_per_host(config, recipe.download.processes))
 
 

@@ -129,7 +129,8 @@ def ingest(recipe: Recipe, engine: Engine | None = None) -> dict:
     source_reports: dict[str, dict] = {}
     tasks: list[FileTask] = []
     for source_index, source in enumerate(recipe.sources):
-        files, report = prepare_source(source, layout.sample_web_dir, at(layout.work, "crawl"), recipe.crawl, engine)
+        files, report = prepare_source(source, layout.sample_web_dir, at(layout.work, "crawl"), recipe.crawl, engine,
+                                       layout.sources_dir)
         if report is not None:
             source_reports[source.name] = report
         for file_index, path in enumerate(files):

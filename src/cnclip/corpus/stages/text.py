@@ -80,16 +80,21 @@ def cjk_ratio(caption: pl.Expr) -> pl.Expr:
     return pl.when(letters > 0).then(han / letters).otherwise(0.0)
 
 
-def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bool = False) -> pl.Expr:
+def per_row_reason(settings: TextSettings, blacklist: list[str], local_files: bool = False,
+                   own_images: str | None = None) -> pl.Expr:
     """The first per-row filter a row fails (null when it passes them all).
 
     local_files: the recipe lists download.allow_local_files; without it a file:// URL is
-    rejected here (the download worker's guard checks the folders of those that pass)."""
+    rejected here (the download worker's guard checks the folders of those that pass), unless
+    it starts with `own_images`, the file:// URL of the build's own work/sources/ folder."""
     url, caption = pl.col("url"), pl.col("caption")
     length = caption.str.len_chars()
     rules: list[tuple[pl.Expr, str]] = [(url.is_null() | (url == ""), "ingest:missing_url")]
     if not local_files:
-        rules.append((url.str.contains(_FILE_URL), "ingest:local_file_not_allowed"))
+        outside = url.str.contains(_FILE_URL)
+        if own_images:
+            outside = outside & ~url.str.starts_with(own_images)
+        rules.append((outside, "ingest:local_file_not_allowed"))
     rules += [
         (~url.str.contains(_SUPPORTED_URL), "ingest:unsupported_url"),
         # U+FFFD survives normalization only where bytes were lost before the caption reached us
@@ -120,6 +125,7 @@ class _NormalizeTask:
     settings: TextSettings
     blacklist: tuple[str, ...]
     local_files: bool = False
+    own_images: str | None = None
 
 
 def normalize_part(task: _NormalizeTask) -> int:
@@ -129,7 +135,7 @@ def normalize_part(task: _NormalizeTask) -> int:
     keep ingest's verdict; every other row gets the filters' (detail null)."""
     frame = storage.read_parquet(task.source_part)
     caption = normalize_captions(frame["caption_raw"], task.settings.opencc_config)
-    verdict = per_row_reason(task.settings, list(task.blacklist), task.local_files)
+    verdict = per_row_reason(task.settings, list(task.blacklist), task.local_files, task.own_images)
     if "reason" in frame.columns:
         verdict = pl.coalesce(pl.col("reason"), verdict).alias("reason")
     if "detail" not in frame.columns:
@@ -243,7 +249,8 @@ def run_text_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     processes = settings.processes
     ingest_parts = committed_parts(layout.ingest_dir, ".parquet")
     local_files = bool(recipe.download.allow_local_files)
-    tasks = [_NormalizeTask(p, at(normalized_dir, Path(p).name), settings, blacklist, local_files)
+    tasks = [_NormalizeTask(p, at(normalized_dir, Path(p).name), settings, blacklist, local_files,
+                            own_images_prefix(recipe))
              for p in ingest_parts]
     engine.map_parts(normalize_part, [t for t in tasks if not is_committed(t.out_part)], "text: normalize + filter",
                       processes)
@@ -261,6 +268,14 @@ def run_text_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     return {"accepted": sum(a for a, _ in counts), "rejected": sum(r for _, r in counts)}
 
 
+def own_images_prefix(recipe: Recipe) -> str | None:
+    """The file:// URL prefix of the images the build stored itself (work/sources/), or None."""
+    from cnclip.corpus.sources.stored import file_url, own_image_root
+
+    root = own_image_root(recipe)
+    return None if root is None else file_url(root) + "/"
+
+
 class TextStage(Stage):
     """Ingest parts -> text/accepted/ and text/rejected/ parts (ingest's unreadable rows included)."""
 
@@ -271,7 +286,9 @@ class TextStage(Stage):
     def extra(self, recipe: Recipe) -> list:
         blacklist = input_listing([recipe.text.blacklist]) if recipe.text.blacklist else None
         # Whether file:// URLs pass depends on download.allow_local_files being set.
-        return [blacklist, *(["allow_local_files"] if recipe.download.allow_local_files else [])]
+        own = own_images_prefix(recipe)
+        return [blacklist, *(["allow_local_files"] if recipe.download.allow_local_files else []),
+                *([own] if own else [])]
 
     def outputs(self, layout: BuildLayout) -> tuple:
         return (layout.text_dir,)
