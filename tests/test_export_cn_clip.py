@@ -44,8 +44,8 @@ def test_export_holds_the_shards_bytes_and_the_captions(demo_corpus, tmp_path):
     assert len(texts) == samples.height == ids.height
     assert [t["text_id"] for t in texts] == list(range(samples.height))
     assert [t["text"] for t in texts] == samples["caption"].to_list()
-    by_uid = dict(zip(ids["uid"].to_list(), ids["image_id"].to_list()))
-    for row, text in zip(samples.iter_rows(named=True), texts):
+    by_uid = dict(zip(ids["uid"].to_list(), ids["image_id"].to_list(), strict=True))
+    for row, text in zip(samples.iter_rows(named=True), texts, strict=True):
         assert text["image_ids"] == [by_uid[row["uid"]]]
         stored = next(v for k, v in members.items() if k.split(".")[0] == row["key"] and not k.endswith((".txt", ".json")))
         assert images[by_uid[row["uid"]]] == stored

@@ -101,6 +101,13 @@ def test_a_moved_export_loads_from_any_working_directory_with_identical_embeddin
     encoder = load_encoder(moved, device="cpu")
     got = embeddings(encoder.model, encoder.tokenizer)
     assert torch.equal(got[0], want_text) and torch.equal(got[1], want_image)
+    # The model card's own snippet (open_clip alone, no cnclip) loads the moved folder too.
+    card = (moved / "README.md").read_text(encoding="utf-8")
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(moved))
+    scope = {}
+    exec(snippet, scope)  # noqa: S102 - the card's documented code, run as a user would
+    got = embeddings(scope["model"], scope["tokenizer"])
+    assert torch.equal(got[0], want_text) and torch.equal(got[1], want_image)
     # As a training `model:`, the exported config rebuilds its tower from the HF config it carries.
     from cnclip.train.models import create_model
 

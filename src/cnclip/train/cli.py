@@ -166,6 +166,7 @@ def evaluate(
 def export(
     checkpoint: Path = typer.Argument(..., help="a training checkpoint (.pt)"),
     directory: Path = typer.Argument(..., help="output folder for the open_clip local-dir: model"),
+    license: str = typer.Option("other", "--license", help="the model card's license id (e.g. apache-2.0)"),
 ) -> None:
     """Write an open_clip `local-dir:` model (config, weights, tokenizer files, README.md model
     card). It holds no absolute path: the folder can be moved.
@@ -177,7 +178,7 @@ def export(
     from cnclip.train.export import export_checkpoint
 
     try:
-        out = export_checkpoint(checkpoint, directory)
+        out = export_checkpoint(checkpoint, directory, license=license)
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None

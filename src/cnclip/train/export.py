@@ -5,6 +5,7 @@
     DIR/config.json                  the BERT text tower's HF config (open_clip builds the tower from it)
     DIR/vocab.txt, tokenizer_config.json   the tokenizer (open_clip's HFTokenizer loads them)
     DIR/cnclip_export.json           where it came from (checkpoint file name and SHA-256, stage, step)
+    DIR/README.md                    the model card (model_card.py): data funnel, config, evaluations
 
 No file holds an absolute path, so DIR can be moved or copied to another machine. open_clip 3.3
 builds an HF text tower from `text_cfg.hf_model_name` by `AutoConfig.from_pretrained(name)`: a
@@ -33,7 +34,6 @@ from cnclip._common.atomic import atomic_path, write_text_atomic
 from cnclip._common.errors import CnclipError
 from cnclip.train.factory import load_model_from_checkpoint
 from cnclip.train.models import write_text_tower_dir
-
 
 CONFIG = "open_clip_config.json"
 SELF = "."  # text_cfg.hf_model_name / hf_tokenizer_name: the export folder itself
@@ -82,15 +82,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path]) -> Path:
-    """Write `checkpoint`'s model as an open_clip local-dir model in `directory`; returns it."""
+def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path], license: str = "other") -> Path:
+    """Write `checkpoint`'s model as an open_clip local-dir model in `directory`, with its model
+    card (`license`: the card's license id, e.g. apache-2.0); returns the folder."""
     directory = Path(directory).resolve()
     with tempfile.TemporaryDirectory() as workdir:
         model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir)
     try:
-        return _write_export(checkpoint, directory, model, tokenizer, state)
+        _write_export(checkpoint, directory, model, tokenizer, state)
+        write_text_atomic(directory / "README.md", _card(Path(checkpoint), state, license))
+        return directory
     except OSError as err:  # a file where the folder should be, no permission, a full disk
         raise ExportError(f"{directory}: cannot write the export ({err.strerror or err})") from None
+
+
+def _card(checkpoint: Path, state: dict, license: str) -> str:
+    """The model card of the checkpoint's run: its folder is the checkpoint's checkpoints/ parent
+    (where the run wrote log.jsonl), else the output_dir its config names."""
+    from cnclip.train.model_card import model_card
+
+    config = json.loads(state["config"]) if isinstance(state.get("config"), str) else {}
+    run_dir = checkpoint.resolve().parent.parent
+    if not (run_dir / "log.jsonl").is_file() and config.get("output_dir"):
+        run_dir = Path(config["output_dir"])
+    return model_card(config, state, run_dir, license)
 
 
 def _write_export(checkpoint: Union[str, Path], directory: Path, model, tokenizer, state: dict) -> Path:

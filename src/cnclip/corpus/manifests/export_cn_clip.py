@@ -129,7 +129,7 @@ def _write_shard(manifest_dir: Path, tar_path: Path, rows: pl.DataFrame, streams
     if rows["caption"].null_count():
         raise CnClipExportError(f"{manifest_dir}/samples/{shard:05d}.parquet: lacks the captions of shard {shard}")
     firsts = rows.filter(pl.col("first"))
-    images = _shard_images(tar_path, dict(zip(firsts["key"].to_list(), firsts["image_id"].to_list())))
+    images = _shard_images(tar_path, dict(zip(firsts["key"].to_list(), firsts["image_id"].to_list(), strict=True)))
     for split, key in firsts.select("split", "key").iter_rows():  # one image each: read from the tar anyway
         image_id, data = images[key]
         streams[split][0].write(f"{image_id}\t{base64.b64encode(data).decode('ascii')}\n")
