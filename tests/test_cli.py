@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 from cnclip.cli import app
 
 runner = CliRunner()
-COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "verify", "hash-eval")]
+COMMANDS = [["corpus", c] for c in ("build", "text", "download", "dedup", "shard", "stats", "verify", "hash-eval",
+                                      "export-cn-clip")]
 COMMANDS += [["train"], ["eval"], ["export"]]
 
 

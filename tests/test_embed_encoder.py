@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from cnclip.embed.encoder import EncoderError, load_encoder
+from cnclip.train.export import open_clip_kwargs
 from embed_models import tiny_chinese_clip, tiny_cnclip_checkpoint, tiny_local_dir
 
 CAPTIONS = ["红色的圆形", "一个蓝色的方形", "绿色三角"]
@@ -36,7 +37,7 @@ def test_cnclip_checkpoint(tmp_path):
 
 def test_local_dir_export_and_prefix(tmp_path):
     folder = tiny_local_dir(tmp_path / "exported")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", **open_clip_kwargs(folder))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     model.eval()
     for given in (folder, f"local-dir:{folder}"):

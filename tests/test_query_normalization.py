@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cnclip.corpus.ops.normalize import normalize_captions, normalize_texts
 from cnclip.embed.encoder import load_encoder
 from cnclip.train.cli import app
+from cnclip.train.export import open_clip_kwargs
 from cnclip.train.factory import load_model_from_checkpoint
 from cnclip.train.loop import train
 from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer
@@ -78,7 +79,8 @@ def test_cnclip_and_the_export_give_the_same_ids_and_embeddings_for_raw_and_clea
     theirs = exported_tokenizer([RAW, CLEAN, DIRTY])
     assert torch.equal(theirs, ours)
 
-    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exported'}")
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exported'}",
+                                                           **open_clip_kwargs(tmp_path / "exported"))
     with torch.no_grad():
         exported_embeddings = exported.eval().encode_text(theirs, normalize=True).numpy()
     assert np.abs(exported_embeddings[0] - exported_embeddings[1]).max() <= 1e-6

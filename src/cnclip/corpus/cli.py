@@ -221,3 +221,30 @@ def stats(
         typer.echo(json.dumps(figures, ensure_ascii=False, indent=2))
     else:
         print_stats(figures)
+
+
+@app.command("export-cn-clip")
+def export_cn_clip(
+    manifest_dir: Path = typer.Argument(..., help="a built corpus's manifest_dir, e.g. manifests/demo"),
+    out: Path = typer.Argument(..., help="the folder to write (new, empty, or an earlier export)"),
+    split: str = typer.Option("train", "--split", help="the split name of the exported samples"),
+    valid_fraction: float = typer.Option(0.0, "--valid-fraction",
+                                         help="hold out this fraction of the images as split 'valid'"),
+    seed: int = typer.Option(0, "--seed", help="the held-out images' seed"),
+) -> None:
+    """Write the corpus in Chinese-CLIP's finetuning layout: {split}_imgs.tsv (base64 images),
+    {split}_texts.jsonl and {split}_ids.parquet (the ids' manifest uid and key), for its
+    cn_clip/preprocess/build_lmdb_dataset.py.
+
+    Example: cnclip corpus export-cn-clip manifests/demo cn-data --valid-fraction 0.05
+    """
+    from cnclip.corpus.manifests.export_cn_clip import export_cn_clip as run_export
+
+    try:
+        counts = run_export(manifest_dir, out, split=split, valid_fraction=valid_fraction, seed=seed)
+    except CnclipError as err:
+        error(str(err))
+        raise typer.Exit(2) from None
+    shown = ", ".join(f"{name}: {c['images']} images, {c['texts']} texts" for name, c in counts.items())
+    typer.echo(f"{shown} -> {out} (then: python -m cn_clip.preprocess.build_lmdb_dataset "
+               f"--data_dir {out} --splits {','.join(counts)})")

@@ -129,11 +129,16 @@ def load_cnclip_checkpoint(path: Path, device, architecture: Optional[str] = Non
 
 def load_local_dir(path: Path, device, architecture: Optional[str] = None) -> Encoder:
     """An open_clip `local-dir:` model folder (what `cnclip export` writes, or any open_clip one):
-    open_clip builds it and its tokenizer from the folder alone."""
+    open_clip builds it and its tokenizer from the folder alone (an HF text tower named relative to
+    the folder, as a moved export's is, pointed at the folder: open_clip resolves it from the
+    working directory)."""
     import open_clip
 
+    from cnclip.train.export import open_clip_kwargs
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device,
+                                                                     **open_clip_kwargs(path))
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     except Exception as err:  # noqa: BLE001 - open_clip raises many kinds on a damaged folder
         first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)

@@ -166,20 +166,24 @@ def evaluate(
 def export(
     checkpoint: Path = typer.Argument(..., help="a training checkpoint (.pt)"),
     directory: Path = typer.Argument(..., help="output folder for the open_clip local-dir: model"),
+    license: str = typer.Option("other", "--license", help="the model card's license id (e.g. apache-2.0)"),
 ) -> None:
-    """Write an open_clip `local-dir:` model (config, weights, tokenizer files).
+    """Write an open_clip `local-dir:` model (config, weights, tokenizer files, README.md model
+    card). It holds no absolute path: the folder can be moved.
 
     Example: cnclip export runs/demo/checkpoints/stage2-final.pt exported/demo
-    then: open_clip.create_model_and_transforms('local-dir:exported/demo')
+    then: open_clip.create_model_and_transforms('local-dir:exported/demo', **open_clip_kwargs('exported/demo'))
+    (open_clip_kwargs from cnclip.train.export; README.md in the folder shows the form without cnclip)
     """
     from cnclip.train.export import export_checkpoint
 
     try:
-        out = export_checkpoint(checkpoint, directory)
+        out = export_checkpoint(checkpoint, directory, license=license)
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None
-    typer.echo(f"exported to {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    typer.echo(f"exported to {out} (load it as its README.md shows: open_clip.create_model_and_transforms("
+               f"'local-dir:{out}', **cnclip.train.export.open_clip_kwargs('{out}')))")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def get_model_config(model: str) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"{path}: cannot read model config ({err})") from None
-    if "model_cfg" in cfg:  # an open_clip_config.json (an exported local-dir: model)
-        cfg = cfg["model_cfg"]
+    if "model_cfg" in cfg:  # an open_clip_config.json (an exported local-dir: model, which keeps
+        # its tower's HF config beside model_cfg so the tower is rebuilt without its folder's path)
+        cfg = {**cfg["model_cfg"], **({"hf_text_config": cfg["hf_text_config"]} if "hf_text_config" in cfg else {})}
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
         raise ModelError(f"{path}: not an open_clip model config (missing {', '.join(missing)})")
