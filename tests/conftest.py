@@ -18,17 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Session fixtures that cost tens of seconds: under pytest-xdist's `--dist loadgroup` (what `make
 # test` runs) the tests sharing one run on one worker, which makes it once. A Spark test that also
-# reads the demo build goes with Spark: the session is the dearer of the two to start.
+# reads the demo build goes with Spark: the session is the dearer of the two to start. The first
+# test to ask for the demo build (and its trained model) makes it in its own setup, which counts
+# against that test's timeout: those tests get 30 minutes, a hang still fails.
 _DEMO_FIXTURES = frozenset({"demo_recipe", "demo_corpus", "searchable_corpus"})
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        demo = bool(_DEMO_FIXTURES & set(getattr(item, "fixturenames", ())))
         if item.get_closest_marker("spark"):
             item.add_marker(pytest.mark.xdist_group("spark"))
-        elif _DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+        elif demo:
             item.add_marker(pytest.mark.xdist_group("demo"))
+        if demo:
+            item.add_marker(pytest.mark.timeout(1800))
 
 
 def flip(value, bits):
