@@ -13,7 +13,9 @@ import polars as pl
 import pytest
 
 from cnclip.corpus import build, run_text
+from cnclip.corpus.manifests.schemas import REJECTED, SAMPLES, TRANSLATE_CACHE, TRANSLATE_TODO, TRANSLATED
 from cnclip.corpus.sources.sample_web import draw_shape
+from translate_dictionary import DICTIONARY
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +76,21 @@ def test_english_captions_reach_the_samples_in_chinese(tmp_path, sources, make_r
         key = samples["key"][1]
         assert tar.extractfile(f"{key}.txt").read().decode() == "一个绿色的圆形图案"
         assert json.loads(tar.extractfile(f"{key}.json").read())["caption_en"] == "a green circle"
+
+    # Every file of the stage (and the cache, outside the build) is its declared table's.
+    translated = sorted((tmp_path / "out" / "work" / "translate" / "parts").glob("*.parquet"))
+    assert [p.name for p in translated] == ["000-00000.parquet"]
+    for path in translated:
+        TRANSLATED.check_file(path)
+    TRANSLATE_TODO.check_file(tmp_path / "out" / "work" / "translate" / "todo.parquet")
+    cache = pl.read_parquet(tmp_path / "cache" / "*.parquet")
+    for path in (tmp_path / "cache").glob("*.parquet"):
+        TRANSLATE_CACHE.check_file(path)
+    assert sorted(cache.select("text", "translation").rows(), key=str) == sorted(
+        [(text, DICTIONARY.get(text)) for text in set(ENGLISH)], key=str)
+    for folder in ("samples", "rejected"):
+        for path in (tmp_path / "manifests" / folder).glob("*.parquet"):
+            (SAMPLES if folder == "samples" else REJECTED).check_file(path)
 
     # The stage redone (another batch size), and another build sharing the cache: nothing is sent.
     summary = run_text(make_recipe(sources, translate=translate(tmp_path, batch_size=3)))

@@ -53,8 +53,8 @@ from cnclip.corpus.stages.translate import TranslateStage
 
 # EmbedStage and TranslateStage apply only to recipes with their section (a build without one runs
 # the rest).
-STAGES: list[Stage] = [IngestStage(), TranslateStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), EmbedStage(),
-                       ShardStage()]
+STAGES: list[Stage] = [IngestStage(), TranslateStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(),
+                       EmbedStage(), ShardStage()]
 # The stages every build runs; OPTIONAL_STAGE_NAMES run only for a recipe with their section.
 STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is None)
 OPTIONAL_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is not None)

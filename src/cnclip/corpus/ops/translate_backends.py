@@ -14,14 +14,16 @@ Model files are never downloaded: everything loads from the local folder the rec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from cnclip._common.errors import CnclipError
+from cnclip._common.library_log import library_log
 from cnclip.corpus.recipe.translate import TranslateSettings
 from cnclip.corpus.runtime.state import fingerprint
 
@@ -204,6 +206,27 @@ BACKENDS: dict[str, Callable[[TranslateSettings], object]] = {
     "ctranslate2": CTranslate2Backend,
     "command": CommandBackend,
 }
+
+
+@contextlib.contextmanager
+def libraries_quiet(log: Optional[Path | str]) -> Iterator[None]:
+    """While a backend loads and runs: transformers' and Python's warnings into `log` (None: where
+    they would go anyway) and its weight-loading progress bars off, so the stage's own progress bar
+    and lines stay readable."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover (transformers is a dependency)
+        hf_logging = None
+    logged = library_log(log) if log is not None else contextlib.nullcontext()
+    bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        with logged:
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def backend_identity(settings: TranslateSettings) -> str:

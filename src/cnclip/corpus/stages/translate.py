@@ -25,7 +25,7 @@ import polars as pl
 
 from cnclip.corpus.manifests.schemas import INGEST_COLUMNS, TRANSLATE_TODO, TRANSLATED
 from cnclip.corpus.ops import translate_cache
-from cnclip.corpus.ops.translate_backends import backend_identity, load_backend
+from cnclip.corpus.ops.translate_backends import backend_identity, libraries_quiet, load_backend
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.recipe.translate import TranslateSettings
 from cnclip.corpus.runtime import storage
@@ -52,9 +52,10 @@ def translated_parts(recipe: Recipe) -> dict[str, Path | str]:
     if recipe.translate is None:
         return {}
     layout = BuildLayout.of(recipe)
-    indices = {f"{i:03d}-" for i, source in enumerate(recipe.sources) if source.name in recipe.translate.sources}
+    indices = {i for i, source in enumerate(recipe.sources) if source.name in recipe.translate.sources}
     return {Path(part).name: at(layout.translate_parts_dir, Path(part).name)
-            for part in committed_parts(layout.ingest_dir, ".parquet") if Path(part).name[:4] in indices}
+            for part in committed_parts(layout.ingest_dir, ".parquet")
+            if int(Path(part).name.partition("-")[0]) in indices}
 
 
 def _eligible(frame: pl.LazyFrame) -> pl.Expr:
@@ -85,6 +86,7 @@ class ChunkTask:
     settings: TranslateSettings
     model: str  # the backend's identity, the cache key
     cache_dir: Path | str
+    log: Path | str | None  # where the libraries' warnings go (None: a URL work folder, left as they are)
 
 
 _LOADED: dict = {}  # (settings, identity) -> backend: one model in memory per worker process
@@ -101,7 +103,8 @@ def _backend(task: ChunkTask):
 def translate_chunk(task: ChunkTask) -> int:
     """Runs as a task: one chunk of captions through the backend, into the cache; returns its size."""
     texts = storage.scan_parquet(task.todo).slice(task.offset, task.length).collect()["text"].to_list()
-    translations = _backend(task).translate(texts)
+    with libraries_quiet(task.log):
+        translations = _backend(task).translate(texts)
     translate_cache.add(task.cache_dir, task.settings.backend, task.model, texts, translations)
     return len(texts)
 
@@ -153,7 +156,8 @@ def run_translate_stage(recipe: Recipe, engine: Engine) -> dict:
     todo = at(layout.translate_dir, "todo.parquet")
     unique, missing = _write_todo(parts, translate_cache.cached(cache, settings.backend, model), todo)
     size = settings.batch_size * _CHUNK_BATCHES
-    chunks = [ChunkTask(todo, offset, size, settings, model, cache) for offset in range(0, missing, size)]
+    log = None if layout.remote else at(layout.translate_dir, "libraries.log")
+    chunks = [ChunkTask(todo, offset, size, settings, model, cache, log) for offset in range(0, missing, size)]
     # One process: the model is loaded once, and a GPU is not shared between workers.
     engine.map_parts(translate_chunk, chunks, "translate: captions", 1)
     tasks = [PartTask(part, out, settings.backend, model, cache) for part, out in zip(parts, sources.values(),
