@@ -63,6 +63,14 @@ def test_a_bad_translate_block_is_one_line_naming_the_key(tmp_path, translate, m
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
 
 
+def test_caption_en_is_the_builds_own_column_not_a_keep_column(tmp_path):
+    data = recipe_data(tmp_path, command(tmp_path))
+    data["sources"][0]["keep_columns"] = ["caption_en"]
+    with pytest.raises(RecipeError, match=r"keep_columns\[0\] 'caption_en' is a column the build writes in "
+                                          r"work/translate/parts/\*\.parquet"):
+        parse_recipe(data, "r")
+
+
 def test_a_recipe_without_translate_has_no_translate_stage(tmp_path):
     data = recipe_data(tmp_path, None)
     del data["translate"]

@@ -123,7 +123,9 @@ def translate_part(task: PartTask) -> int:
     frame = storage.scan_parquet(task.source_part)
     names = frame.collect_schema().names()
     eligible = _eligible(frame)
-    translations = translate_cache.cached(task.cache_dir, task.backend, task.model).rename({"text": "caption_raw"})
+    # The cache's rows for this part's captions only (a shared cache holds many builds' captions).
+    translations = (translate_cache.cached(task.cache_dir, task.backend, task.model).rename({"text": "caption_raw"})
+                    .join(frame.select("caption_raw").unique(), on="caption_raw", how="semi"))
     joined = frame.join(translations, on="caption_raw", how="left", maintain_order="left")
     failed = eligible & pl.col("translation").is_null()
     reason = pl.col("reason") if "reason" in names else pl.lit(None, pl.String)
