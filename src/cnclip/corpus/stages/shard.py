@@ -22,17 +22,10 @@ import webdataset as wds
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.console import info, warn
+from cnclip.corpus.manifests import schemas
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
-from cnclip.corpus.manifests.schemas import (
-    CAPTION_EN,
-    REJECTED,
-    SAMPLE_SCHEMA,
-    SAMPLES,
-    SHARD_PLAN,
-    conform,
-    keep_column_types,
-)
+from cnclip.corpus.manifests.schemas import REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform, keep_column_types
 from cnclip.corpus.ops.phash import hex_digits
 from cnclip.corpus.recipe import Recipe
 from cnclip.corpus.runtime import storage
@@ -187,7 +180,7 @@ def write_shard(task: _ShardTask) -> int:
             .with_columns(hex_digits(pl.col("phash")).alias("phash")).collect())
     base = SAMPLE_SCHEMA if task.embed_dir is None else {**SAMPLE_SCHEMA, "clip_score": pl.Float32()}
     if task.translated:
-        base = {**base, **CAPTION_EN}
+        base = {**base, **schemas.CAPTION_EN}
     published = conform(rows, base, task.keep_columns)
     sources: dict[str, tarfile.TarFile] = {}
     streams: list = []
@@ -304,7 +297,7 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
                                      and (t.embeddings_path is None or is_committed(t.embeddings_path)))]
     engine.map_parts(write_shard, todo, "shard: write tars", recipe.shard.processes)
     rejects = write_rejects(layout, keep_columns, engine, stages,
-                            CAPTION_EN if recipe.translate is not None else None)
+                            schemas.CAPTION_EN if recipe.translate is not None else None)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
     sizes = {
         Path(t.tar_path).name: storage.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks
