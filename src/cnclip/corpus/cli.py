@@ -54,7 +54,8 @@ def build(
 
 @app.command()
 def text(recipe: Path = RecipeArg) -> None:
-    """Ingest the sources and run the text stage (normalize, filter, collapse duplicates, cap).
+    """Ingest the sources, translate the English ones (a recipe with `translate:`) and run the text
+    stage (normalize, filter, collapse duplicates, cap).
 
     Example: cnclip corpus text recipes/laion-zh.yaml
     """

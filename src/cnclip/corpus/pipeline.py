@@ -49,10 +49,12 @@ from cnclip.corpus.stages.hash import HashStage
 from cnclip.corpus.stages.ingest import IngestStage
 from cnclip.corpus.stages.shard import ShardStage
 from cnclip.corpus.stages.text import TextStage
+from cnclip.corpus.stages.translate import TranslateStage
 
-# EmbedStage applies only to recipes with an embed section (a build without one runs the rest).
-STAGES: list[Stage] = [IngestStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(), EmbedStage(),
-                       ShardStage()]
+# EmbedStage and TranslateStage apply only to recipes with their section (a build without one runs
+# the rest).
+STAGES: list[Stage] = [IngestStage(), TranslateStage(), TextStage(), DownloadStage(), HashStage(), DedupStage(),
+                       EmbedStage(), ShardStage()]
 # The stages every build runs; OPTIONAL_STAGE_NAMES run only for a recipe with their section.
 STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is None)
 OPTIONAL_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.only_with is not None)
@@ -129,10 +131,11 @@ def _run_stages(context: StageContext, names: Sequence[str]) -> dict:
 
 
 def run_text(recipe: Recipe | str | Path, engine: Engine | None = None) -> dict:
-    """Ingest every source and run the text stage (normalize, filter, collapse, cap)."""
+    """Ingest every source, translate those the recipe's `translate` section names, and run the text
+    stage (normalize, filter, collapse, cap)."""
     recipe = _recipe(recipe)
     with _owned(recipe):
-        return _run_stages(_context(recipe, engine), ("ingest", "text"))
+        return _run_stages(_context(recipe, engine), ("ingest", "translate", "text"))
 
 
 def run_download(recipe: Recipe | str | Path, retry_failed: bool = False, engine: Engine | None = None) -> dict:

@@ -118,6 +118,10 @@ INGEST_COLUMNS: dict[str, pl.DataType] = {
 # The verdict of a row ingest could not read (sources/rows.py), and of every row after the text filters.
 _VERDICT = {"reason": _STR, "detail": _STR}
 _SIZES = {"width": _I32, "height": _I32, "original_width": _I32, "original_height": _I32}
+# A build with a `translate` section: the English caption a translated row's source gave (its
+# caption_raw is then the translation), null for the rows of the other sources. Only such a build's
+# files have the column, so a build without the section writes exactly what it wrote before.
+CAPTION_EN = {"caption_en": _STR}
 
 SAMPLE_SCHEMA: dict[str, pl.DataType] = {
     "key": _STR, "shard": _I64, "uid": _I64, "source": _STR, "row": _I64,
@@ -136,17 +140,27 @@ CRAWL_PAIRS = Table("work/crawl/*.parquet", "output_dir", "ingest",
                     {"url": _STR, "caption_raw": _STR, "page_url": _STR, "alt_source": _STR}, reserves=False)
 INGEST = Table("work/ingest/*.parquet", "output_dir", "ingest", INGEST_COLUMNS, optional=_VERDICT,
                keep_columns=True)
+# The translate stage (stages/translate.py): each ingest part of a translated source, its
+# caption_raw the translation; a row with no translation carries the verdict translate:failed.
+TRANSLATED = Table("work/translate/parts/*.parquet", "output_dir", "translate", {**INGEST_COLUMNS, **CAPTION_EN},
+                   optional=_VERDICT, keep_columns=True)
+# The unique captions the cache did not have, one run's work for the backend.
+TRANSLATE_TODO = Table("work/translate/todo.parquet", "output_dir", "translate", {"text": _STR}, reserves=False)
+# The translation cache (ops/translate_cache.py; `translate.cache`, by default this folder): one
+# row per (backend, model identity, English caption); `translation` null where the backend gave none.
+TRANSLATE_CACHE = Table("work/translate-cache/*.parquet", "output_dir", "translate",
+                        {"backend": _STR, "model": _STR, "text": _STR, "translation": _STR}, reserves=False)
 TEXT_NORMALIZED = Table("work/text/normalized/*.parquet", "output_dir", "text",
-                        {**INGEST_COLUMNS, "caption": _STR, **_VERDICT}, keep_columns=True)
+                        {**INGEST_COLUMNS, "caption": _STR, **_VERDICT}, optional=CAPTION_EN, keep_columns=True)
 TEXT_DUPLICATE_PAIRS = Table("work/text/duplicate_pairs.parquet", "output_dir", "text",
                              {"uid": _I64, "first_uid": _I64})
 TEXT_REPEATED_CAPTIONS = Table("work/text/repeated_captions.parquet", "output_dir", "text",
                                {"caption": _STR, "caption_count": pl.UInt32()})
 TEXT_ACCEPTED = Table("work/text/accepted/*.parquet", "output_dir", "text", {**INGEST_COLUMNS, "caption": _STR},
-                      keep_columns=True)
+                      optional=CAPTION_EN, keep_columns=True)
 TEXT_REJECTED = Table("work/text/rejected/*.parquet", "output_dir", "text",
                       {**INGEST_COLUMNS, "caption": _STR, **_VERDICT, "duplicate_of_uid": _I64, "stage": _STR},
-                      keep_columns=True)
+                      optional=CAPTION_EN, keep_columns=True)
 
 # The attempts table: what the download stage made of each row.
 # One row per attempted input row (its latest attempt: a --retry-failed round replaces the
@@ -189,7 +203,7 @@ _CLIP_SCORE = {"clip_score": pl.Float32()}
 SHARD_PLAN = Table("work/shard/plan.parquet", "output_dir", "shard", {
     **INGEST_COLUMNS, "caption": _STR, "download_key": _STR, "download_tar": _STR, **_SIZES, "sha256": _STR,
     "phash": pl.UInt64(), "position": _I64, "shard": _I64, "key": _STR,
-}, optional=_CLIP_SCORE, keep_columns=True)
+}, optional={**_CLIP_SCORE, **CAPTION_EN}, keep_columns=True)
 # Embeddings (embed stage; cnclip/embed/store.py reads and writes them): one row per sample that
 # survived dedup, its image's and its caption's embedding by the recipe's embed model, of unit
 # length, stored float16. The width is the model's: `store.embeddings_table(width)` is this table
@@ -209,13 +223,16 @@ EMBED_DECISIONS = Table("work/embed-decisions.parquet", "output_dir", "embed", D
 PUBLISHED_EMBEDDINGS = Table("embeddings/*.parquet", "manifest_dir", "shard", {
     "key": _STR, "uid": _I64, "clip_score": pl.Float32(), "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING,
 }, ordered=True)
-# clip_score (after phash, before the keep columns) in the samples of a build with an embed section.
-SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, optional=_CLIP_SCORE, keep_columns=True,
-                ordered=True)
-REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, keep_columns=True, ordered=True)
+# clip_score (after phash, before the keep columns) in the samples of a build with an embed section;
+# caption_en (after those, before the keep columns) in a build with a translate section.
+SAMPLES = Table("samples/*.parquet", "manifest_dir", "shard", SAMPLE_SCHEMA, optional={**_CLIP_SCORE, **CAPTION_EN},
+                keep_columns=True, ordered=True)
+REJECTED = Table("rejected/*.parquet", "manifest_dir", "shard", REJECTED_SCHEMA, optional=CAPTION_EN,
+                 keep_columns=True, ordered=True)
 
 TABLES: tuple[Table, ...] = (
-    CRAWL_PAIRS, INGEST, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS, TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
+    CRAWL_PAIRS, INGEST, TRANSLATED, TRANSLATE_TODO, TRANSLATE_CACHE, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS,
+    TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
     DOWNLOAD_PLAN, DOWNLOAD_SENT, DOWNLOAD_ROUTES, ATTEMPT_PARTS, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS,
     EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS, EMBED_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED, PUBLISHED_EMBEDDINGS,
 )

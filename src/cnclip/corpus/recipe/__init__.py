@@ -19,6 +19,7 @@ from cnclip.corpus.recipe.crawl import CrawlSettings, GuardSettings, HtmlSource,
 from cnclip.corpus.recipe.embed import EmbedSettings, FilterSettings, SemanticDedup
 from cnclip.corpus.recipe.paths import recipe_path_problems
 from cnclip.corpus.recipe.sources_formats import FORMAT_KINDS, CnClipSource, CocoSource, VisualGenomeSource
+from cnclip.corpus.recipe.translate import TranslateSettings, translate_problems
 
 
 # The column names a source may not keep are the build's own, derived from the declared tables
@@ -263,6 +264,7 @@ class Recipe(StrictModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     embed: Optional[EmbedSettings] = None
     filter: FilterSettings = Field(default_factory=FilterSettings)
+    translate: Optional[TranslateSettings] = None
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Recipe":
@@ -372,7 +374,7 @@ def parse_recipe(data: dict, origin: str = "<recipe>", check_paths: bool = True)
     """Validate recipe data; with `check_paths`, every local file or folder it names must exist
     too (relative to the working directory), so a typo stops the build before any stage runs."""
     recipe = validate_mapping(Recipe, data, origin, RecipeError, union_tags=SOURCE_KINDS)
-    unembedded = embeddings_problems(recipe)
+    unembedded = embeddings_problems(recipe) + translate_problems(recipe.translate, [s.name for s in recipe.sources])
     if unembedded:
         raise RecipeError("\n".join(f"{origin}: {problem}" for problem in unembedded))
     if check_paths:

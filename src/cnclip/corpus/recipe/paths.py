@@ -97,4 +97,7 @@ def recipe_path_problems(recipe: "Recipe") -> list[str]:
         model = recipe.embed.model.removeprefix("local-dir:")
         if not Path(model).exists():
             problems.append(f"embed.model: no such model file or folder {_shown(model)}")
+    translate = recipe.translate
+    if translate is not None and translate.model is not None and not Path(translate.model).is_dir():
+        problems.append(f"translate.model: no such model folder {_shown(translate.model)}")
     return [p for p in problems if p]

@@ -61,6 +61,20 @@ class BuildLayout:
     def ingest_dir(self) -> Path | str:
         return at(self.work, "ingest")
 
+    # translate (a recipe with a translate section): each translated source's ingest parts with
+    # their captions translated, the captions sent to the backend, and the default cache
+    @property
+    def translate_dir(self) -> Path | str:
+        return at(self.work, "translate")
+
+    @property
+    def translate_parts_dir(self) -> Path | str:
+        return at(self.translate_dir, "parts")
+
+    @property
+    def translate_cache_dir(self) -> Path | str:
+        return at(self.work, "translate-cache")
+
     # text: normalized parts (every row, with its reason), then accepted/ and rejected/ parts
     # the dataset kinds' rows and stored images (coco, visual_genome, cn_clip): one folder a source
     @property

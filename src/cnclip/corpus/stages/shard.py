@@ -22,6 +22,7 @@ import webdataset as wds
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.console import info, warn
+from cnclip.corpus.manifests import schemas
 from cnclip.corpus.manifests.funnel import write_funnel
 from cnclip.corpus.manifests.integrity import damaged_files, read_checksums, unexpected_files, write_checksums
 from cnclip.corpus.manifests.schemas import REJECTED, SAMPLE_SCHEMA, SAMPLES, SHARD_PLAN, conform, keep_column_types
@@ -149,6 +150,7 @@ class _ShardTask:
     keep_columns: dict  # name -> polars type, every source's (manifests/schemas.py)
     embed_dir: Path | str | None = None  # a build with an embed section: its work parts, published per shard
     embeddings_dir: Path | str | None = None
+    translated: bool = False  # a build with a translate section: samples/ carry caption_en
 
     @property
     def embeddings_path(self) -> Path | str | None:
@@ -177,6 +179,8 @@ def write_shard(task: _ShardTask) -> int:
     rows = (storage.scan_parquet(task.plan).filter(pl.col("shard") == task.shard)
             .with_columns(hex_digits(pl.col("phash")).alias("phash")).collect())
     base = SAMPLE_SCHEMA if task.embed_dir is None else {**SAMPLE_SCHEMA, "clip_score": pl.Float32()}
+    if task.translated:
+        base = {**base, **schemas.CAPTION_EN}
     published = conform(rows, base, task.keep_columns)
     sources: dict[str, tarfile.TarFile] = {}
     streams: list = []
@@ -231,11 +235,13 @@ def _key_of_kept(layout: BuildLayout, engine: Engine) -> Table:
 
 
 def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None = None,
-                  stages: Sequence[Stage] | None = None) -> list[Path | str]:
+                  stages: Sequence[Stage] | None = None, optional_columns: dict | None = None) -> list[Path | str]:
     """rejected/: the reject tables of every stage of the pipeline's list, in its order (text-stage
     rejects, download failures and rows img2dataset never reported, dedup drops); `duplicate_of`
     names the kept sample's key (or the evaluation image). Every part has the one rejected schema,
-    sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty."""
+    sorted by uid; a stage's part is written even with 0 rows, so the folder is never empty.
+    `optional_columns`: the rejected table's optional columns this build has (caption_en), before
+    the keep columns."""
     engine = engine or default_engine()
     if stages is None:  # no recipe at hand: the stages every build runs
         from cnclip.corpus import pipeline
@@ -246,7 +252,7 @@ def write_rejects(layout: BuildLayout, keep_columns: dict, engine: Engine | None
         "keys": _key_of_kept(layout, engine),
         "attempts": _attempts(layout, engine),
     }
-    schema = REJECTED.with_keep_columns(keep_columns)
+    schema = REJECTED.with_keep_columns({**(optional_columns or {}), **keep_columns})
     written = []
     for stage in stages:
         for name, table in stage.rejects(layout, engine, tables):
@@ -284,13 +290,14 @@ def run_shard_stage(recipe: Recipe, engine: Engine | None = None, stages: Sequen
     tasks = [
         _ShardTask(layout.shard_plan, shard, layout.shards_dir, layout.samples_dir, layout.download_dir,
                    recipe.image.encode_format,
-                   keep_columns, **embedded)
+                   keep_columns, **embedded, translated=recipe.translate is not None)
         for shard in range(count)
     ]
     todo = [t for t in tasks if not (is_committed(t.tar_path) and is_committed(t.manifest_path)
                                      and (t.embeddings_path is None or is_committed(t.embeddings_path)))]
     engine.map_parts(write_shard, todo, "shard: write tars", recipe.shard.processes)
-    rejects = write_rejects(layout, keep_columns, engine, stages)
+    rejects = write_rejects(layout, keep_columns, engine, stages,
+                            schemas.CAPTION_EN if recipe.translate is not None else None)
     # The per-shard sample counts open_clip_train reads for --train-num-samples.
     sizes = {
         Path(t.tar_path).name: storage.scan_parquet(t.manifest_path).select(pl.len()).collect().item() for t in tasks

@@ -29,6 +29,7 @@ from cnclip.corpus.runtime.fingerprints import input_listing
 from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.stages.ingest import ROW_BITS
+from cnclip.corpus.stages.translate import translated_parts
 
 # Captions that are a camera / app file name or a bare link describe nothing in the image.
 _FILE_NAME = r"(?i)^[^\s/\\]{0,80}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|jfif|svg)$"
@@ -126,6 +127,8 @@ class _NormalizeTask:
     blacklist: tuple[str, ...]
     local_files: bool = False
     own_images: str | None = None
+    # A build with a translate section: every part carries caption_en (null where not translated).
+    caption_en: bool = False
 
 
 def normalize_part(task: _NormalizeTask) -> int:
@@ -140,6 +143,8 @@ def normalize_part(task: _NormalizeTask) -> int:
         verdict = pl.coalesce(pl.col("reason"), verdict).alias("reason")
     if "detail" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.String).alias("detail"))
+    if task.caption_en and "caption_en" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("caption_en"))
     frame = frame.with_columns(caption).with_columns(verdict)
     TEXT_NORMALIZED.write(frame, task.out_part)
     return frame.height
@@ -249,8 +254,10 @@ def run_text_stage(recipe: Recipe, engine: Engine | None = None) -> dict:
     processes = settings.processes
     ingest_parts = committed_parts(layout.ingest_dir, ".parquet")
     local_files = bool(recipe.download.allow_local_files)
-    tasks = [_NormalizeTask(p, at(normalized_dir, Path(p).name), settings, blacklist, local_files,
-                            own_images_prefix(recipe))
+    # The translate stage's parts stand in for the ingest parts of the sources it translated.
+    translated = translated_parts(recipe)
+    tasks = [_NormalizeTask(translated.get(Path(p).name, p), at(normalized_dir, Path(p).name), settings, blacklist,
+                            local_files, own_images_prefix(recipe), recipe.translate is not None)
              for p in ingest_parts]
     engine.map_parts(normalize_part, [t for t in tasks if not is_committed(t.out_part)], "text: normalize + filter",
                       processes)
