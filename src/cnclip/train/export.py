@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
@@ -31,11 +31,14 @@ class ExportError(CnclipError, OSError):
     """The export folder cannot be created or written."""
 
 
-def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path]) -> Path:
-    """Write `checkpoint`'s model as an open_clip local-dir model in `directory`; returns it."""
+def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path],
+                      architecture: Optional[str] = None) -> Path:
+    """Write `checkpoint`'s model (a cnclip or Chinese-CLIP checkpoint; `architecture`: the
+    latter's zoo name where its shapes do not tell it) as an open_clip local-dir model in
+    `directory`; returns it."""
     directory = Path(directory).resolve()
     with tempfile.TemporaryDirectory() as workdir:
-        model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir)
+        model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, architecture=architecture)
     try:
         return _write_export(checkpoint, directory, model, tokenizer, state)
     except OSError as err:  # a file where the folder should be, no permission, a full disk
