@@ -169,23 +169,40 @@ def evaluate(
 @app.command("export")
 def export(
     checkpoint: Path = typer.Argument(..., help="a cnclip training checkpoint or a Chinese-CLIP one (.pt)"),
-    directory: Path = typer.Argument(..., help="output folder for the open_clip local-dir: model"),
+    directory: Path = typer.Argument(..., help="the output: a folder (--format open_clip) or a .pt file (cn_clip)"),
     architecture: Optional[str] = typer.Option(None, "--architecture", help=ARCHITECTURE_HELP),
+    fmt: str = typer.Option("open_clip", "--format",
+                               help="open_clip: a local-dir: model folder; cn_clip: a Chinese-CLIP checkpoint file"),
 ) -> None:
-    """Write an open_clip `local-dir:` model (config, weights, tokenizer files).
+    """Write an open_clip `local-dir:` model (config, weights, tokenizer files), or with
+    `--format cn_clip` a checkpoint in Chinese-CLIP's own format (what its scripts load).
 
     Example: cnclip export runs/demo/checkpoints/stage2-final.pt exported/demo
     then: open_clip.create_model_and_transforms('local-dir:exported/demo')
     (a Chinese-CLIP checkpoint: cnclip export clip_cn_rn50.pt exported/rn50)
+    cnclip export runs/rn50/checkpoints/stage2-final.pt exported/rn50-cn_clip.pt --format cn_clip
     """
-    from cnclip.train.export import export_checkpoint
+    from cnclip.train.export_cn_clip import FORMATS
 
+    if fmt not in FORMATS:
+        error(f"--format: {' or '.join(FORMATS)} (got {fmt!r})")
+        raise typer.Exit(2)
     try:
-        out = export_checkpoint(checkpoint, directory, architecture)
+        if fmt == "cn_clip":
+            from cnclip.train.export_cn_clip import export_cn_clip
+
+            structure = export_cn_clip(checkpoint, directory, architecture)
+        else:
+            from cnclip.train.export import export_checkpoint
+
+            out = export_checkpoint(checkpoint, directory, architecture)
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None
-    typer.echo(f"exported to {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    if fmt == "cn_clip":
+        typer.echo(f"exported to {directory} (cn_clip {structure.name}: {structure.usage(directory)})")
+    else:
+        typer.echo(f"exported to {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
 
 
 if __name__ == "__main__":
