@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cnclip.cli import app
 from cnclip.train.checkpoint import save_checkpoint
 from cnclip.train.factory import load_model_from_checkpoint
-from cnclip.train.models import convert_chinese_clip, create_model
+from cnclip.train.models import ZOO_DIR, convert_chinese_clip, create_model
 from embed_models import tiny_chinese_clip
 from test_train_support import shape_shards  # noqa: F401
 
@@ -130,3 +130,15 @@ def test_architecture_option(chinese_clip, tmp_path):
     assert line == (f"error: --architecture: {equivalent} is a cnclip training checkpoint, which records its model; "
                     "the option is for a Chinese-CLIP checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vit_checkpoint_keeps_cn_clips_quick_gelu_whatever_the_named_config_says(chinese_clip, tmp_path):
+    path, reference = chinese_clip
+    config = json.loads((ZOO_DIR / "cn-tiny.json").read_text())
+    config.pop("quick_gelu")  # a config of cn-tiny's shapes with open_clip's default GELU
+    (tmp_path / "gelu.json").write_text(json.dumps(config))
+    model, _, _ = load_model_from_checkpoint(path, tmp_path / "w", architecture=str(tmp_path / "gelu.json"))
+    tokens = cn_clip.tokenize(CAPTIONS)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(_pixels()), reference.encode_image(_pixels()), atol=1e-4)
+        assert torch.allclose(model.encode_text(tokens), reference.encode_text(tokens), atol=1e-4)

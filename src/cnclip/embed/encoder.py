@@ -229,7 +229,11 @@ def chinese_clip_model(path: Path, architecture: Optional[str] = None,
         vocab_rows = int(state["bert.embeddings.word_embeddings.weight"].shape[0])
         vocab = _chinese_clip_vocab(path, vocab_rows)
         with tempfile.TemporaryDirectory() as workdir:
-            model, model_cfg = create_model(name, vocab_size=vocab_rows, workdir=workdir, device="cpu")
+            # cn_clip's ViT blocks always use QuickGELU, whatever a zoo config of the same shapes says
+            # (cn-ViT-H-14 is GELU, for LAION's weights)
+            vit = "visual.transformer.resblocks.0.ln_1.weight" in state
+            model, model_cfg = create_model(name, vocab_size=vocab_rows, workdir=workdir, device="cpu",
+                                            quick_gelu=True if vit else None)
             load_clip_weights(model, path)
     except ModelError as err:
         raise EncoderError(str(err)) from None
