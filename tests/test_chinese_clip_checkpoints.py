@@ -3,6 +3,7 @@ they build gives cn_clip's own embeddings, eval prints what an equivalent cnclip
 and a file of neither kind is one line."""
 
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -55,9 +56,9 @@ def _equivalent_cnclip_checkpoint(reference, path):
     """The same weights as a `cnclip train` checkpoint of cn-tiny, made without the loader under test."""
     model, model_cfg = create_model("cn-tiny", vocab_size=21128, workdir=path.parent / "work")
     model.load_state_dict(convert_chinese_clip(reference.state_dict()))
-    vocab = (cn_clip.__path__[0] + "/vocab.txt")
+    vocab = Path(cn_clip.__path__[0], "vocab.txt").read_text(encoding="utf-8")
     return save_checkpoint(path, {"model": model.state_dict(), "model_cfg": json.dumps(model_cfg),
-                                  "vocab": open(vocab, encoding="utf-8").read(), "context_length": 52,
+                                  "vocab": vocab, "context_length": 52,
                                   "stage": 2, "step": 0, "stage_complete": True})
 
 

@@ -12,8 +12,13 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.train.checkpoint import save_checkpoint
-from cnclip.train.export_cn_clip import (CN_CLIP_TEXT, CN_CLIP_VISION, CnClipExportError, cn_clip_structure,
-                                         write_cn_clip_checkpoint)
+from cnclip.train.export_cn_clip import (
+    CN_CLIP_TEXT,
+    CN_CLIP_VISION,
+    CnClipExportError,
+    cn_clip_structure,
+    write_cn_clip_checkpoint,
+)
 from cnclip.train.models import create_model, get_model_config
 from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, read_vocab
 from embed_models import tiny_cnclip_checkpoint

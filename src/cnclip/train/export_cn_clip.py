@@ -125,16 +125,16 @@ def cn_clip_structure(model_cfg: dict, vocab: list[str]) -> CnClipStructure:
     vision_name = next((n for n, c in CN_CLIP_VISION.items() if {"vision_head_width": 64, **c} == vision), None)
     if vision_name is None:
         shown = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size")
-        raise CnClipExportError(f"cn_clip has no image tower config of this model's shape ({_describe(vision, shown)}); "
-                                f"its configs: {', '.join(CN_CLIP_VISION)}")
+        raise CnClipExportError(f"cn_clip has no image tower config of this model's shape "
+                                f"({_describe(vision, shown)}); its configs: {', '.join(CN_CLIP_VISION)}")
     if isinstance(vision["vision_layers"], int) and not model_cfg.get("quick_gelu", False):
         raise CnClipExportError("cn_clip's ViT towers use QuickGELU; this model's uses GELU (quick_gelu: false)")
     _check_fixed_parts(model_cfg)
     text = _text_config(model_cfg)
     text_name = next((n for n, c in CN_CLIP_TEXT.items() if all(c[k] == text[k] for k in _TEXT_SHAPE)), None)
     if text_name is None:
-        raise CnClipExportError(f"cn_clip has no text tower config of this model's shape ({_describe(text, _TEXT_SHAPE)}); "
-                                f"its configs: {', '.join(CN_CLIP_TEXT)}")
+        raise CnClipExportError(f"cn_clip has no text tower config of this model's shape "
+                                f"({_describe(text, _TEXT_SHAPE)}); its configs: {', '.join(CN_CLIP_TEXT)}")
     if vocab != read_vocab(BERT_BASE_CHINESE_VOCAB):
         raise CnClipExportError(f"cn_clip's tokenizer reads only its own vocab.txt (bert-base-chinese's 21,128 "
                                 f"tokens); this model's vocabulary ({len(vocab)} tokens) is another")
@@ -146,7 +146,8 @@ def _check_fixed_parts(model_cfg: dict) -> None:
     projection, no logit bias, OpenAI-style image towers."""
     text_cfg, hf = model_cfg.get("text_cfg", {}), model_cfg.get("hf_text_config") or {}
     if hf.get("model_type") != "bert":
-        raise CnClipExportError(f"cn_clip's text tower is a BERT; this model's is {hf.get('model_type') or 'not an HF one'}")
+        raise CnClipExportError(f"cn_clip's text tower is a BERT; this model's is "
+                                f"{hf.get('model_type') or 'not an HF one'}")
     wanted = {"hf_pooler_type": "cls_last_hidden_state_pooler", "hf_proj_type": "linear", "proj_bias": False}
     for key, value in wanted.items():
         if text_cfg.get(key, False if key == "proj_bias" else None) != value:
