@@ -218,3 +218,10 @@ def test_a_folder_is_no_checkpoint_file(rn50, tmp_path):
         f"error: cannot export {checkpoint} as a cn_clip checkpoint: {tmp_path / 'exported'}: a folder; --format "
         f"cn_clip writes one checkpoint file (e.g. {tmp_path / 'exported'}/model.pt)"]
     assert list((tmp_path / "exported").iterdir()) == []
+    before = checkpoint.read_bytes()
+    (tmp_path / "link.pt").symlink_to(checkpoint)  # another name of the same file
+    same = runner.invoke(app, ["export", str(checkpoint), str(tmp_path / "link.pt"), "--format", "cn_clip"])
+    assert same.exit_code == 2 and [ln for ln in same.output.splitlines() if ln.strip()] == [
+        f"error: cannot export {checkpoint} as a cn_clip checkpoint: {tmp_path / 'link.pt'} is that checkpoint "
+        "itself; name another file"]
+    assert checkpoint.read_bytes() == before

@@ -197,6 +197,9 @@ def export_cn_clip(checkpoint: Union[str, Path], out: Union[str, Path],
     """`checkpoint` (a cnclip training checkpoint or a Chinese-CLIP one) as a cn_clip checkpoint file."""
     from cnclip.train.factory import load_model_from_checkpoint
 
+    if Path(out).resolve() == Path(checkpoint).resolve():  # the user's checkpoint is never replaced
+        raise CnClipExportError(f"cannot export {checkpoint} as a cn_clip checkpoint: {out} is that checkpoint "
+                                "itself; name another file")
     with tempfile.TemporaryDirectory() as workdir:
         model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, architecture=architecture)
     try:
