@@ -122,6 +122,12 @@ def test_architecture_option(chinese_clip, tmp_path):
                     "(no zoo model matches its shapes); name it (--architecture: a zoo name or an open_clip config file)")
     line = _error(["export", str(tmp_path / "odd.pt"), str(tmp_path / "out"), "--architecture", "cn-tiny-rn"])
     assert line.startswith(f"error: {tmp_path / 'odd.pt'}: checkpoint does not match the model: ")
+    # a part of a checkpoint, its architecture named: one line too
+    part = {"module." + k: v for k, v in reference.state_dict().items() if k.startswith("bert.encoder.")}
+    torch.save({"state_dict": part}, tmp_path / "part.pt")
+    line = _error(["eval", str(tmp_path / "part.pt"), "--data", str(tmp_path / "x.tar"), "--architecture", "cn-tiny"])
+    assert line == (f"error: {tmp_path / 'part.pt'}: not a whole Chinese-CLIP checkpoint "
+                    "(no bert.embeddings.word_embeddings.weight)")
     # named where the shapes tell it too: the same model
     result = runner.invoke(app, ["export", str(path), str(tmp_path / "named"), "--architecture", "cn-tiny"])
     assert result.exit_code == 0, result.output

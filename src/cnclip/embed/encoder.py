@@ -226,7 +226,11 @@ def chinese_clip_model(path: Path, architecture: Optional[str] = None,
         state = read_state_dict(path)
         name = architecture or chinese_clip_architecture(state, path, option)
         cfg = get_model_config(name)
-        vocab_rows = int(state["bert.embeddings.word_embeddings.weight"].shape[0])
+        embeddings = state.get("bert.embeddings.word_embeddings.weight")
+        if embeddings is None:  # where the architecture was named, nothing else looked for it yet
+            raise EncoderError(f"{path}: not a whole Chinese-CLIP checkpoint "
+                               "(no bert.embeddings.word_embeddings.weight)")
+        vocab_rows = int(embeddings.shape[0])
         vocab = _chinese_clip_vocab(path, vocab_rows)
         with tempfile.TemporaryDirectory() as workdir:
             # cn_clip's ViT blocks always use QuickGELU, whatever a zoo config of the same shapes says
