@@ -95,7 +95,7 @@ def _peek(path: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _is_cnclip_checkpoint(path: Path) -> bool:
+def is_cnclip_checkpoint(path: Path) -> bool:
     from cnclip.train.checkpoint import FORMAT
 
     return path.is_file() and _peek(path).get("format") == FORMAT
@@ -108,7 +108,7 @@ def _state_dict_keys(state: dict) -> list[str]:
     return [k[7:] if k.startswith("module.") else k for k in state]
 
 
-def _is_chinese_clip_checkpoint(path: Path) -> bool:
+def is_chinese_clip_checkpoint(path: Path) -> bool:
     """cn_clip's checkpoints (its training script's and its released files) hold `bert.*` weights."""
     return path.is_file() and path.suffix != ".safetensors" and any(
         k.startswith("bert.") for k in _state_dict_keys(_peek(path)))
@@ -174,9 +174,10 @@ def _config_signature(cfg: dict) -> tuple:
     return _signature(cfg["embed_dim"], vision, (hf.get("hidden_size"), hf.get("num_hidden_layers")))
 
 
-def chinese_clip_architecture(state: dict, path: Path) -> str:
+def chinese_clip_architecture(state: dict, path: Path, option: str = "embed.architecture") -> str:
     """The zoo model (train/model_configs, the paper's sizes) whose shapes the checkpoint has: a
-    cn_clip checkpoint records no architecture name, only its weights."""
+    cn_clip checkpoint records no architecture name, only its weights. `option`: where the user
+    names it instead (the recipe key or the command-line option), for the error."""
     from cnclip.train.models import get_model_config, list_models
 
     try:
@@ -187,7 +188,7 @@ def chinese_clip_architecture(state: dict, path: Path) -> str:
     if len(found) != 1:
         raise EncoderError(f"{path}: cannot tell the Chinese-CLIP architecture from the checkpoint "
                            f"({'several' if found else 'no'} zoo model matches its shapes); name it "
-                           f"(embed.architecture: a zoo name or an open_clip config file)")
+                           f"({option}: a zoo name or an open_clip config file)")
     return found[0]
 
 
@@ -207,34 +208,64 @@ def _chinese_clip_vocab(path: Path, vocab_rows: int) -> Path:
     raise EncoderError(f"{path}: no vocab.txt of {vocab_rows} tokens beside the checkpoint (nor cn_clip's)")
 
 
-def load_chinese_clip(path: Path, device, architecture: Optional[str] = None) -> Encoder:
+@dataclass
+class ChineseClipModel:
+    """A Chinese-CLIP checkpoint rebuilt as its zoo model (on the CPU, in eval mode)."""
+
+    model: object
+    tokenizer: object  # a ChineseTokenizer over the checkpoint's vocab.txt, without normalization
+    architecture: str  # the zoo name or config file it was built as
+    model_cfg: dict  # the resolved open_clip config, as a cnclip checkpoint records it
+    record: dict  # the checkpoint's own epoch / step / name, where it has them
+
+
+def chinese_clip_model(path: Path, architecture: Optional[str] = None,
+                       option: str = "embed.architecture") -> ChineseClipModel:
     """A Chinese-CLIP (cn_clip) checkpoint into the zoo model of its architecture (`architecture`,
-    else told from its shapes), weights converted by train/models.py."""
-    from cnclip.train.factory import transforms
+    else told from its shapes), weights converted by train/models.py. Tokens are cn_clip's: the
+    raw text's ids, as its own tokenizer gives them (no caption normalization)."""
     from cnclip.train.models import ModelError, create_model, get_model_config, load_clip_weights, read_state_dict
     from cnclip.train.tokenizer import ChineseTokenizer
 
     try:
         state = read_state_dict(path)
-        name = architecture or chinese_clip_architecture(state, path)
+        name = architecture or chinese_clip_architecture(state, path, option)
         cfg = get_model_config(name)
-        vocab_rows = int(state["bert.embeddings.word_embeddings.weight"].shape[0])
+        embeddings = state.get("bert.embeddings.word_embeddings.weight")
+        if embeddings is None:  # where the architecture was named, nothing else looked for it yet
+            raise EncoderError(f"{path}: not a whole Chinese-CLIP checkpoint "
+                               "(no bert.embeddings.word_embeddings.weight)")
+        vocab_rows = int(embeddings.shape[0])
         vocab = _chinese_clip_vocab(path, vocab_rows)
         with tempfile.TemporaryDirectory() as workdir:
-            model, _ = create_model(name, vocab_size=vocab_rows, workdir=workdir, device="cpu")
+            # cn_clip's ViT blocks always use QuickGELU, whatever a zoo config of the same shapes says
+            # (cn-ViT-H-14 is GELU, for LAION's weights)
+            vit = "visual.transformer.resblocks.0.ln_1.weight" in state
+            model, model_cfg = create_model(name, vocab_size=vocab_rows, workdir=workdir, device="cpu",
+                                            quick_gelu=True if vit else None)
             load_clip_weights(model, path)
     except ModelError as err:
         raise EncoderError(str(err)) from None
     tokenizer = ChineseTokenizer.from_file(vocab, cfg["text_cfg"].get("context_length", 52))
-    model = model.to(device).eval()
-    return Encoder(model, tokenizer, transforms(model)[1], device, f"chinese-clip:{path} ({name})")
+    record = {k: v for k, v in _peek(path).items() if k in ("epoch", "step", "name")}
+    return ChineseClipModel(model.eval(), tokenizer, name, model_cfg, record)
+
+
+def load_chinese_clip(path: Path, device, architecture: Optional[str] = None) -> Encoder:
+    """A Chinese-CLIP (cn_clip) checkpoint as an Encoder (see chinese_clip_model)."""
+    from cnclip.train.factory import transforms
+
+    loaded = chinese_clip_model(path, architecture)
+    model = loaded.model.to(device).eval()
+    return Encoder(model, loaded.tokenizer, transforms(model)[1], device,
+                   f"chinese-clip:{path} ({loaded.architecture})")
 
 
 # (recognizer, loader): the first whose recognizer accepts the path loads it.
 LOADERS: list[tuple[Callable[[Path], bool], Callable[..., Encoder]]] = [
-    (_is_cnclip_checkpoint, load_cnclip_checkpoint),
+    (is_cnclip_checkpoint, load_cnclip_checkpoint),
     (_is_local_dir, load_local_dir),
-    (_is_chinese_clip_checkpoint, load_chinese_clip),
+    (is_chinese_clip_checkpoint, load_chinese_clip),
 ]
 KINDS = "a cnclip checkpoint .pt, an open_clip local-dir: folder or a Chinese-CLIP checkpoint"
 

@@ -14,13 +14,13 @@ from typing import Any
 from cnclip.train.config import ConfigError, TrainConfig, load_config, parse_config
 
 __all__ = [
-    "ConfigError", "TrainConfig", "create_model", "export_checkpoint", "list_models", "load_config",
+    "ConfigError", "TrainConfig", "create_model", "export_checkpoint", "export_cn_clip", "list_models", "load_config",
     "load_model_from_checkpoint", "parse_config", "train",
 ]
 
 _LAZY = {
     "train": "loop", "load_model_from_checkpoint": "loop", "create_model": "models", "list_models": "models",
-    "export_checkpoint": "export",
+    "export_checkpoint": "export", "export_cn_clip": "export_cn_clip",
 }
 
 

@@ -66,8 +66,9 @@ def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: Union[str, Path]) -> dict:
-    """The checkpoint's state, or a one-line CheckpointError naming the file and why it cannot load.
+def load_checkpoint(path: Union[str, Path], not_one: str = "not a cnclip training checkpoint") -> dict:
+    """The checkpoint's state, or a one-line CheckpointError naming the file and why it cannot load
+    (`not_one`: the reason given for a readable file of another kind).
 
     Whatever `torch.load` raises on a user's file (truncated zip, empty file, a pickle that
     `weights_only=True` refuses to unpickle, an unreadable file) is the file's fault, not ours.
@@ -80,7 +81,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds (RuntimeError, EOFError, UnpicklingError...)
         raise CheckpointError(f"not a loadable checkpoint: {path} ({_first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"not a loadable checkpoint: {path} (not a cnclip training checkpoint)")
+        raise CheckpointError(f"not a loadable checkpoint: {path} ({not_one})")
     return state
 
 

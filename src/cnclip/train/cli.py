@@ -24,6 +24,8 @@ app = typer.Typer(help="Train, evaluate and export Chinese CLIP models.", no_arg
 # Errors a user can fix (bad config, missing shards or weights, a file that is not a checkpoint):
 # one line each, exit code 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CnclipError,)
+ARCHITECTURE_HELP = ("a Chinese-CLIP checkpoint's zoo name (cn-ViT-B-16, ...) or open_clip config file, where "
+                     "its shapes do not tell it")
 
 
 @app.command("train")
@@ -94,7 +96,7 @@ def _score(metrics: Optional[dict]) -> str:
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="a training checkpoint (.pt)"),
+    checkpoint: Path = typer.Argument(..., help="a cnclip training checkpoint or a Chinese-CLIP one (.pt)"),
     data: list[str] = typer.Option(..., "--data", help="eval shards: globs or brace patterns (repeatable)"),
     classnames: Optional[Path] = typer.Option(None, "--classnames",
                                               help="zero-shot: class names, one per line ({key}.cls indexes them)"),
@@ -104,10 +106,12 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16"),
     log: Optional[Path] = typer.Option(None, "--log", help="append the metrics to this JSONL file"),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help=ARCHITECTURE_HELP),
 ) -> None:
     """Image<->text Recall@1/5/10 and mean recall (or zero-shot accuracy with --classnames).
 
     Example: cnclip eval runs/demo/checkpoints/stage2-final.pt --data 'data/demo/shards/00002.tar'
+    (a Chinese-CLIP checkpoint: cnclip eval clip_cn_rn50.pt --data ...)
     """
     import tempfile
 
@@ -128,7 +132,7 @@ def evaluate(
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         dev = torch.device("cuda" if use_cuda else "cpu")
         with tempfile.TemporaryDirectory() as workdir:
-            model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev)
+            model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev, architecture)
         eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
                                               "data": data, "max_samples": max_samples, "classnames": classnames,
                                               "templates": templates}, "cnclip eval", ConfigError)
@@ -164,26 +168,45 @@ def evaluate(
 
 @app.command("export")
 def export(
-    checkpoint: Path = typer.Argument(..., help="a training checkpoint (.pt)"),
-    directory: Path = typer.Argument(..., help="output folder for the open_clip local-dir: model"),
+    checkpoint: Path = typer.Argument(..., help="a cnclip training checkpoint or a Chinese-CLIP one (.pt)"),
+    directory: Path = typer.Argument(..., help="the output: a folder (--format open_clip) or a .pt file (cn_clip)"),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help=ARCHITECTURE_HELP),
+    fmt: str = typer.Option("open_clip", "--format",
+                            help="open_clip: a local-dir: model folder; cn_clip: a Chinese-CLIP checkpoint file"),
     license: str = typer.Option("other", "--license", help="the model card's license id (e.g. apache-2.0)"),
 ) -> None:
     """Write an open_clip `local-dir:` model (config, weights, tokenizer files, README.md model
-    card). It holds no absolute path: the folder can be moved.
+    card; it holds no absolute path: the folder can be moved), or with `--format cn_clip` a
+    checkpoint in Chinese-CLIP's own format (what its scripts load).
 
     Example: cnclip export runs/demo/checkpoints/stage2-final.pt exported/demo
     then: open_clip.create_model_and_transforms('local-dir:exported/demo', **open_clip_kwargs('exported/demo'))
     (open_clip_kwargs from cnclip.train.export; README.md in the folder shows the form without cnclip)
+    (a Chinese-CLIP checkpoint: cnclip export clip_cn_rn50.pt exported/rn50)
+    cnclip export runs/rn50/checkpoints/stage2-final.pt exported/rn50-cn_clip.pt --format cn_clip
     """
-    from cnclip.train.export import export_checkpoint
+    from cnclip.train.export_cn_clip import FORMATS
 
+    if fmt not in FORMATS:
+        error(f"--format: {' or '.join(FORMATS)} (got {fmt!r})")
+        raise typer.Exit(2)
     try:
-        out = export_checkpoint(checkpoint, directory, license=license)
+        if fmt == "cn_clip":
+            from cnclip.train.export_cn_clip import export_cn_clip
+
+            structure = export_cn_clip(checkpoint, directory, architecture)
+        else:
+            from cnclip.train.export import export_checkpoint
+
+            out = export_checkpoint(checkpoint, directory, license=license, architecture=architecture)
     except USER_ERRORS as err:
         error(str(err))
         raise typer.Exit(2) from None
-    typer.echo(f"exported to {out} (load it as its README.md shows: open_clip.create_model_and_transforms("
-               f"'local-dir:{out}', **cnclip.train.export.open_clip_kwargs('{out}')))")
+    if fmt == "cn_clip":
+        typer.echo(f"exported to {directory} (cn_clip {structure.name}: {structure.usage(directory)})")
+    else:
+        typer.echo(f"exported to {out} (load it as its README.md shows: open_clip.create_model_and_transforms("
+                   f"'local-dir:{out}', **cnclip.train.export.open_clip_kwargs('{out}')))")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from open_clip.model import get_model_preprocess_cfg
 from safetensors.torch import save_file
@@ -82,12 +82,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path], license: str = "other") -> Path:
-    """Write `checkpoint`'s model as an open_clip local-dir model in `directory`, with its model
-    card (`license`: the card's license id, e.g. apache-2.0); returns the folder."""
+def export_checkpoint(checkpoint: Union[str, Path], directory: Union[str, Path], license: str = "other",
+                      architecture: Optional[str] = None) -> Path:
+    """Write `checkpoint`'s model (a cnclip or Chinese-CLIP checkpoint; `architecture`: the
+    latter's zoo name where its shapes do not tell it) as an open_clip local-dir model in
+    `directory`, with its model card (`license`: the card's license id, e.g. apache-2.0); returns
+    the folder."""
     directory = Path(directory).resolve()
     with tempfile.TemporaryDirectory() as workdir:
-        model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir)
+        model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, architecture=architecture)
     try:
         _write_export(checkpoint, directory, model, tokenizer, state)
         write_text_atomic(directory / "README.md", _card(Path(checkpoint), state, license))

@@ -7,8 +7,9 @@ Kept apart from loop.py so evaluation and export can rebuild a model without the
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from open_clip.model import get_model_preprocess_cfg
@@ -67,11 +68,42 @@ def transforms(model: torch.nn.Module, augment: bool = True):
     return image_transform_v2(cfg, is_train=augment), image_transform_v2(cfg, is_train=False)
 
 
+NEITHER = "neither a cnclip training checkpoint nor a Chinese-CLIP (cn_clip) one"
+
+
 def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],
-                               device: Union[str, torch.device] = "cpu"):
-    """(model, tokenizer, state) from a training checkpoint alone."""
-    state = ckpt.load_checkpoint(path)
+                               device: Union[str, torch.device] = "cpu", architecture: Optional[str] = None):
+    """(model, tokenizer, state) from a cnclip training checkpoint or a Chinese-CLIP one alone, told
+    apart by embed/encoder.py's recognizer (one copy of it). `architecture`: a Chinese-CLIP
+    checkpoint's zoo name or open_clip config file, where its shapes do not tell it (a cnclip
+    checkpoint records its model, so naming one there is an error, not silently ignored)."""
+    from cnclip.embed.encoder import is_chinese_clip_checkpoint
+
+    path = Path(path)
+    if is_chinese_clip_checkpoint(path):
+        return _load_chinese_clip(path, device, architecture)
+    # its one line says why a missing, damaged or other file cannot load
+    state = ckpt.load_checkpoint(path, not_one=NEITHER)
+    if architecture is not None:
+        raise ckpt.CheckpointError(f"--architecture: {path} is a cnclip training checkpoint, which records its "
+                                   "model; the option is for a Chinese-CLIP checkpoint")
     model = rebuild_model(ckpt.model_config(state), workdir, device)
     model.load_state_dict(state["model"])
     tokenizer = ChineseTokenizer(state["vocab"].rstrip("\n").split("\n"), state["context_length"], normalize=True)
     return model.eval(), tokenizer, state
+
+
+def _load_chinese_clip(path: Path, device: Union[str, torch.device], architecture: Optional[str]):
+    """A Chinese-CLIP checkpoint's model, with a state in a cnclip checkpoint's shape (model_cfg,
+    vocab, context_length; stage None, its own step), so eval and export treat both alike."""
+    from cnclip.embed.encoder import EncoderError, chinese_clip_model
+
+    try:
+        loaded = chinese_clip_model(path, architecture, option="--architecture")
+    except EncoderError as err:
+        raise ckpt.CheckpointError(str(err)) from None
+    state = {"source": "chinese-clip", "architecture": loaded.architecture, "model_cfg": json.dumps(loaded.model_cfg),
+             "vocab": loaded.tokenizer.vocab_text, "context_length": loaded.tokenizer.context_length,
+             "stage": None, "step": loaded.record.get("step"), "epoch": loaded.record.get("epoch"),
+             "stage_complete": None}
+    return loaded.model.to(device).eval(), loaded.tokenizer, state

@@ -162,8 +162,10 @@ cnclip installed: `cnclip.embed.encoder.load_encoder(d)`, or
 
 def model_card(config: dict, state: dict, run_dir: Optional[Path], license: str = "other") -> str:
     """The card's text for a checkpoint's `state` of the run with resolved `config`."""
-    stage, step = int(state.get("stage", 0)), int(state.get("step", 0))
-    evals = run_evals(run_dir, stage, step) if run_dir is not None else {}
+    stage, step = int(state.get("stage") or 0), int(state.get("step") or 0)
+    # A Chinese-CLIP checkpoint has no cnclip run behind it: no stage, no run log to read.
+    foreign = state.get("stage") is None
+    evals = run_evals(run_dir, stage, step) if run_dir is not None and not foreign else {}
     funnel, where = corpus_funnel(config)
     name = str(config.get("name", "cnclip"))
     front = {"license": license, "language": ["zh"], "library_name": "open_clip", "tags": TAGS,
@@ -171,9 +173,10 @@ def model_card(config: dict, state: dict, run_dir: Optional[Path], license: str 
     if index := _model_index(name, evals):
         front["model-index"] = index
     body = [f"# {name}", "",
-            f"A Chinese CLIP model trained with cnclip: checkpoint stage {stage}, step {step}"
-            f"{'' if state.get('stage_complete') else ' (the stage was not finished)'}. An open_clip "
-            "`local-dir:` model; this folder can be moved.", ""]
+            (f"A Chinese-CLIP (cn_clip) checkpoint converted by cnclip (its step {step})." if foreign else
+             f"A Chinese CLIP model trained with cnclip: checkpoint stage {stage}, step {step}"
+             f"{'' if state.get('stage_complete') else ' (the stage was not finished)'}.")
+            + " An open_clip `local-dir:` model; this folder can be moved.", ""]
     body += _funnel_section(funnel, where) + _config_section(config) + _eval_section(evals)
     front_matter = yaml.safe_dump(front, allow_unicode=True, sort_keys=False)
     return "---\n" + front_matter + "---\n\n" + "\n".join(body) + "\n" + LOADING

@@ -234,20 +234,38 @@ def load_image_tower(model: nn.Module, path: Union[str, Path]) -> None:
                          f"unexpected {result.unexpected_keys[:5]}")
 
 
-def convert_chinese_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Chinese-CLIP (cn_clip) parameter names -> this model's: `bert.*` is the HF BERT,
-    `text_projection` [width, embed] is the transposed weight of the linear projection."""
+# Chinese-CLIP (cn_clip) parameter names -> this model's, read both ways (one table, so the two
+# directions cannot drift apart): (theirs, ours, transposed). A name ending in "." is a prefix:
+# `bert.*` is the HF BERT; `text_projection` [width, embed] is the transposed weight of the linear
+# projection. Every other name (the image tower, logit_scale) is the same on both sides.
+CHINESE_CLIP_NAMES = (("bert.", "text.transformer.", False), ("text_projection", "text.proj.weight", True))
+# BERT's pooler: Chinese-CLIP never uses it (its released files may still carry one).
+_POOLERS = ("bert.pooler.", "text.transformer.pooler.")
+
+
+def _renamed(state: dict[str, torch.Tensor], to_ours: bool) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        if key.startswith("bert.pooler."):
-            continue  # Chinese-CLIP never uses BERT's pooler
-        if key.startswith("bert."):
-            out["text.transformer." + key[len("bert."):]] = value
-        elif key == "text_projection":
-            out["text.proj.weight"] = value.t().contiguous()
-        else:
-            out[key] = value
+        if key.startswith(_POOLERS):
+            continue
+        for theirs, ours, transposed in CHINESE_CLIP_NAMES:
+            source, target = (theirs, ours) if to_ours else (ours, theirs)
+            if key == source or (source.endswith(".") and key.startswith(source)):
+                key, value = target + key[len(source):], value.t().contiguous() if transposed else value
+                break
+        out[key] = value
     return out
+
+
+def convert_chinese_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chinese-CLIP (cn_clip) parameter names -> this model's (CHINESE_CLIP_NAMES)."""
+    return _renamed(state, to_ours=True)
+
+
+def to_chinese_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This model's parameter names -> Chinese-CLIP's, as its CLIP class names them (the inverse
+    of convert_chinese_clip)."""
+    return _renamed(state, to_ours=False)
 
 
 def load_clip_weights(model: nn.Module, path: Union[str, Path]) -> None:
