@@ -99,6 +99,9 @@ def evaluate(
     classnames: Optional[Path] = typer.Option(None, "--classnames",
                                               help="zero-shot: class names, one per line ({key}.cls indexes them)"),
     templates: Optional[Path] = typer.Option(None, "--templates", help="zero-shot prompts, one per line with {}"),
+    resize: str = typer.Option("center_crop", "--resize",
+                               help="center_crop (open_clip's eval transform) or squash (Chinese-CLIP's: the "
+                                    "whole image to size×size, what its published numbers use)"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -115,9 +118,12 @@ def evaluate(
 
     from cnclip.train.config import EvalSet
     from cnclip.train.evaluate import evaluate_set, expected_samples
-    from cnclip.train.factory import load_model_from_checkpoint, transforms
+    from cnclip.train.factory import eval_transform, load_model_from_checkpoint
     from cnclip.train.progress import TrainProgress
 
+    if resize not in ("center_crop", "squash"):
+        error(f"--resize: center_crop or squash (got {resize!r})")
+        raise typer.Exit(2)
     if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
         error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")
         raise typer.Exit(2)
@@ -131,11 +137,11 @@ def evaluate(
             model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev)
         eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
                                               "data": data, "max_samples": max_samples, "classnames": classnames,
-                                              "templates": templates}, "cnclip eval", ConfigError)
+                                              "templates": templates, "resize": resize}, "cnclip eval", ConfigError)
         progress = TrainProgress()
         try:
             with progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
-                metrics = evaluate_set(model, tokenizer, eval_set, transforms(model)[1], device=dev,
+                metrics = evaluate_set(model, tokenizer, eval_set, eval_transform(model, resize), device=dev,
                                        precision=precision, batch_size=batch_size, on_batch=advance)
         finally:
             progress.close()
@@ -143,7 +149,7 @@ def evaluate(
         error(str(err))
         raise typer.Exit(2) from None
     record = {"checkpoint": str(checkpoint), "stage": state["stage"], "step": state["step"], "data": data,
-              "kind": eval_set.kind, **metrics}
+              "kind": eval_set.kind, "resize": resize, **metrics}
     table = Table(title=f"{checkpoint} on {', '.join(data)}")
     table.add_column("metric")
     table.add_column("value", justify="right")

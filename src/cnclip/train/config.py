@@ -93,6 +93,13 @@ class LossSettings(StrictModel):
     gather_with_grad: bool = True
 
 
+# How an eval image becomes the model's square input: `squash` resizes the whole image to size×size
+# (bicubic, no crop: Chinese-CLIP's eval transform, what its published numbers use); `center_crop`
+# resizes the shorter side and crops the middle (open_clip's). They differ only on non-square images.
+Resize = Literal["squash", "center_crop"]
+DEFAULT_RESIZE: Resize = "center_crop"
+
+
 class EvalSet(StrictModel):
     name: str
     kind: Literal["retrieval", "zeroshot"] = "retrieval"
@@ -100,6 +107,7 @@ class EvalSet(StrictModel):
     max_samples: Optional[int] = Field(default=None, ge=1)
     classnames: Optional[Path] = Field(default=None, description="zeroshot: one class name per line")
     templates: Optional[Path] = Field(default=None, description="zeroshot: one prompt per line with {}")
+    resize: Optional[Resize] = Field(default=None, description="squash | center_crop; default: eval.resize")
 
     @model_validator(mode="after")
     def _classnames(self) -> "EvalSet":
@@ -117,6 +125,11 @@ class EvalSettings(StrictModel):
     sets: list[EvalSet] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
     at_start: bool = Field(default=True, description="also evaluate before the first step (the 'before' figures)")
+    resize: Resize = Field(default=DEFAULT_RESIZE, description="each set's resize unless it names its own")
+
+    def resize_for(self, eval_set: EvalSet) -> Resize:
+        """The set's own resize, else the block's."""
+        return eval_set.resize or self.resize
 
     @field_validator("sets")
     @classmethod

@@ -35,7 +35,7 @@ from cnclip.train.config import ConfigError, TrainConfig
 from cnclip.train.data import DataError, DataPosition, resolve_train_shards, train_loader, unwrap_worker_error
 from cnclip.train.distributed import Runtime, seed_everything
 from cnclip.train.evaluate import autocast, evaluate_set, expected_samples
-from cnclip.train.factory import build_model, build_tokenizer, transforms
+from cnclip.train.factory import build_model, build_tokenizer, eval_transform, transforms
 from cnclip.train.runlog import RunLog
 from cnclip.train.tokenizer import ChineseTokenizer
 
@@ -332,7 +332,8 @@ class Trainer:
         if self.rt.main:
             for eval_set in self.cfg.eval.sets:
                 with self.log.progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
-                    metrics = evaluate_set(self.model, self.tokenizer, eval_set, self.val_transform,
+                    transform = eval_transform(self.model, self.cfg.eval.resize_for(eval_set))
+                    metrics = evaluate_set(self.model, self.tokenizer, eval_set, transform,
                                            device=self.rt.device, precision=self.cfg.precision,
                                            batch_size=self.cfg.eval.batch_size, on_batch=advance)
                 record["sets"][eval_set.name] = metrics
