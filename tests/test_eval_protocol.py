@@ -138,3 +138,146 @@ def test_cli_refuses_an_unknown_resize(tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "x.pt"), "--data", "x.tar", "--resize", "crop"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].endswith("--resize: center_crop or squash (got 'crop')")
+
+
+# --- clip_benchmark's WebDataset layout, read directly -------------------------------------------
+
+def benchmark_folder(root, *, kind=None, nshards=2, per_shard=3, split="test", classnames=None, templates=None):
+    """A folder in clip_benchmark's layout: {split}/nshards.txt and {split}/0.tar ..., coloured shapes."""
+    from test_train_support import shape_samples
+
+    split_dir = root / split
+    split_dir.mkdir(parents=True)
+    if kind is not None:
+        (root / "dataset_type.txt").write_text(kind + "\n", encoding="utf-8")
+    samples = shape_samples(nshards * per_shard, seed=5)
+    for shard in range(nshards):
+        with wds.TarWriter(str(split_dir / f"{shard}.tar")) as writer:
+            for i, sample in enumerate(samples[shard * per_shard:(shard + 1) * per_shard]):
+                writer.write({"__key__": f"s{shard}_{i}", "jpg": sample["jpg"], "txt": sample["txt"],
+                              "cls": str(sample["cls"] // 4)})
+    (split_dir / "nshards.txt").write_text(f"{nshards}\n", encoding="utf-8")
+    if classnames is not None:
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n", encoding="utf-8")
+    if templates is not None:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n", encoding="utf-8")
+    return root
+
+
+def test_a_retrieval_folder_expands_to_its_shards(tmp_path):
+    from cnclip.train.clip_benchmark import resolve_eval_set
+
+    folder = benchmark_folder(tmp_path / "flickr", kind="retrieval", nshards=3)
+    resolved = resolve_eval_set(EvalSet(name="f", data=str(folder)))
+    assert resolved.kind == "retrieval"
+    assert resolved.patterns == [str(folder / "test" / f"{i}.tar") for i in range(3)]
+    assert resolve_eval_set(resolved) == resolved  # already resolved: unchanged
+    # Plain shard patterns are left alone (a kind of none is retrieval).
+    plain = resolve_eval_set(EvalSet(name="p", data=str(folder / "test" / "*.tar")))
+    assert (plain.kind, plain.patterns) == ("retrieval", [str(folder / "test" / "*.tar")])
+
+
+def test_a_classification_folder_brings_its_class_names_and_templates(tmp_path):
+    from cnclip.train.clip_benchmark import resolve_eval_set
+
+    folder = benchmark_folder(tmp_path / "colours", nshards=1, classnames=["红色", "绿色"], templates=["一张{c}的照片"])
+    resolved = resolve_eval_set(EvalSet(name="c", data=str(folder)))  # no dataset_type.txt: classification
+    assert (resolved.kind, resolved.classnames, resolved.templates) == (
+        "zeroshot", folder / "classnames.txt", folder / "zeroshot_classification_templates.txt")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("红\n绿\n", encoding="utf-8")
+    given = resolve_eval_set(EvalSet(name="c", data=str(folder), classnames=mine, templates=mine))
+    assert (given.classnames, given.templates) == (mine, mine)  # what the user names wins
+    typed = benchmark_folder(tmp_path / "typed", kind="classification", classnames=["红色"])
+    assert resolve_eval_set(EvalSet(name="t", data=str(typed))).templates is None  # the built-in prompts
+    # A retrieval folder evaluated as classification when the user gives class names.
+    both = benchmark_folder(tmp_path / "both", kind="retrieval")
+    assert resolve_eval_set(EvalSet(name="b", data=str(both), classnames=mine)).kind == "zeroshot"
+
+
+def test_templates_with_c_are_read_as_str_format_ones(tmp_path):
+    from cnclip.train.data import DataError
+    from cnclip.train.evaluate import _fillers, read_templates
+
+    path = tmp_path / "t.txt"
+    path.write_text("一张{c}的照片\n\n{}的{画}\n", encoding="utf-8")
+    templates = read_templates(path)
+    assert templates == ["一张{}的照片", "{}的{画}"]
+    assert [fill("红色") for fill in _fillers(templates)] == ["一张红色的照片", "红色的{画}"]  # other braces kept
+    path.write_text("一张{c}的照片\n一张照片\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}: template 2 \('一张照片'\) has no {{}} or {{c}} for the class name$"):
+        read_templates(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: (root / "test").mkdir(parents=True),
+     r"^--data: {root} is no clip_benchmark WebDataset folder for split 'test' \(no test/nshards.txt; give shard "
+     r"patterns, or a folder in that layout\)$"),
+    (lambda root: benchmark_folder(root, split="val"),
+     r"^--data: {root} is no clip_benchmark WebDataset folder for split 'test' \(no test/nshards.txt; its splits: "
+     r"val\)$"),
+    (lambda root: (root.mkdir(), (root / "00000.tar").write_bytes(b"")),
+     r"^--data: {root} is no clip_benchmark WebDataset folder for split 'test' \(no test/nshards.txt; for the tars "
+     r"in it give '{root}/\*.tar'\)$"),
+    (lambda root: (benchmark_folder(root, kind="retrieval"), (root / "test" / "nshards.txt").write_text("two")),
+     r"^--data: {root}/test/nshards.txt: expected the number of shards \(a positive integer\), got 'two'$"),
+    (lambda root: (benchmark_folder(root, kind="retrieval"), (root / "test" / "nshards.txt").write_text("0")),
+     r"^--data: {root}/test/nshards.txt: expected the number of shards \(a positive integer\), got '0'$"),
+    (lambda root: benchmark_folder(root),
+     r"^--data: {root} is a classification set without classnames.txt \(one class name per line; or name a file "
+     r"with classnames / --classnames\)$"),
+], ids=["no-nshards", "other-split", "plain-tars", "nshards-not-a-number", "no-shards", "no-classnames"])
+def test_a_wrong_folder_is_a_one_line_error(tmp_path, make, message):
+    import re
+
+    from cnclip.train.clip_benchmark import resolve_eval_set
+    from cnclip.train.data import DataError
+
+    root = tmp_path / "set"
+    make(root)
+    with pytest.raises(DataError, match=message.format(root=re.escape(str(root)))):
+        resolve_eval_set(EvalSet(name="cli", data=str(root)), "--data")
+
+
+def test_a_missing_shard_of_a_folder_is_named(tmp_path):
+    from cnclip.train.data import DataError
+
+    folder = benchmark_folder(tmp_path / "set", kind="retrieval", nshards=2)
+    (folder / "test" / "1.tar").unlink()
+    eval_set = EvalSet(name="f", data=str(folder))
+    with pytest.raises(DataError, match=rf"^eval.sets\[f\]: no such shard: {folder}/test/1.tar$"):
+        evaluate_set(ColourReader(), colour_tokenizer, eval_set, lambda image: image, device=torch.device("cpu"))
+
+
+def test_a_training_config_reads_folders_before_training(tmp_path):
+    from cnclip.train.clip_benchmark import resolve_eval_sets
+    from cnclip.train.config import ConfigError
+
+    retrieval = benchmark_folder(tmp_path / "r", kind="retrieval")
+    colours = benchmark_folder(tmp_path / "c", classnames=["红色", "绿色", "蓝色", "黄色", "紫色", "橙色"])
+    base = {"output_dir": str(tmp_path / "run"), "model": "cn-tiny", "data": {"train": "x.tar"}, "batch_size": 2,
+            "stage1": {"steps": 1, "lr": 1e-3}, "stage2": {"steps": 1, "lr": 1e-3}}
+    cfg = parse_config({**base, "eval": {"sets": [{"name": "r", "data": str(retrieval)},
+                                                  {"name": "c", "data": str(colours), "resize": "squash"}]}}, "t.yaml")
+    sets = resolve_eval_sets(cfg)
+    assert [(s.kind, len(s.patterns)) for s in sets] == [("retrieval", 2), ("zeroshot", 2)]
+    assert cfg.eval.resize_for(sets[1]) == "squash"
+    # stage1.patience needs a retrieval set: a classification folder is none, found once it is read.
+    patient = parse_config({**base, "stage1": {"steps": 1, "lr": 1e-3, "patience": 2},
+                            "eval": {"every": 1, "sets": [{"name": "c", "data": str(colours)}]}}, "t.yaml")
+    with pytest.raises(ConfigError, match=r"^stage1.patience needs a retrieval set in eval.sets \(the folders given "
+                                          r"hold classification sets\)$"):
+        resolve_eval_sets(patient)
+    # A zeroshot set of shard patterns still needs its class names at parse time.
+    with pytest.raises(ConfigError, match=r"a zeroshot set needs classnames"):
+        parse_config({**base, "eval": {"sets": [{"name": "z", "kind": "zeroshot", "data": "x.tar"}]}}, "t.yaml")
+
+
+def test_a_label_beyond_the_class_names_is_an_error():
+    from cnclip.train.data import DataError
+    from cnclip.train.evaluate import zeroshot_metrics
+
+    feats = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(DataError, match=r"^zero-shot set: a \{key\}.cls label \(6\) is no index into the 6 class "
+                                        r"names$"):
+        zeroshot_metrics(None, None, feats, [0, 6, None], ["红", "绿", "蓝", "黄", "紫", "橙"], ["{}"], torch.device("cpu"))

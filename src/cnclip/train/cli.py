@@ -95,10 +95,15 @@ def _score(metrics: Optional[dict]) -> str:
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="a training checkpoint (.pt)"),
-    data: list[str] = typer.Option(..., "--data", help="eval shards: globs or brace patterns (repeatable)"),
+    data: list[str] = typer.Option(..., "--data", help="eval shards: globs or brace patterns (repeatable), or "
+                                                       "one clip_benchmark WebDataset folder"),
+    split: str = typer.Option("test", "--split", help="a clip_benchmark folder's split (DIR/SPLIT/nshards.txt)"),
     classnames: Optional[Path] = typer.Option(None, "--classnames",
-                                              help="zero-shot: class names, one per line ({key}.cls indexes them)"),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="zero-shot prompts, one per line with {}"),
+                                              help="zero-shot: class names, one per line ({key}.cls indexes them); "
+                                                   "default: a clip_benchmark folder's classnames.txt"),
+    templates: Optional[Path] = typer.Option(None, "--templates",
+                                             help="zero-shot prompts, one per line with {} or {c}; default: a "
+                                                  "clip_benchmark folder's, else Chinese-CLIP's ImageNet prompts"),
     resize: str = typer.Option("center_crop", "--resize",
                                help="center_crop (open_clip's eval transform) or squash (Chinese-CLIP's: the "
                                     "whole image to size×size, what its published numbers use)"),
@@ -108,14 +113,17 @@ def evaluate(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16"),
     log: Optional[Path] = typer.Option(None, "--log", help="append the metrics to this JSONL file"),
 ) -> None:
-    """Image<->text Recall@1/5/10 and mean recall (or zero-shot accuracy with --classnames).
+    """Image<->text Recall@1/5/10 and mean recall (or zero-shot accuracy with --classnames, or on a
+    clip_benchmark classification folder).
 
     Example: cnclip eval runs/demo/checkpoints/stage2-final.pt --data 'data/demo/shards/00002.tar'
+    or: cnclip eval CKPT --data evalsets/flickr30k-cn --resize squash (a clip_benchmark folder)
     """
     import tempfile
 
     import torch
 
+    from cnclip.train.clip_benchmark import resolve_eval_set
     from cnclip.train.config import EvalSet
     from cnclip.train.evaluate import evaluate_set, expected_samples
     from cnclip.train.factory import eval_transform, load_model_from_checkpoint
@@ -131,13 +139,15 @@ def evaluate(
         error("--device cuda: no CUDA device is available here (use --device cpu)")
         raise typer.Exit(2)
     try:
+        eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else None,
+                                              "data": data[0] if len(data) == 1 else data, "split": split,
+                                              "max_samples": max_samples, "classnames": classnames,
+                                              "templates": templates, "resize": resize}, "cnclip eval", ConfigError)
+        eval_set = resolve_eval_set(eval_set, "--data")  # a wrong folder fails before the model loads
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         dev = torch.device("cuda" if use_cuda else "cpu")
         with tempfile.TemporaryDirectory() as workdir:
             model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev)
-        eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
-                                              "data": data, "max_samples": max_samples, "classnames": classnames,
-                                              "templates": templates, "resize": resize}, "cnclip eval", ConfigError)
         progress = TrainProgress()
         try:
             with progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:

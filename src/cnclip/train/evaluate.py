@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import open_clip
 import torch
 
+from cnclip.train.clip_benchmark import resolve_eval_set
 from cnclip.train.config import EvalSet
 from cnclip.train.data import DataError, eval_batches
 
@@ -105,14 +106,35 @@ def read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+def read_templates(path: Path) -> list[str]:
+    """A prompt file: one prompt per line with `{}` (cn_clip, str.format) or `{c}` (clip_benchmark's
+    files) where the class name goes; a line with neither would give every class the same prompt."""
+    templates = [line.replace("{c}", "{}") for line in read_lines(path)]
+    if not templates:
+        raise DataError(f"{path}: no templates (one prompt per line, {{}} or {{c}} for the class name)")
+    for number, template in enumerate(templates, 1):
+        if "{}" not in template:
+            raise DataError(f"{path}: template {number} ({template[:40]!r}) has no {{}} or {{c}} for the class name")
+    return templates
+
+
+def _fillers(templates: list[str]) -> list[Callable[[str], str]]:
+    """Templates as functions: open_clip would str.format them, which any other brace in a prompt breaks."""
+    return [lambda name, t=t: t.replace("{}", name) for t in templates]
+
+
 @torch.no_grad()
 def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labels: list, classnames: list[str],
                      templates: list[str], device: torch.device) -> dict:
     known = [i for i, label in enumerate(labels) if label is not None]
     if not known:
         raise DataError("zero-shot set has no {key}.cls labels")
+    beyond = max(labels[i] for i in known)
+    if beyond >= len(classnames) or min(labels[i] for i in known) < 0:
+        raise DataError(f"zero-shot set: a {{key}}.cls label ({beyond}) is no index into the "
+                        f"{len(classnames)} class names")
     classifier = open_clip.build_zero_shot_classifier(
-        model, tokenizer=tokenizer, classnames=classnames, templates=templates, num_classes_per_batch=32,
+        model, tokenizer=tokenizer, classnames=classnames, templates=_fillers(templates), num_classes_per_batch=32,
         device=device)
     logits = image_feats[known].to(device) @ classifier.float()
     target = torch.tensor([labels[i] for i in known], device=device)
@@ -130,6 +152,7 @@ def expected_samples(eval_set: EvalSet) -> Optional[int]:
     from cnclip.train.shards import count_samples, expand_patterns
 
     try:
+        eval_set = resolve_eval_set(eval_set)
         total = count_samples(expand_patterns(eval_set.patterns, f"eval.sets[{eval_set.name}]"), None)
     except (DataError, OSError, ValueError):
         return None  # the evaluation itself reports what is wrong with the set
@@ -142,20 +165,29 @@ def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Calla
                  precision: str = "fp32", batch_size: int = 256,
                  on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """One configured eval set -> its metrics (keys prefixed by nothing; the caller names the set)."""
+    eval_set = resolve_eval_set(eval_set)
+    origin = f"eval.sets[{eval_set.name}]"
+    if eval_set.kind == "zeroshot":  # read before the images are embedded: a bad file fails at once
+        try:
+            classnames = read_lines(eval_set.classnames)
+            templates = read_templates(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
+        except DataError as err:
+            raise DataError(f"{origin}: {err}") from None
     was_training = model.training
     model.eval()
     try:
         emb = embed_eval_set(model, tokenizer, eval_set.patterns, transform, device=device, precision=precision,
-                             batch_size=batch_size, max_samples=eval_set.max_samples,
-                             origin=f"eval.sets[{eval_set.name}]", on_batch=on_batch)
+                             batch_size=batch_size, max_samples=eval_set.max_samples, origin=origin,
+                             on_batch=on_batch)
         if eval_set.kind == "retrieval":
             if emb["texts"].shape[0] == 0:
-                raise DataError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
+                raise DataError(f"{origin}: no captions ({{key}}.txt) in "
                                  f"{', '.join(eval_set.patterns)}: a retrieval set needs them "
                                  "(kind: zeroshot evaluates labelled images)")
             return retrieval_metrics(emb["images"].cpu(), emb["texts"].cpu(), emb["text_image"])
-        templates = read_lines(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
-        return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], read_lines(eval_set.classnames),
-                                templates, device)
+        try:
+            return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], classnames, templates, device)
+        except DataError as err:
+            raise DataError(f"{origin}: {err}") from None
     finally:
         model.train(was_training)
