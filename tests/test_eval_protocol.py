@@ -281,3 +281,12 @@ def test_a_label_beyond_the_class_names_is_an_error():
     with pytest.raises(DataError, match=r"^zero-shot set: a \{key\}.cls label \(6\) is no index into the 6 class "
                                         r"names$"):
         zeroshot_metrics(None, None, feats, [0, 6, None], ["红", "绿", "蓝", "黄", "紫", "橙"], ["{}"], torch.device("cpu"))
+
+
+def test_the_default_templates_are_chinese_clips_imagenet_prompts():
+    from cn_clip.eval.imagenet_zeroshot_templates import openai_imagenet_template
+
+    from cnclip.train.evaluate import CHINESE_TEMPLATES
+
+    assert CHINESE_TEMPLATES == [prompt("{}") for prompt in openai_imagenet_template]
+    assert len(CHINESE_TEMPLATES) == 80

@@ -7,8 +7,9 @@ captions (lines of `{key}.txt`, or samples sharing the image's sha256) is a hit 
 in the top K. (Images without captions are still text->image candidates.)
 Mean recall is the mean of the six numbers (R@1/5/10 both ways), in percent, as the paper reports.
 
-Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (Chinese-CLIP's
-translations of OpenAI's ImageNet prompts) over a class-name file; samples carry `{key}.cls`.
+Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (by default
+Chinese-CLIP's 80 translations of OpenAI's ImageNet prompts) over a class-name file; samples carry
+`{key}.cls`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,25 @@ from cnclip.train.config import EvalSet
 from cnclip.train.data import DataError, eval_batches
 
 KS = (1, 5, 10)
-# From Chinese-CLIP's cn_clip/eval/imagenet_zeroshot_templates.py (the first of its 80 prompts).
+# Chinese-CLIP's 80 ImageNet prompts (OpenAI's, translated by Wukong), in its order, repeats included:
+# cn_clip/eval/imagenet_zeroshot_templates.py's `openai_imagenet_template`. (Its zeroshot_evaluation.py
+# script uses the longer cvinw_zeroshot_templates.openai_templates, 183: these 80 and ten more, each
+# without and with the final 。, and three for flower, food and satellite pictures.)
 CHINESE_TEMPLATES = [
     "{}的照片。", "质量差的{}的照片。", "许多{}的照片。", "{}的雕塑。", "难以看到{}的照片。", "{}的低分辨率照片。",
     "{}的渲染。", "涂鸦{}。", "{}的糟糕照片。", "{}的裁剪照片。", "{}的纹身。", "{}的刺绣照片。",
     "很难看到{}的照片。", "{}的明亮照片。", "一张干净的{}的照片。", "一张包含{}的照片。", "{}的深色照片。",
-    "{}的手绘画。", "我的{}的照片。", "一张{}的照片。", "{}的特写照片。", "{}的黑白照片。",
+    "{}的手绘画。", "我的{}的照片。", "不自然的{}的照片。", "一张酷的{}的照片。", "{}的特写照片。", "{}的黑白照片。",
+    "一幅{}的画。", "一幅{}的绘画。", "一张{}的像素照片。", "{}的雕像。", "一张{}的明亮照片。", "{}的裁剪照片。",
+    "人造的{}的照片。", "一张关于{}的照片。", "损坏的{}的jpeg照片。", "{}的模糊照片。", "{}的相片。",
+    "一张{}的好照片。", "{}的渲染照。", "视频游戏中的{}。", "一张{}的照片。", "{}的涂鸦。", "{}的近距离照片。",
+    "{}的折纸。", "{}在视频游戏中。", "{}的草图。", "{}的涂鸦照。", "{}的折纸形状。", "低分辨率的{}的照片。",
+    "玩具{}。", "{}的副本。", "{}的干净的照片。", "一张大{}的照片。", "{}的重现。", "一张漂亮的{}的照片。",
+    "一张奇怪的{}的照片。", "模糊的{}的照片。", "卡通{}。", "{}的艺术作品。", "{}的素描。", "刺绣{}。",
+    "{}的像素照。", "{}的拍照。", "{}的损坏的照片。", "高质量的{}的照片。", "毛绒玩具{}。", "漂亮的{}的照片。",
+    "小{}的照片。", "照片是奇怪的{}。", "漫画{}。", "{}的艺术照。", "{}的图形。", "大{}的照片。", "黑白的{}的照片。",
+    "{}毛绒玩具。", "一张{}的深色照片。", "{}的摄影图。", "{}的涂鸦照。", "玩具形状的{}。", "拍了{}的照片。",
+    "酷酷的{}的照片。", "照片里的小{}。", "{}的刺青。",
 ]
 
 
