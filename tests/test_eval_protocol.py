@@ -13,6 +13,7 @@ from cnclip.train.config import EvalSet, parse_config
 from cnclip.train.evaluate import evaluate_set
 from cnclip.train.factory import eval_transform
 from cnclip.train.models import create_model
+from test_train_support import shape_shards  # noqa: F401 (session fixture)
 
 SIDE = 64  # cn-tiny's image size
 
@@ -290,3 +291,21 @@ def test_the_default_templates_are_chinese_clips_imagenet_prompts():
 
     assert CHINESE_TEMPLATES == [prompt("{}") for prompt in openai_imagenet_template]
     assert len(CHINESE_TEMPLATES) == 80
+
+
+def test_a_training_run_evaluates_clip_benchmark_folders(tmp_path, shape_shards):
+    from cnclip.train.loop import train
+    from cnclip.train.runlog import read_log
+    from test_train_support import tiny_config
+
+    retrieval = benchmark_folder(tmp_path / "r", kind="retrieval")
+    colours = benchmark_folder(tmp_path / "c", classnames=["红色", "绿色", "蓝色", "黄色", "紫色", "橙色"],
+                               templates=["一个{c}的图形"])
+    cfg = tiny_config(tmp_path, shape_shards, stage1={"steps": 2}, stage2={"steps": 2},
+                      eval={"resize": "squash", "sets": [{"name": "r", "data": str(retrieval)},
+                                                        {"name": "c", "data": str(colours)}]})
+    summary = train(cfg)
+    last = summary["stages"][2]["evals"][-1]["sets"]
+    assert (last["r"]["images"], last["r"]["texts"]) == (6, 6) and 0 <= last["r"]["mean_recall"] <= 100
+    assert last["c"]["images"] == 6 and 100 >= last["c"]["top5"] >= last["c"]["top1"] >= 0
+    assert {r["set"] for r in read_log(tmp_path / "run", "eval")} == {"r", "c"}
