@@ -282,6 +282,8 @@ def test_a_label_beyond_the_class_names_is_an_error():
     with pytest.raises(DataError, match=r"^zero-shot set: a \{key\}.cls label \(6\) is no index into the 6 class "
                                         r"names$"):
         zeroshot_metrics(None, None, feats, [0, 6, None], ["红", "绿", "蓝", "黄", "紫", "橙"], ["{}"], torch.device("cpu"))
+    with pytest.raises(DataError, match=r"label \(-1\) is no index into the 2 class names$"):
+        zeroshot_metrics(None, None, feats, [0, -1, 1], ["红", "绿"], ["{}"], torch.device("cpu"))
 
 
 def test_the_default_templates_are_chinese_clips_imagenet_prompts():

@@ -108,7 +108,7 @@ class EvalSet(StrictModel):
     split: str = Field(default="test", min_length=1, description="a clip_benchmark folder's split subfolder")
     max_samples: Optional[int] = Field(default=None, ge=1)
     classnames: Optional[Path] = Field(default=None, description="zeroshot: one class name per line")
-    templates: Optional[Path] = Field(default=None, description="zeroshot: one prompt per line with {}")
+    templates: Optional[Path] = Field(default=None, description="zeroshot: one prompt per line with {} or {c}")
     resize: Optional[Resize] = Field(default=None, description="squash | center_crop; default: eval.resize")
 
     @model_validator(mode="after")

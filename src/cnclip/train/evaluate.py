@@ -143,9 +143,10 @@ def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labe
     known = [i for i, label in enumerate(labels) if label is not None]
     if not known:
         raise DataError("zero-shot set has no {key}.cls labels")
-    beyond = max(labels[i] for i in known)
-    if beyond >= len(classnames) or min(labels[i] for i in known) < 0:
-        raise DataError(f"zero-shot set: a {{key}}.cls label ({beyond}) is no index into the "
+    # A label no class name has would only lower the accuracy, silently.
+    stray = next((labels[i] for i in known if not 0 <= labels[i] < len(classnames)), None)
+    if stray is not None:
+        raise DataError(f"zero-shot set: a {{key}}.cls label ({stray}) is no index into the "
                         f"{len(classnames)} class names")
     classifier = open_clip.build_zero_shot_classifier(
         model, tokenizer=tokenizer, classnames=classnames, templates=_fillers(templates), num_classes_per_batch=32,
