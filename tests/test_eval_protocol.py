@@ -227,7 +227,10 @@ def test_templates_with_c_are_read_as_str_format_ones(tmp_path):
     (lambda root: benchmark_folder(root),
      r"^--data: {root} is a classification set without classnames.txt \(one class name per line; or name a file "
      r"with classnames / --classnames\)$"),
-], ids=["no-nshards", "other-split", "plain-tars", "nshards-not-a-number", "no-shards", "no-classnames"])
+    (lambda root: (benchmark_folder(root, kind="retrieval"), (root / "test" / "nshards.txt").write_text("9" * 30)),
+     r"^--data: {root}/test/nshards.txt says 9{{30}} shards, but there is no {root}/test/9{{29}}8.tar$"),
+], ids=["no-nshards", "other-split", "plain-tars", "nshards-not-a-number", "no-shards", "no-classnames",
+        "nshards-too-many"])
 def test_a_wrong_folder_is_a_one_line_error(tmp_path, make, message):
     import re
 
@@ -243,7 +246,7 @@ def test_a_wrong_folder_is_a_one_line_error(tmp_path, make, message):
 def test_a_missing_shard_of_a_folder_is_named(tmp_path):
     from cnclip.train.data import DataError
 
-    folder = benchmark_folder(tmp_path / "set", kind="retrieval", nshards=2)
+    folder = benchmark_folder(tmp_path / "set", kind="retrieval", nshards=3)
     (folder / "test" / "1.tar").unlink()
     eval_set = EvalSet(name="f", data=str(folder))
     with pytest.raises(DataError, match=rf"^eval.sets\[f\]: no such shard: {folder}/test/1.tar$"):

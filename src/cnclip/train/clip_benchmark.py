@@ -53,7 +53,11 @@ def benchmark_shards(folder: Path, split: str, origin: str) -> list[str]:
     text = _read(nshards, origin).strip()
     if not text.isdigit() or int(text) < 1:
         raise DataError(f"{origin}: {nshards}: expected the number of shards (a positive integer), got {text[:40]!r}")
-    return [str(folder / split / f"{i}.tar") for i in range(int(text))]
+    count = int(text)
+    last = folder / split / f"{count - 1}.tar"
+    if not last.is_file():  # checked first: a wrong count is not a list of millions of names
+        raise DataError(f"{origin}: {nshards} says {count} shards, but there is no {last}")
+    return [str(folder / split / f"{i}.tar") for i in range(count)]
 
 
 def folder_kind(folder: Path, origin: str) -> str:
