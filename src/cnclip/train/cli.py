@@ -97,10 +97,18 @@ def _score(metrics: Optional[dict]) -> str:
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="a cnclip training checkpoint or a Chinese-CLIP one (.pt)"),
-    data: list[str] = typer.Option(..., "--data", help="eval shards: globs or brace patterns (repeatable)"),
+    data: list[str] = typer.Option(..., "--data", help="eval shards: globs or brace patterns (repeatable), or "
+                                                       "one clip_benchmark WebDataset folder"),
+    split: str = typer.Option("test", "--split", help="a clip_benchmark folder's split (DIR/SPLIT/nshards.txt)"),
     classnames: Optional[Path] = typer.Option(None, "--classnames",
-                                              help="zero-shot: class names, one per line ({key}.cls indexes them)"),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="zero-shot prompts, one per line with {}"),
+                                              help="zero-shot: class names, one per line ({key}.cls indexes them); "
+                                                   "default: a clip_benchmark folder's classnames.txt"),
+    templates: Optional[Path] = typer.Option(None, "--templates",
+                                             help="zero-shot prompts, one per line with {} or {c}; default: a "
+                                                  "clip_benchmark folder's, else Chinese-CLIP's ImageNet prompts"),
+    resize: str = typer.Option("center_crop", "--resize",
+                               help="center_crop (open_clip's eval transform) or squash (Chinese-CLIP's: the "
+                                    "whole image to size×size, what its published numbers use)"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -108,20 +116,26 @@ def evaluate(
     log: Optional[Path] = typer.Option(None, "--log", help="append the metrics to this JSONL file"),
     architecture: Optional[str] = typer.Option(None, "--architecture", help=ARCHITECTURE_HELP),
 ) -> None:
-    """Image<->text Recall@1/5/10 and mean recall (or zero-shot accuracy with --classnames).
+    """Image<->text Recall@1/5/10 and mean recall (or zero-shot accuracy with --classnames, or on a
+    clip_benchmark classification folder).
 
     Example: cnclip eval runs/demo/checkpoints/stage2-final.pt --data 'data/demo/shards/00002.tar'
     (a Chinese-CLIP checkpoint: cnclip eval clip_cn_rn50.pt --data ...)
+    or: cnclip eval CKPT --data evalsets/flickr30k-cn --resize squash (a clip_benchmark folder)
     """
     import tempfile
 
     import torch
 
+    from cnclip.train.clip_benchmark import resolve_eval_set
     from cnclip.train.config import EvalSet
     from cnclip.train.evaluate import evaluate_set, expected_samples
-    from cnclip.train.factory import load_model_from_checkpoint, transforms
+    from cnclip.train.factory import eval_transform, load_model_from_checkpoint
     from cnclip.train.progress import TrainProgress
 
+    if resize not in ("center_crop", "squash"):
+        error(f"--resize: center_crop or squash (got {resize!r})")
+        raise typer.Exit(2)
     if device not in ("auto", "cpu", "cuda") or precision not in ("fp32", "bf16"):
         error(f"--device: auto, cpu or cuda; --precision: fp32 or bf16 (got {device!r}, {precision!r})")
         raise typer.Exit(2)
@@ -129,17 +143,19 @@ def evaluate(
         error("--device cuda: no CUDA device is available here (use --device cpu)")
         raise typer.Exit(2)
     try:
+        eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else None,
+                                              "data": data[0] if len(data) == 1 else data, "split": split,
+                                              "max_samples": max_samples, "classnames": classnames,
+                                              "templates": templates, "resize": resize}, "cnclip eval", ConfigError)
+        eval_set = resolve_eval_set(eval_set, "--data")  # a wrong folder fails before the model loads
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         dev = torch.device("cuda" if use_cuda else "cpu")
         with tempfile.TemporaryDirectory() as workdir:
             model, tokenizer, state = load_model_from_checkpoint(checkpoint, workdir, dev, architecture)
-        eval_set = validate_mapping(EvalSet, {"name": "cli", "kind": "zeroshot" if classnames else "retrieval",
-                                              "data": data, "max_samples": max_samples, "classnames": classnames,
-                                              "templates": templates}, "cnclip eval", ConfigError)
         progress = TrainProgress()
         try:
             with progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
-                metrics = evaluate_set(model, tokenizer, eval_set, transforms(model)[1], device=dev,
+                metrics = evaluate_set(model, tokenizer, eval_set, eval_transform(model, resize), device=dev,
                                        precision=precision, batch_size=batch_size, on_batch=advance)
         finally:
             progress.close()
@@ -147,7 +163,7 @@ def evaluate(
         error(str(err))
         raise typer.Exit(2) from None
     record = {"checkpoint": str(checkpoint), "stage": state["stage"], "step": state["step"], "data": data,
-              "kind": eval_set.kind, **metrics}
+              "kind": eval_set.kind, "resize": resize, **metrics}
     table = Table(title=f"{checkpoint} on {', '.join(data)}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -93,17 +93,28 @@ class LossSettings(StrictModel):
     gather_with_grad: bool = True
 
 
+# How an eval image becomes the model's square input: `squash` resizes the whole image to size×size
+# (bicubic, no crop: Chinese-CLIP's eval transform, what its published numbers use); `center_crop`
+# resizes the shorter side and crops the middle (open_clip's). They differ only on non-square images.
+Resize = Literal["squash", "center_crop"]
+DEFAULT_RESIZE: Resize = "center_crop"
+
+
 class EvalSet(StrictModel):
     name: str
-    kind: Literal["retrieval", "zeroshot"] = "retrieval"
-    data: ShardSpec
+    kind: Optional[Literal["retrieval", "zeroshot"]] = Field(
+        default=None, description="default: a clip_benchmark folder's dataset_type.txt, else retrieval")
+    data: ShardSpec = Field(description="shard patterns, or a clip_benchmark WebDataset folder")
+    split: str = Field(default="test", min_length=1, description="a clip_benchmark folder's split subfolder")
     max_samples: Optional[int] = Field(default=None, ge=1)
     classnames: Optional[Path] = Field(default=None, description="zeroshot: one class name per line")
-    templates: Optional[Path] = Field(default=None, description="zeroshot: one prompt per line with {}")
+    templates: Optional[Path] = Field(default=None, description="zeroshot: one prompt per line with {} or {c}")
+    resize: Optional[Resize] = Field(default=None, description="squash | center_crop; default: eval.resize")
 
     @model_validator(mode="after")
     def _classnames(self) -> "EvalSet":
-        if self.kind == "zeroshot" and self.classnames is None:
+        # A clip_benchmark folder brings its own classnames.txt (checked when the folder is read).
+        if self.kind == "zeroshot" and self.classnames is None and self.benchmark_dir is None:
             raise ValueError("a zeroshot set needs classnames (a file, one class name per line)")
         return self
 
@@ -111,12 +122,24 @@ class EvalSet(StrictModel):
     def patterns(self) -> list[str]:
         return _as_list(self.data)
 
+    @property
+    def benchmark_dir(self) -> Optional[Path]:
+        """`data` when it names one local folder (clip_benchmark's layout), else None (shard patterns)."""
+        if not isinstance(self.data, str) or "://" in self.data or any(ch in self.data for ch in "*?[{"):
+            return None
+        return Path(self.data) if Path(self.data).is_dir() else None
+
 
 class EvalSettings(StrictModel):
     every: Optional[int] = Field(default=None, ge=1, description="steps between evaluations; stage ends always")
     sets: list[EvalSet] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
     at_start: bool = Field(default=True, description="also evaluate before the first step (the 'before' figures)")
+    resize: Resize = Field(default=DEFAULT_RESIZE, description="each set's resize unless it names its own")
+
+    def resize_for(self, eval_set: EvalSet) -> Resize:
+        """The set's own resize, else the block's."""
+        return eval_set.resize or self.resize
 
     @field_validator("sets")
     @classmethod
@@ -185,7 +208,8 @@ class TrainConfig(StrictModel):
                              f"batch_size ({self.batch_size})")
         if self.stage2.patience is not None:
             raise ValueError("stage2.patience: only stage 1 can end early")
-        if self.stage1.patience is not None and not any(s.kind == "retrieval" for s in self.eval.sets):
+        # A set of no declared kind may be a retrieval folder: the trainer checks again once it is read.
+        if self.stage1.patience is not None and not any(s.kind != "zeroshot" for s in self.eval.sets):
             raise ValueError("stage1.patience needs a retrieval set in eval.sets")
         if self.stage1.patience is not None and self.eval.every is None:
             raise ValueError("stage1.patience needs eval.every (evaluations during stage 1)")

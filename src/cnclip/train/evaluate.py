@@ -7,8 +7,9 @@ captions (lines of `{key}.txt`, or samples sharing the image's sha256) is a hit 
 in the top K. (Images without captions are still text->image candidates.)
 Mean recall is the mean of the six numbers (R@1/5/10 both ways), in percent, as the paper reports.
 
-Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (Chinese-CLIP's
-translations of OpenAI's ImageNet prompts) over a class-name file; samples carry `{key}.cls`.
+Zero-shot: open_clip's `build_zero_shot_classifier` with Chinese prompt templates (by default
+Chinese-CLIP's 80 translations of OpenAI's ImageNet prompts) over a class-name file; samples carry
+`{key}.cls`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,30 @@ from typing import Callable, Optional, Sequence
 import open_clip
 import torch
 
+from cnclip.train.clip_benchmark import resolve_eval_set
 from cnclip.train.config import EvalSet
 from cnclip.train.data import DataError, eval_batches
 
 KS = (1, 5, 10)
-# From Chinese-CLIP's cn_clip/eval/imagenet_zeroshot_templates.py (the first of its 80 prompts).
+# Chinese-CLIP's 80 ImageNet prompts (OpenAI's, translated by Wukong), in its order, repeats included:
+# cn_clip/eval/imagenet_zeroshot_templates.py's `openai_imagenet_template`. (Its zeroshot_evaluation.py
+# script uses the longer cvinw_zeroshot_templates.openai_templates, 183: these 80 and ten more, each
+# without and with the final 。, and three for flower, food and satellite pictures.)
 CHINESE_TEMPLATES = [
     "{}的照片。", "质量差的{}的照片。", "许多{}的照片。", "{}的雕塑。", "难以看到{}的照片。", "{}的低分辨率照片。",
     "{}的渲染。", "涂鸦{}。", "{}的糟糕照片。", "{}的裁剪照片。", "{}的纹身。", "{}的刺绣照片。",
     "很难看到{}的照片。", "{}的明亮照片。", "一张干净的{}的照片。", "一张包含{}的照片。", "{}的深色照片。",
-    "{}的手绘画。", "我的{}的照片。", "一张{}的照片。", "{}的特写照片。", "{}的黑白照片。",
+    "{}的手绘画。", "我的{}的照片。", "不自然的{}的照片。", "一张酷的{}的照片。", "{}的特写照片。", "{}的黑白照片。",
+    "一幅{}的画。", "一幅{}的绘画。", "一张{}的像素照片。", "{}的雕像。", "一张{}的明亮照片。", "{}的裁剪照片。",
+    "人造的{}的照片。", "一张关于{}的照片。", "损坏的{}的jpeg照片。", "{}的模糊照片。", "{}的相片。",
+    "一张{}的好照片。", "{}的渲染照。", "视频游戏中的{}。", "一张{}的照片。", "{}的涂鸦。", "{}的近距离照片。",
+    "{}的折纸。", "{}在视频游戏中。", "{}的草图。", "{}的涂鸦照。", "{}的折纸形状。", "低分辨率的{}的照片。",
+    "玩具{}。", "{}的副本。", "{}的干净的照片。", "一张大{}的照片。", "{}的重现。", "一张漂亮的{}的照片。",
+    "一张奇怪的{}的照片。", "模糊的{}的照片。", "卡通{}。", "{}的艺术作品。", "{}的素描。", "刺绣{}。",
+    "{}的像素照。", "{}的拍照。", "{}的损坏的照片。", "高质量的{}的照片。", "毛绒玩具{}。", "漂亮的{}的照片。",
+    "小{}的照片。", "照片是奇怪的{}。", "漫画{}。", "{}的艺术照。", "{}的图形。", "大{}的照片。", "黑白的{}的照片。",
+    "{}毛绒玩具。", "一张{}的深色照片。", "{}的摄影图。", "{}的涂鸦照。", "玩具形状的{}。", "拍了{}的照片。",
+    "酷酷的{}的照片。", "照片里的小{}。", "{}的刺青。",
 ]
 
 
@@ -105,14 +120,36 @@ def read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+def read_templates(path: Path) -> list[str]:
+    """A prompt file: one prompt per line with `{}` (cn_clip, str.format) or `{c}` (clip_benchmark's
+    files) where the class name goes; a line with neither would give every class the same prompt."""
+    templates = [line.replace("{c}", "{}") for line in read_lines(path)]
+    if not templates:
+        raise DataError(f"{path}: no templates (one prompt per line, {{}} or {{c}} for the class name)")
+    for number, template in enumerate(templates, 1):
+        if "{}" not in template:
+            raise DataError(f"{path}: template {number} ({template[:40]!r}) has no {{}} or {{c}} for the class name")
+    return templates
+
+
+def _fillers(templates: list[str]) -> list[Callable[[str], str]]:
+    """Templates as functions: open_clip would str.format them, which any other brace in a prompt breaks."""
+    return [lambda name, t=t: t.replace("{}", name) for t in templates]
+
+
 @torch.no_grad()
 def zeroshot_metrics(model, tokenizer: Callable, image_feats: torch.Tensor, labels: list, classnames: list[str],
                      templates: list[str], device: torch.device) -> dict:
     known = [i for i, label in enumerate(labels) if label is not None]
     if not known:
         raise DataError("zero-shot set has no {key}.cls labels")
+    # A label no class name has would only lower the accuracy, silently.
+    stray = next((labels[i] for i in known if not 0 <= labels[i] < len(classnames)), None)
+    if stray is not None:
+        raise DataError(f"zero-shot set: a {{key}}.cls label ({stray}) is no index into the "
+                        f"{len(classnames)} class names")
     classifier = open_clip.build_zero_shot_classifier(
-        model, tokenizer=tokenizer, classnames=classnames, templates=templates, num_classes_per_batch=32,
+        model, tokenizer=tokenizer, classnames=classnames, templates=_fillers(templates), num_classes_per_batch=32,
         device=device)
     logits = image_feats[known].to(device) @ classifier.float()
     target = torch.tensor([labels[i] for i in known], device=device)
@@ -130,6 +167,7 @@ def expected_samples(eval_set: EvalSet) -> Optional[int]:
     from cnclip.train.shards import count_samples, expand_patterns
 
     try:
+        eval_set = resolve_eval_set(eval_set)
         total = count_samples(expand_patterns(eval_set.patterns, f"eval.sets[{eval_set.name}]"), None)
     except (DataError, OSError, ValueError):
         return None  # the evaluation itself reports what is wrong with the set
@@ -142,20 +180,29 @@ def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Calla
                  precision: str = "fp32", batch_size: int = 256,
                  on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """One configured eval set -> its metrics (keys prefixed by nothing; the caller names the set)."""
+    eval_set = resolve_eval_set(eval_set)
+    origin = f"eval.sets[{eval_set.name}]"
+    if eval_set.kind == "zeroshot":  # read before the images are embedded: a bad file fails at once
+        try:
+            classnames = read_lines(eval_set.classnames)
+            templates = read_templates(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
+        except DataError as err:
+            raise DataError(f"{origin}: {err}") from None
     was_training = model.training
     model.eval()
     try:
         emb = embed_eval_set(model, tokenizer, eval_set.patterns, transform, device=device, precision=precision,
-                             batch_size=batch_size, max_samples=eval_set.max_samples,
-                             origin=f"eval.sets[{eval_set.name}]", on_batch=on_batch)
+                             batch_size=batch_size, max_samples=eval_set.max_samples, origin=origin,
+                             on_batch=on_batch)
         if eval_set.kind == "retrieval":
             if emb["texts"].shape[0] == 0:
-                raise DataError(f"eval.sets[{eval_set.name}]: no captions ({{key}}.txt) in "
+                raise DataError(f"{origin}: no captions ({{key}}.txt) in "
                                  f"{', '.join(eval_set.patterns)}: a retrieval set needs them "
                                  "(kind: zeroshot evaluates labelled images)")
             return retrieval_metrics(emb["images"].cpu(), emb["texts"].cpu(), emb["text_image"])
-        templates = read_lines(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
-        return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], read_lines(eval_set.classnames),
-                                templates, device)
+        try:
+            return zeroshot_metrics(model, tokenizer, emb["images"], emb["labels"], classnames, templates, device)
+        except DataError as err:
+            raise DataError(f"{origin}: {err}") from None
     finally:
         model.train(was_training)

@@ -17,7 +17,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from cnclip._common.library_log import weights_loaded_after
 from cnclip.train import checkpoint as ckpt
-from cnclip.train.config import ConfigError, TrainConfig
+from cnclip.train.config import DEFAULT_RESIZE, ConfigError, Resize, TrainConfig
 from cnclip.train.data import ShardSet, read_captions, scan_samples
 from cnclip.train.models import create_model, load_clip_weights, load_image_tower, rebuild_model
 from cnclip.train.tokenizer import BERT_BASE_CHINESE_VOCAB, ChineseTokenizer, build_corpus_vocab, read_vocab
@@ -69,6 +69,19 @@ def transforms(model: torch.nn.Module, augment: bool = True):
 
 
 NEITHER = "neither a cnclip training checkpoint nor a Chinese-CLIP (cn_clip) one"
+
+
+def eval_transform(model: torch.nn.Module, resize: Resize = DEFAULT_RESIZE):
+    """The eval transform for an eval protocol. `center_crop`: open_clip's (shorter side to the
+    model's size, middle cropped). `squash`: Chinese-CLIP's (cn_clip.clip.utils.image_transform):
+    the whole image resized to size×size, bicubic whatever the model's own preprocess says,
+    so numbers on non-square benchmarks follow the protocol Chinese-CLIP's published ones use."""
+    cfg = get_model_preprocess_cfg(model)
+    if resize == "squash":
+        cfg = {**cfg, "resize_mode": "squash", "interpolation": "bicubic"}
+    else:
+        cfg = {**cfg, "resize_mode": "shortest"}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 def load_model_from_checkpoint(path: Union[str, Path], workdir: Union[str, Path],

@@ -31,11 +31,12 @@ from cnclip._common.library_log import library_log
 from cnclip._common.mainguard import default_start_method, require_main_guard
 from cnclip.train import checkpoint as ckpt
 from cnclip.train import rundir
+from cnclip.train.clip_benchmark import resolve_eval_sets
 from cnclip.train.config import ConfigError, TrainConfig
 from cnclip.train.data import DataError, DataPosition, resolve_train_shards, train_loader, unwrap_worker_error
 from cnclip.train.distributed import Runtime, seed_everything
 from cnclip.train.evaluate import autocast, evaluate_set, expected_samples
-from cnclip.train.factory import build_model, build_tokenizer, transforms
+from cnclip.train.factory import build_model, build_tokenizer, eval_transform, transforms
 from cnclip.train.runlog import RunLog
 from cnclip.train.tokenizer import ChineseTokenizer
 
@@ -83,6 +84,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         seed_everything(cfg.seed + self.rt.rank)
         self.shard_set = resolve_train_shards(cfg.data)
+        self.eval_sets = resolve_eval_sets(cfg)
         self.tokenizer = build_tokenizer(cfg, self.shard_set) if self.rt.main else None
         if self.rt.distributed:  # rank 0 may have just built the corpus vocab
             dist.barrier()
@@ -330,9 +332,10 @@ class Trainer:
     def _evaluate(self, stage: int, step: int) -> dict:
         record = {"stage": stage, "step": step, "sets": {}}
         if self.rt.main:
-            for eval_set in self.cfg.eval.sets:
+            for eval_set in self.eval_sets:
                 with self.log.progress.evaluating(eval_set.name, expected_samples(eval_set)) as advance:
-                    metrics = evaluate_set(self.model, self.tokenizer, eval_set, self.val_transform,
+                    transform = eval_transform(self.model, self.cfg.eval.resize_for(eval_set))
+                    metrics = evaluate_set(self.model, self.tokenizer, eval_set, transform,
                                            device=self.rt.device, precision=self.cfg.precision,
                                            batch_size=self.cfg.eval.batch_size, on_batch=advance)
                 record["sets"][eval_set.name] = metrics
@@ -344,7 +347,7 @@ class Trainer:
     def _patience_exhausted(self, patience: Optional[int]) -> bool:
         if patience is None:
             return False
-        name = next(s.name for s in self.cfg.eval.sets if s.kind == "retrieval")
+        name = next(s.name for s in self.eval_sets if s.kind == "retrieval")
         latest = self.log.last_eval[name]["mean_recall"] if self.rt.main else None
         latest = self.rt.broadcast(latest)
         hist = self.history
