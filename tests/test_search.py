@@ -34,8 +34,6 @@ def _matches(caption: str, colour: str, shape: str) -> bool:
     return colour in caption and shape in caption
 
 
-@pytest.mark.xfail(strict=True, reason="the demo-sized training (cn-tiny at 64 px, 330 steps) ranks the colour "
-                   "right (precision 1.0) but the shape only about half the time: 0.5 measured for this query")
 def test_a_colour_and_shape_finds_matching_images(corpus):
     hits = search(corpus, text=QUERY, top=10)
     assert [h["rank"] for h in hits] == list(range(1, 11))
@@ -57,9 +55,10 @@ def test_every_colour_and_shape_query_finds_its_colour_and_mostly_its_shape(sear
             hits = searcher.search(text=f"一个{colour}的{shape}", top=10)
             both.append(sum(_matches(h["caption"], colour, shape) for h in hits) / 10)
             colours.append(sum(colour in h["caption"] for h in hits) / 10)
-    # Measured: colour 1.0, colour and shape 0.57 on average (chance: 1/6 and 1/24).
+    # Measured with training seeds 1 and 2: colour 1.0 and 0.996, colour and shape 1.0 and 0.875 on
+    # average (chance: 1/6 and 1/24).
     assert sum(colours) / len(colours) >= 0.9, colours
-    assert sum(both) / len(both) >= 0.4, both
+    assert sum(both) / len(both) >= 0.7, both
 
 
 def test_a_traditional_full_width_query_finds_what_the_clean_one_finds(searcher):
