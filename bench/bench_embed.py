@@ -69,7 +69,9 @@ def open_clip_loop(tars: list[str], exported: Path) -> tuple[float, np.ndarray]:
     import open_clip
     import webdataset as wds
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{exported}")
+    from cnclip.train.export import open_clip_kwargs
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{exported}", **open_clip_kwargs(exported))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{exported}")
     model.eval()
     dataset = (wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")

@@ -77,7 +77,9 @@ def theirs(root: Path, args, shards: list[str], model_dir: Path, locked: bool, r
     ]
     if locked:
         command += ["--lock-image", "--lock-image-freeze-bn-stats"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    # From inside the export: open_clip resolves its BERT tower's folder ("." in a movable export)
+    # from the working directory; every other path here is absolute.
+    result = subprocess.run(command, capture_output=True, text=True, cwd=model_dir)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise SystemExit(f"open_clip_train failed:\n{output[-3000:]}")
