@@ -15,8 +15,8 @@ STAGE1_STEPS, STAGE2_STEPS = 30, 600
 # Three times the demo recipe's images: 654 samples, 17 or more of each colour and shape, so that
 # a top-10 search for one can be all of that kind (with 300 some kinds have 6). The tiny conv tower
 # trained 630 steps on them ranks colour and shape right (precision@10 for 红色的圆形: 1.0 with
-# training seeds 1 and 2); the tiny ViT, or 330 steps, learns the colours but ranks the shape right
-# about half the time (0.4-0.8 for that query over the same seeds).
+# training seeds 0, 1 and 2); the tiny ViT, or 330 steps, learns the colours but ranks the shape
+# right about half the time (0.4-0.8 for that query, seeds 1 and 2).
 DEMO_IMAGES, SEARCH_MODEL = 900, "cn-tiny-rn"
 
 
