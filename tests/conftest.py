@@ -24,11 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 _DEMO_FIXTURES = frozenset({"demo_recipe", "demo_corpus", "searchable_corpus"})
 
 
+# Builds of the golden demo serve the sample web on one fixed port (golden_demo.PORT: the recorded
+# outputs' URLs contain it), so they must not overlap: they run on the Spark worker.
+_GOLDEN_PORT_MODULES = frozenset({"test_golden_demo", "test_spark_build", "test_spark_published"})
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         demo = bool(_DEMO_FIXTURES & set(getattr(item, "fixturenames", ())))
-        if item.get_closest_marker("spark"):
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if item.get_closest_marker("spark") or module.rpartition(".")[2] in _GOLDEN_PORT_MODULES:
             item.add_marker(pytest.mark.xdist_group("spark"))
         elif demo:
             item.add_marker(pytest.mark.xdist_group("demo"))

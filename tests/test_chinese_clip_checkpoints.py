@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.train.checkpoint import save_checkpoint
+from cnclip.train.export import open_clip_kwargs
 from cnclip.train.factory import load_model_from_checkpoint
 from cnclip.train.models import ZOO_DIR, convert_chinese_clip, create_model
 from embed_models import tiny_chinese_clip
@@ -82,7 +83,8 @@ def test_export_of_a_chinese_clip_checkpoint_is_an_open_clip_model_with_its_embe
     path, reference = chinese_clip
     result = runner.invoke(app, ["export", str(path), str(tmp_path / "exported")])
     assert result.exit_code == 0, result.output
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exported'}")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exported'}",
+                                                        **open_clip_kwargs(tmp_path / "exported"))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'exported'}")
     tokens = cn_clip.tokenize(CAPTIONS)
     assert torch.equal(tokenizer(CAPTIONS), tokens)

@@ -63,5 +63,6 @@ def test_a_build_manifest_dir_alone_locates_its_shards(demo_corpus):
     found = resolve_train_shards(DataSettings(manifest_dir=demo_corpus / "manifests"))
     shards = sorted(str(p) for p in (demo_corpus / "data" / "shards").glob("*.tar"))
     sizes = json.loads((demo_corpus / "data" / "shards" / "sizes.json").read_text())
-    assert found.shards == shards and len(shards) == 3
+    # Every tar the build wrote: the demo recipe's 100 samples per shard (the last one partial).
+    assert found.shards == shards and len(shards) == -(-sum(sizes.values()) // 100) > 1
     assert found.samples == sum(sizes.values())
