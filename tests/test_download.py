@@ -53,10 +53,10 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     # Without the guard img2dataset decodes all 400M pixels before its own area check.
     unguarded = probe(bomb, "plain")
     assert unguarded["error"] == "image area too large"
-    # ~380 MiB of pixels; the ru_maxrss delta has read 135-380 MiB across runs of the whole suite
-    # (the allocator and the kernel's page handling: untouched zero pages are not counted),
-    # always more than twice the guarded case's bound.
-    assert unguarded["grew_mib"] > 100
+    # ~380 MiB of pixels; the ru_maxrss delta has read 86-380 MiB across runs of the whole suite
+    # (the allocator and the kernel's page handling: untouched zero pages are not counted; 86 with
+    # another test process beside it), always above the guarded case's bound.
+    assert unguarded["grew_mib"] > 50
 
 
 WORST_IMAGE_PROBE = r"""
