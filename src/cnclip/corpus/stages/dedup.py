@@ -20,7 +20,7 @@ from cnclip.corpus.runtime import storage
 from cnclip.corpus.runtime.commit import committed_parts
 from cnclip.corpus.runtime.engine import Engine, FindsDuplicates, Table, default_engine
 from cnclip.corpus.runtime.fingerprints import eval_listing
-from cnclip.corpus.runtime.layout import BuildLayout
+from cnclip.corpus.runtime.layout import BuildLayout, at
 from cnclip.corpus.runtime.stage import Stage, StageContext
 from cnclip.corpus.stages.download_attempts import attempts_path, has_attempts, scan_attempts
 from cnclip.corpus.stages.shard import scan_accepted
@@ -83,8 +83,7 @@ def _engine_decisions(layout: BuildLayout, engine: FindsDuplicates, settings: De
         engine.write(engine.find_duplicates(rows, settings, evals), layout.dedup_decisions, DEDUP_DECISIONS)
     else:
         rows = engine.sql("SELECT r.* FROM rows r LEFT ANTI JOIN same s ON r.uid = s.uid", rows=rows, same=same)
-        firsts = storage.join(str(layout.dedup_dir), "first-rows.parquet") if storage.is_url(layout.dedup_dir) \
-            else Path(layout.dedup_dir) / "first-rows.parquet"
+        firsts = at(layout.dedup_dir, "first-rows.parquet")
         engine.write(engine.find_duplicates(rows, settings, evals), firsts, DEDUP_DECISIONS)
         engine.write(engine.sql(_SHARED_FATE, decisions=engine.scan([firsts]), same=same), layout.dedup_decisions,
                      DEDUP_DECISIONS)
