@@ -212,6 +212,49 @@ def test_visual_genome_region_without_phrase_key_names_it(tmp_path):
     assert str(err.value) == f"{path}: [0].regions[1] has no key 'phrase'"
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"regions": []}', "the top level is not a list"),
+    ('[{"id": 1, "regions": []}, 7]', "[1] is not a JSON object"),
+    ('[{"id": 1, "regions": [{"phrase": "树"}]}, {"id": 2,', "not valid JSON ("),
+    ("", "not valid JSON ("),
+])
+def test_visual_genome_malformed_json_is_one_line_naming_the_file(tmp_path, content, message):
+    from cnclip.corpus.sources.visual_genome import read_visual_genome
+
+    path = tmp_path / "region_descriptions.json"
+    path.write_text(content, encoding="utf-8")
+    (tmp_path / "img").mkdir()
+    with pytest.raises(SourceError) as err:
+        read_visual_genome(str(path), str(tmp_path / "img"), None, tmp_path / "work", "; ")
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_visual_genome_is_read_entry_by_entry_not_whole(tmp_path):
+    """A 10 MB region file (100 images x 1,000 regions) is read holding about one entry: json.load
+    of it peaks at ~70 MiB of Python objects (100,000 region objects at once)."""
+    import json
+    import tracemalloc
+
+    from cnclip.corpus.sources.visual_genome import read_visual_genome
+
+    path = tmp_path / "region_descriptions.json"
+    regions = [{"region_id": i, "image_id": 0, "phrase": f"一棵树 {i % 3}", "x": i, "y": i, "width": 8, "height": 8}
+               for i in range(1000)]
+    with path.open("w", encoding="utf-8") as out:
+        out.write("[" + ",".join(json.dumps({"id": image_id, "regions": regions}, ensure_ascii=False)
+                                 for image_id in range(100)) + "]")
+    assert path.stat().st_size > 9_000_000
+    (tmp_path / "img").mkdir()
+    tracemalloc.start()
+    try:
+        rows = read_visual_genome(str(path), str(tmp_path / "img"), None, tmp_path / "work", "; ")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rows.height == 100 and rows["caption_raw"][0] == "一棵树 0; 一棵树 1; 一棵树 2"
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB of Python objects"
+
+
 def test_recipe_names_a_missing_dataset_file(tmp_path):
     data = {"name": "x", "output_dir": str(tmp_path / "o"), "manifest_dir": str(tmp_path / "m"),
             "sources": [{"name": "f", "kind": "flickr30k_cn", "path": str(tmp_path), "split": "test"},

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import polars as pl
 
@@ -136,6 +136,30 @@ def load_json(path: str, what: str) -> object:
     except OSError as err:
         raise SourceError(f"{path}: cannot read the {what} ({err.strerror})") from None
     except (ValueError, RecursionError) as err:
+        raise SourceError(f"{path}: not valid JSON ({str(err).splitlines()[0]})") from None
+
+
+def streamed_entries(path: str, what: str) -> Iterator[tuple[int, dict]]:
+    """(index, object) for each entry of a file whose top level is a list of JSON objects, parsed
+    entry by entry: memory holds one entry, not the file (Visual Genome's region descriptions are
+    one ~700 MB list). Errors are the one-line ones of `load_json` and `entries`, met as the
+    reading reaches them."""
+    import ijson
+
+    try:
+        with open(path, "rb") as handle:
+            events = ijson.parse(handle)
+            first = next(events, None)
+            if first is None or first[1] != "start_array":
+                raise SourceError(f"{path}: the top level is not a list")
+        with open(path, "rb") as handle:
+            for index, item in enumerate(ijson.items(handle, "item", use_float=True)):
+                if not isinstance(item, dict):
+                    raise SourceError(f"{path}: [{index}] is not a JSON object")
+                yield index, item
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read the {what} ({err.strerror})") from None
+    except ijson.JSONError as err:
         raise SourceError(f"{path}: not valid JSON ({str(err).splitlines()[0]})") from None
 
 

@@ -6,7 +6,8 @@ the Chinese CLIP paper made one text of an image's descriptions. `image_id` is k
 images come from a folder (`{image_id}.jpg` in it or its subfolders, VG_100K/ and VG_100K_2/ as
 distributed) or, with `images: url`, from `image_data.json`'s `url` per `image_id`. A missing
 key is a one-line error naming the file and the entry; an image with no phrase, no file or no
-URL is a rejected row.
+URL is a rejected row. Both JSON files are read entry by entry (the region descriptions are one
+~700 MB list), so memory holds the rows, not the parsed file.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from cnclip.corpus.recipe.sources_formats import IMAGES_FROM_URLS
 from cnclip.corpus.sources.metadata import SourceError
 from cnclip.corpus.sources.stored import (
     RowsBuilder,
-    entries,
     file_url,
     images_dir,
     index_folder,
     integer_id,
-    load_json,
     required,
     store_file,
+    streamed_entries,
 )
 
 
@@ -46,7 +46,7 @@ def joined_phrases(regions: list, path: str, where: str, separator: str, max_phr
 def _image_urls(image_data: str) -> dict[int, str]:
     """image_data.json: image id -> its URL (entries without one are left out)."""
     urls: dict[int, str] = {}
-    for index, item in enumerate(entries(load_json(image_data, "Visual Genome image data"), image_data, None)):
+    for index, item in streamed_entries(image_data, "Visual Genome image data"):
         image_id = integer_id(required(item, image_data, f"[{index}]", "image_id", "id"))
         url = item.get("url")
         if image_id is not None and isinstance(url, str) and url.strip():
@@ -58,14 +58,14 @@ def read_visual_genome(regions: str, images: str, image_data: Optional[str], sou
                        separator: str, max_phrases: Optional[int] = None) -> pl.DataFrame:
     """region_descriptions.json -> one row per image (url, caption_raw, image_id, reason,
     detail), in file order; local images stored under `source_dir`."""
-    described = entries(load_json(regions, "Visual Genome region descriptions"), regions, None)
+    described = streamed_entries(regions, "Visual Genome region descriptions")
     from_urls = images == IMAGES_FROM_URLS
     urls = _image_urls(image_data) if from_urls and image_data else {}
     files = {} if from_urls else index_folder(Path(images))
     store = images_dir(source_dir)
     name = Path(regions).name
     rows = RowsBuilder()
-    for index, item in enumerate(described):
+    for index, item in described:
         where = f"[{index}]"
         raw_id = required(item, regions, where, "id", "image_id")
         listed = required(item, regions, where, "regions")
