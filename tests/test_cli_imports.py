@@ -63,3 +63,16 @@ def test_train_config_does_not_import_the_corpus_package():
     code = "import sys, cnclip.train.config; print(sorted(m for m in sys.modules if m.startswith('cnclip.corpus')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_public_name_of_cnclip_train_resolves():
+    """`cnclip.train`'s names load lazily from their modules: a name mapped to the wrong module
+    would only fail when a user first reaches for it."""
+    import importlib
+
+    import cnclip.train as package
+
+    for name in package.__all__:
+        value = getattr(package, name)
+        assert callable(value) and value.__name__ == name, name
+    assert package.load_model_from_checkpoint is importlib.import_module("cnclip.train.factory").load_model_from_checkpoint

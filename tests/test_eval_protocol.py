@@ -289,6 +289,71 @@ def test_a_label_beyond_the_class_names_is_an_error():
         zeroshot_metrics(None, None, feats, [0, -1, 1], ["红", "绿"], ["{}"], torch.device("cpu"))
 
 
+BLANK = r"line {n} is blank \(one class name per line, line n for \{{key\}}.cls label n-1; blank lines only at the end\)$"
+
+
+def test_class_names_are_one_a_line_and_a_blank_line_before_the_last_is_an_error(tmp_path):
+    import re
+
+    from cnclip.train.clip_benchmark import read_class_names
+    from cnclip.train.data import DataError
+
+    path = tmp_path / "classnames.txt"
+    for text in ("红色\n绿色\n", "红色\n绿色", "红色\n绿色\n\n  \n", " 红色 \r\n绿色\r\n\r\n"):
+        path.write_text(text, encoding="utf-8")
+        assert read_class_names(path) == ["红色", "绿色"], repr(text)  # trailing blank lines are the file's end
+    for text, line in (("红色\n\n绿色\n", 2), ("红色\n绿色\n \t\n蓝色\n\n", 3), ("\n红色\n", 1)):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}: " + BLANK.format(n=line)):
+            read_class_names(path)
+    path.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no class names \(one per line"):
+        read_class_names(path)
+
+
+@pytest.fixture(scope="module")
+def labelled_edges(tmp_path_factory):
+    """The edge pictures as a classification set: picture i is labelled i, the i-th colour."""
+    path = tmp_path_factory.mktemp("labelled") / "0.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i, name in enumerate(EDGE_COLOURS):
+            writer.write({"__key__": f"e{i}", "png": edge_picture(EDGE_COLOURS[name]), "cls": str(i)})
+    return str(path)
+
+
+def test_zero_shot_labels_index_the_class_name_lines(tmp_path, labelled_edges, tiny_model):
+    import re
+
+    from cnclip.train.data import DataError
+
+    names, templates = tmp_path / "classnames.txt", tmp_path / "templates.txt"
+    templates.write_text("{c}色边框\n", encoding="utf-8")
+    names.write_text("\n".join(EDGE_COLOURS) + "\n\n\n", encoding="utf-8")  # trailing blank lines: fine
+    eval_set = EvalSet(name="e", kind="zeroshot", data=labelled_edges, classnames=names, templates=templates)
+    squash = eval_transform(tiny_model, "squash")
+    metrics = evaluate_set(ColourReader(), colour_tokenizer, eval_set, squash, device=torch.device("cpu"))
+    assert (metrics["top1"], metrics["images"]) == (100.0, 6)  # each picture is its own line's colour
+    # A blank second line: dropped, label 1 (绿) would be scored against 蓝 and so on; refused at once.
+    names.write_text("红\n\n" + "\n".join(list(EDGE_COLOURS)[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^eval.sets\[e\]: {re.escape(str(names))}: " + BLANK.format(n=2)):
+        evaluate_set(ColourReader(), colour_tokenizer, eval_set, squash, device=torch.device("cpu"))
+
+
+def test_a_training_config_reads_class_name_files_before_training(tmp_path):
+    import re
+
+    from cnclip.train.clip_benchmark import resolve_eval_sets
+    from cnclip.train.data import DataError
+
+    colours = benchmark_folder(tmp_path / "c", classnames=["红色", "", "蓝色"])
+    cfg = parse_config({"output_dir": str(tmp_path / "run"), "model": "cn-tiny", "data": {"train": "x.tar"},
+                        "batch_size": 2, "stage1": {"steps": 1, "lr": 1e-3}, "stage2": {"steps": 1, "lr": 1e-3},
+                        "eval": {"sets": [{"name": "c", "data": str(colours)}]}}, "t.yaml")
+    with pytest.raises(DataError, match=rf"^eval.sets\[c\]: {re.escape(str(colours / 'classnames.txt'))}: "
+                                        + BLANK.format(n=2)):
+        resolve_eval_sets(cfg)
+
+
 def test_the_default_templates_are_chinese_clips_imagenet_prompts():
     from cn_clip.eval.imagenet_zeroshot_templates import openai_imagenet_template
 

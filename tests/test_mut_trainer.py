@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from cnclip.train.distributed import Runtime
-from cnclip.train.loop import Trainer, make_optimizer, make_scheduler
+from cnclip.train.loop import Trainer
+from cnclip.train.stages import make_optimizer, make_scheduler
 from cnclip.train.tokenizer import MAX_CHARS_PER_WORD, SPECIAL_TOKENS, ChineseTokenizer, build_corpus_vocab, read_vocab
 
 LOG_TEN = math.log(10.0)

@@ -1,6 +1,7 @@
 """`cnclip train CONFIG` reruns like a build: the same config resumes or is finished; another one is
 refused unless --fresh, which removes only what a run wrote."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.train.loop import train
-from cnclip.train.rundir import RunDirError, plan_run
+from cnclip.train.rundir import RunDirError, RunPlan, apply_plan, plan_run
 from cnclip.train.runlog import read_log
 from test_train_support import shape_shards, tiny_config, write_config  # noqa: F401
 
@@ -111,4 +112,64 @@ def test_the_python_api_reruns_like_the_cli(finished_run):
     before = snapshot(run)
     summary = train(load_config(config))
     assert summary["finished"] == str(run / "checkpoints" / "stage2-final.pt") and summary["stages"] == {}
+    assert snapshot(run) == before
+
+
+def as_an_older_version_wrote_it(run: Path, *missing: str) -> None:
+    """Rewrite run.json as a cnclip without the fields `missing` (dotted paths, `[i]` for a list
+    item) would have: those keys absent, the fingerprint that of the config without them."""
+    record = json.loads((run / "run.json").read_text())
+    for path in missing:
+        *parents, last = path.replace("[", ".").replace("]", "").split(".")
+        node = record["config"]
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        del node[last]
+    config = json.dumps(record["config"], sort_keys=True).encode()
+    record["fingerprint"] = hashlib.sha256(config).hexdigest()[:20]
+    (run / "run.json").write_text(json.dumps(record))
+
+
+NEWER_FIELDS = ("eval.resize", "eval.sets[0].split", "eval.sets[0].kind", "eval.sets[0].resize", "quick_gelu")
+
+
+def test_a_field_newer_than_the_record_at_its_default_is_the_same_config(tmp_path, shape_shards):
+    evals = {"sets": [{"name": "held-out", "data": shape_shards}]}
+    cfg = tiny_config(tmp_path, shape_shards, eval=evals)
+    run = Path(cfg.output_dir)
+    apply_plan(cfg, RunPlan(None, write_record=True))
+    as_an_older_version_wrote_it(run, *NEWER_FIELDS)
+    stored = (run / "run.json").read_text()
+    assert "resize" not in stored and '"split"' not in stored
+    assert plan_run(cfg, [1, 2]) == RunPlan(None)  # accepted: this config's run, its record kept
+    assert (run / "run.json").read_text() == stored
+
+    def refusal(changed: str) -> str:
+        return (f"output_dir: {run} holds a run of another config (changed: {changed}); --fresh replaces "
+                "that run, or choose another output_dir")
+
+    changes = [
+        (dict(eval={**evals, "resize": "squash"}), "eval.resize"),  # a newer field, not at its default
+        (dict(eval={"sets": [{**evals["sets"][0], "split": "val"}]}), "eval.sets[0].split"),
+        (dict(eval=evals, stage1={"steps": 7}), "stage1.steps"),  # a field the record has
+    ]
+    for overrides, changed in changes:
+        with pytest.raises(RunDirError) as err:
+            plan_run(tiny_config(tmp_path, shape_shards, **overrides), [1, 2])
+        assert str(err.value) == refusal(changed)
+
+
+def test_a_finished_run_recorded_before_newer_fields_stays_finished(finished_run):
+    config, run = finished_run
+    as_an_older_version_wrote_it(run, "eval.resize", "quick_gelu", "data.exact_resume")
+    before = snapshot(run)
+    result = runner.invoke(app, ["train", config])
+    assert result.exit_code == 0, result.output
+    assert "this config's run is finished" in result.output
+    assert snapshot(run) == before
+    # The same old record against a config that does set one of those fields otherwise: refused.
+    yaml_text = Path(config).read_text().replace("exact_resume: true", "exact_resume: false")
+    Path(config).write_text(yaml_text)
+    result = runner.invoke(app, ["train", config])
+    assert result.exit_code == 2 and "(changed: data.exact_resume)" in result.output, result.output
     assert snapshot(run) == before

@@ -188,12 +188,12 @@ def test_a_phash_list_that_is_not_parquet_is_one_line(tmp_path):
 
 
 def test_class_name_and_vocab_files_that_cannot_be_used_are_one_line(tmp_path):
+    from cnclip.train.clip_benchmark import read_class_names
     from cnclip.train.data import DataError
-    from cnclip.train.evaluate import read_lines
     from cnclip.train.tokenizer import ChineseTokenizer, TokenizerError
 
     with pytest.raises(DataError, match=f"^{tmp_path / 'classes.txt'}: cannot read \\(No such file or directory\\)$"):
-        read_lines(tmp_path / "classes.txt")
+        read_class_names(tmp_path / "classes.txt")
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n猫\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match=f"^{tmp_path / 'vocab.txt'}: vocab lacks the special tokens "
                                              r"\[CLS\], \[SEP\], \[MASK\]$"):

@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "train": "loop", "load_model_from_checkpoint": "loop", "create_model": "models", "list_models": "models",
+    "train": "loop", "load_model_from_checkpoint": "factory", "create_model": "models", "list_models": "models",
     "export_checkpoint": "export", "export_cn_clip": "export_cn_clip",
 }
 

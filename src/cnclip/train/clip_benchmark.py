@@ -25,11 +25,37 @@ TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 NSHARDS_FILE = "nshards.txt"
 
 
+def read_text(path: Path) -> str:
+    """A set's small text file (a DataError naming it when it cannot be read)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+
+
 def _read(path: Path, origin: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{origin}: {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        return read_text(path)
+    except DataError as err:
+        raise DataError(f"{origin}: {err}") from None
+
+
+def read_class_names(path: Path) -> list[str]:
+    """A class-name file: line i (from 0) names class i, the `{key}.cls` label i, as in clip_benchmark.
+
+    A blank line before the last name is a class without a name: dropping it would shift every
+    label after it onto the wrong name, keeping it would score a class no prompt describes, so it
+    is an error naming the line. Blank lines after the last name are only the file's end."""
+    names = [line.strip() for line in read_text(path).splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise DataError(f"{path}: no class names (one per line, line n for {{key}}.cls label n-1)")
+    blank = next((number for number, name in enumerate(names, 1) if not name), None)
+    if blank is not None:
+        raise DataError(f"{path}: line {blank} is blank (one class name per line, line n for {{key}}.cls "
+                        "label n-1; blank lines only at the end)")
+    return names
 
 
 def _splits(folder: Path) -> list[str]:
@@ -94,10 +120,21 @@ def resolve_eval_set(eval_set: EvalSet, origin: Optional[str] = None) -> EvalSet
     return eval_set.model_copy(update=update)
 
 
+def _class_names(eval_set: EvalSet) -> list[str]:
+    try:
+        return read_class_names(eval_set.classnames)
+    except DataError as err:
+        raise DataError(f"eval.sets[{eval_set.name}]: {err}") from None
+
+
 def resolve_eval_sets(cfg: TrainConfig) -> list[EvalSet]:
     """A training config's eval sets, read once before training (a folder's kind, shards and class
-    names), so a wrong folder fails at the start rather than at the first evaluation hours later."""
+    names, each class-name file itself), so a wrong folder or a blank class name fails at the start
+    rather than at the first evaluation hours later."""
     sets = [resolve_eval_set(s) for s in cfg.eval.sets]
+    for eval_set in sets:
+        if eval_set.kind == "zeroshot":
+            _class_names(eval_set)
     if cfg.stage1.patience is not None and not any(s.kind == "retrieval" for s in sets):
         raise ConfigError("stage1.patience needs a retrieval set in eval.sets (the folders given hold "
                           "classification sets)")

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import open_clip
 import torch
 
-from cnclip.train.clip_benchmark import resolve_eval_set
+from cnclip.train.clip_benchmark import read_class_names, read_text, resolve_eval_set
 from cnclip.train.config import EvalSet
 from cnclip.train.data import DataError, eval_batches
 
@@ -111,19 +111,12 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
     return out
 
 
-def read_lines(path: Path) -> list[str]:
-    """The non-blank lines of a class-name or template file (a DataError when it cannot be read)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
-
-
 def read_templates(path: Path) -> list[str]:
     """A prompt file: one prompt per line with `{}` (cn_clip, str.format) or `{c}` (clip_benchmark's
-    files) where the class name goes; a line with neither would give every class the same prompt."""
-    templates = [line.replace("{c}", "{}") for line in read_lines(path)]
+    files) where the class name goes; a line with neither would give every class the same prompt.
+    Blank lines are skipped: nothing indexes prompts (class names are indexed: read_class_names)."""
+    lines = [line.strip() for line in read_text(path).splitlines()]
+    templates = [line.replace("{c}", "{}") for line in lines if line]
     if not templates:
         raise DataError(f"{path}: no templates (one prompt per line, {{}} or {{c}} for the class name)")
     for number, template in enumerate(templates, 1):
@@ -184,7 +177,7 @@ def evaluate_set(model, tokenizer: Callable, eval_set: EvalSet, transform: Calla
     origin = f"eval.sets[{eval_set.name}]"
     if eval_set.kind == "zeroshot":  # read before the images are embedded: a bad file fails at once
         try:
-            classnames = read_lines(eval_set.classnames)
+            classnames = read_class_names(eval_set.classnames)
             templates = read_templates(eval_set.templates) if eval_set.templates else CHINESE_TEMPLATES
         except DataError as err:
             raise DataError(f"{origin}: {err}") from None

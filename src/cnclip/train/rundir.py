@@ -7,7 +7,9 @@ run started with). Training the same
 config into that folder again resumes the run from its latest checkpoint, or, when the requested
 stages are done, says so and writes nothing. A folder holding a run of another config (or run
 files without a `run.json`) is refused unless `fresh`, which removes only what a run writes there
-(`RUN_FILES`, `RUN_DIRS`, the checkpoints it names) and keeps anything else in the folder.
+(`RUN_FILES`, `RUN_DIRS`, the checkpoints it names) and keeps anything else in the folder. A record
+written before a config field existed lacks its key: that field at its default is the same config
+(a new field's default keeps what earlier versions did), any other value of it is another config.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from pydantic import BaseModel
 
 from cnclip._common.atomic import write_json_atomic
 from cnclip._common.errors import CnclipError
@@ -95,12 +99,57 @@ def run_files(out: Path) -> list[Path]:
     return found
 
 
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (for the refusal message)."""
+_ABSENT = object()  # a key one side lacks: unlike any value, None included
+
+
+def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
+    """Key paths whose values differ between two resolved configs (for the refusal message):
+    dotted for mappings, `[i]` for the items of equal-length lists of mappings (`eval.sets[0].split`,
+    as validation errors name them)."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = list(dict.fromkeys([*old, *new]))
-        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".") or "(config)"]
+        return [k for key in keys
+                for k in changed_keys(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}.{key}" if path else key)]
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and all(isinstance(item, dict) for item in old + new)):
+        return [k for i, (a, b) in enumerate(zip(old, new, strict=True)) for k in changed_keys(a, b, f"{path}[{i}]")]
+    return [] if old == new else [path or "(config)"]
+
+
+def _with_defaults(stored: Any, current: Any, model: Any) -> Any:
+    """`stored` (a run.json config) with each key it lacks filled from `current` (this config,
+    resolved as JSON; `model`: the same as objects) where this config holds that field at its default.
+
+    A newer cnclip adds fields whose defaults keep what earlier versions did, and a run recorded
+    before that has no such key: the default is what that run used, so it is no change. A key the
+    record lacks whose value here is not the default stays missing, and so counts as changed."""
+    if isinstance(stored, dict) and isinstance(current, dict) and isinstance(model, BaseModel):
+        filled = {key: _with_defaults(value, current.get(key), getattr(model, key, None))
+                  for key, value in stored.items()}
+        for name, field in type(model).model_fields.items():
+            if (name not in stored and name in current and not field.is_required()
+                    and getattr(model, name) == field.get_default(call_default_factory=True)):
+                filled[name] = current[name]
+        return filled
+    if (isinstance(stored, list) and isinstance(current, list) and isinstance(model, (list, tuple))
+            and len(stored) == len(current) == len(model)):
+        return [_with_defaults(*items) for items in zip(stored, current, model, strict=True)]
+    return stored
+
+
+def config_changes(record: dict, cfg: TrainConfig) -> list[str]:
+    """What differs between a recorded run's config and `cfg` ([] when it is the same run).
+
+    The fingerprint covers the whole resolved config, so a record written before a field existed
+    has another one; equal fingerprints are the same config, otherwise the configs are compared
+    with the record's missing defaults filled in (`_with_defaults`)."""
+    mine = config_record(cfg)
+    if record.get("fingerprint") == mine["fingerprint"]:
+        return []
+    stored = record.get("config")
+    if not isinstance(stored, dict):
+        return [f"unreadable {RECORD}"]
+    return changed_keys(_with_defaults(stored, mine["config"], cfg), mine["config"])
 
 
 def _finished(checkpoint: Path, stages: list[int]) -> bool:
@@ -119,7 +168,7 @@ def plan_run(cfg: TrainConfig, stages: list[int], resume: Optional[str | Path] =
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output_dir: {out} is a file, not a folder")
-    record, mine = _read_record(out), config_record(cfg)
+    record = _read_record(out)
     existing = run_files(out) if out.is_dir() else []
     if fresh:
         explicit = Path(resume).resolve() if resume not in (None, "latest") else None
@@ -130,8 +179,8 @@ def plan_run(cfg: TrainConfig, stages: list[int], resume: Optional[str | Path] =
     if record is None and existing:
         raise RunDirError(f"output_dir: {out} holds run files ({existing[0].name}, ...) but no {RECORD}; "
                           "--fresh replaces that run (keeping other files), or choose another output_dir")
-    if record is not None and record.get("fingerprint") != mine["fingerprint"]:
-        keys = changed_keys(record.get("config"), mine["config"]) if "config" in record else [f"unreadable {RECORD}"]
+    keys = config_changes(record, cfg) if record is not None else []
+    if keys:
         raise RunDirError(f"output_dir: {out} holds a run of another config (changed: {', '.join(keys[:5])}"
                           f"{', ...' if len(keys) > 5 else ''}); --fresh replaces that run, or choose another "
                           "output_dir")
