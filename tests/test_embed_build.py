@@ -85,6 +85,19 @@ def scored(tmp_path_factory, checkpoint):
     return recipe, funnel
 
 
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, checkpoint, scored):
+    """The same build with a k-means sample smaller than the rows semantic dedup sees."""
+    recipe, _ = scored
+    root = tmp_path_factory.mktemp("embed-sampled")
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    data.update(output_dir=str(root / "out"), manifest_dir=str(root / "manifests"), name="sampled")
+    data["dedup"]["semantic"]["sample"] = 16
+    sampled = parse_recipe(data, "sampled")
+    build(sampled, show_funnel=False)
+    return sampled
+
+
 def _rejected(recipe):
     return pl.read_parquet(recipe.manifest_dir / "rejected" / "embed.parquet")
 
@@ -146,3 +159,13 @@ def test_published_embeddings_follow_the_samples(scored):
                       "width": 64, "precision": "fp32"}
     checksums = json.loads((manifests / "checksums.json").read_text())["files"]
     assert "embeddings/model.json" in checksums and "embeddings/00000.parquet" in checksums
+
+
+def test_a_sample_smaller_than_the_build_drops_the_same_copies(scored, sampled):
+    recipe, _ = scored
+    centroids = pl.read_parquet(sampled.output_dir / "work" / "embed-semantic" / "centroids.parquet")
+    assert centroids["trained_on"].sum() == 16 < MATCHED + COPIES  # the rows the filter kept outnumber it
+    columns = ["uid", "reason", "duplicate_of_uid", "duplicate_of"]
+    semantic = [_rejected(r).filter(pl.col("reason") == "dedup:semantic_duplicate").sort("uid").select(columns)
+                for r in (recipe, sampled)]
+    assert semantic[0].height and semantic[1].equals(semantic[0])

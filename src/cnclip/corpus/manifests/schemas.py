@@ -220,6 +220,19 @@ EMBED_MEMBERS = Table("work/embed-members.parquet", "output_dir", "embed",
                       {"part": _I64, "key": _STR, "uid": _I64, "caption": _STR})
 # One row per sample the embed stage drops (CLIP-score filter, semantic dedup), as dedup's decisions.
 EMBED_DECISIONS = Table("work/embed-decisions.parquet", "output_dir", "embed", DECISION_SCHEMA)
+# Semantic dedup's steps (stages/embed_semantic.py), each written by engine tasks so the driver
+# never holds the build's embeddings: the rows the k-means sample is drawn from (each part's rows
+# of the smallest draws, a hash of the uid), the centroids trained on that sample (`trained_on`:
+# how many of the sample's rows are nearest each, summing to the sample's size), every kept row's
+# cluster with its image embedding (one part per embeddings part, sorted by cluster so a task
+# reading a few clusters skips the others' row groups) and each group of clusters' decisions.
+SEMANTIC_SAMPLE = Table("work/embed-semantic/sample/*.parquet", "output_dir", "embed",
+                        {"uid": _I64, "draw": pl.UInt64(), "image_embedding": _EMBEDDING})
+SEMANTIC_CENTROIDS = Table("work/embed-semantic/centroids.parquet", "output_dir", "embed",
+                           {"cluster": _I64, "centroid": pl.Array(pl.Float32(), 512), "trained_on": _I64})
+SEMANTIC_ASSIGNED = Table("work/embed-semantic/assigned/*.parquet", "output_dir", "embed",
+                          {"uid": _I64, "cluster": _I64, "image_embedding": _EMBEDDING})
+SEMANTIC_DECISIONS = Table("work/embed-semantic/decisions/*.parquet", "output_dir", "embed", DECISION_SCHEMA)
 PUBLISHED_EMBEDDINGS = Table("embeddings/*.parquet", "manifest_dir", "shard", {
     "key": _STR, "uid": _I64, "clip_score": pl.Float32(), "image_embedding": _EMBEDDING, "text_embedding": _EMBEDDING,
 }, ordered=True)
@@ -234,7 +247,8 @@ TABLES: tuple[Table, ...] = (
     CRAWL_PAIRS, INGEST, TRANSLATED, TRANSLATE_TODO, TRANSLATE_CACHE, TEXT_NORMALIZED, TEXT_DUPLICATE_PAIRS,
     TEXT_REPEATED_CAPTIONS, TEXT_ACCEPTED, TEXT_REJECTED,
     DOWNLOAD_PLAN, DOWNLOAD_SENT, DOWNLOAD_ROUTES, ATTEMPT_PARTS, ATTEMPTS, HASHES, HASH_MEMBERS, DEDUP_DECISIONS,
-    EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS, EMBED_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED, PUBLISHED_EMBEDDINGS,
+    EMBEDDINGS, EMBED_SCORES, EMBED_MEMBERS, EMBED_DECISIONS, SEMANTIC_SAMPLE, SEMANTIC_CENTROIDS,
+    SEMANTIC_ASSIGNED, SEMANTIC_DECISIONS, SHARD_PLAN, SAMPLES, REJECTED, PUBLISHED_EMBEDDINGS,
 )
 
 # Columns a stage adds to a frame holding the keep columns and drops before writing it.

@@ -50,3 +50,12 @@ class SemanticDedup(StrictModel):
     clusters: int = Field(default=100, ge=1, le=1_000_000)
     max_similarity: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int = 0
+    # faiss itself trains on at most 256 rows a centroid (it samples down and warns beyond), so
+    # more rows than that only cost the driver memory; the sample is what the driver holds.
+    sample: Optional[int] = Field(default=None, ge=1, le=100_000_000,
+                                  description="rows k-means trains on, drawn by uid (default: clusters x 256)")
+
+    @property
+    def sample_rows(self) -> int:
+        """The k-means sample's size: `sample`, or 256 rows a centroid."""
+        return self.sample if self.sample is not None else self.clusters * 256

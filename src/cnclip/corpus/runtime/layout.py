@@ -132,6 +132,12 @@ class BuildLayout:
     def embed_decisions(self) -> Path | str:
         return at(self.work, "embed-decisions.parquet")
 
+    # semantic dedup's steps (with dedup.semantic): the sample's candidates, the centroids, each
+    # part's rows with their cluster, each group of clusters' decisions
+    @property
+    def embed_semantic_dir(self) -> Path | str:
+        return at(self.work, "embed-semantic")
+
     @property
     def shard_work_dir(self) -> Path | str:
         return at(self.work, "shard")

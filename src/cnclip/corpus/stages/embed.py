@@ -10,8 +10,9 @@ stage list, fingerprints and outputs it had before the stage existed.
   (EMBEDDINGS: float16, keyed by uid, with each pair's clip_score). A part already written is
   kept on a rerun with the same settings; the model is loaded once per worker process.
 - Then, on the whole build: the CLIP-score filter (a threshold, or a global quantile by SQL on
-  the engine) and semantic dedup among the pairs the filter kept (ops/semantic_dedup.py, faiss
-  k-means), into one decisions table (`work/embed-decisions.parquet`) that the shard stage and
+  the engine) and semantic dedup among the pairs the filter kept (embed_semantic.py: faiss k-means
+  on a sample, then the parts' clusters and each group of clusters' duplicates as engine tasks),
+  into one decisions table (`work/embed-decisions.parquet`) that the shard stage and
   rejected/ read beside dedup's. Filtering first means a group of duplicates is represented by a
   pair that passed the filter.
 """
@@ -211,28 +212,11 @@ def decide(recipe: Recipe, engine: Engine, layout: BuildLayout) -> dict[str, int
         decisions = engine.sql(_OUTSIDE_TOP.format(fraction=float(rule.keep_fraction)), scores=scores)
     engine.write(decisions, layout.embed_decisions, EMBED_DECISIONS)
     if recipe.dedup.semantic is not None:
-        _add_semantic_duplicates(recipe, layout)
+        from cnclip.corpus.stages.embed_semantic import add_semantic_duplicates
+
+        add_semantic_duplicates(recipe, engine, layout)
     counts = storage.scan_parquet(layout.embed_decisions).group_by("reason").len().sort("reason").collect().rows()
     return dict(counts)
-
-
-def _add_semantic_duplicates(recipe: Recipe, layout: BuildLayout) -> None:
-    """SemDeDup over the image embeddings of the pairs the filter kept (a step on one machine:
-    k-means needs the vectors together), appended to the decisions."""
-    from cnclip.corpus.ops.semantic_dedup import semantic_duplicates
-    from cnclip.embed import store
-
-    filtered = storage.scan_parquet(layout.embed_decisions).collect()
-    frames = [frame.filter(~pl.col("uid").is_in(filtered["uid"].implode()))
-              for frame in (pl.read_parquet(p, columns=["uid", "image_embedding"])
-                            for p in committed_parts(layout.embed_dir, ".parquet"))]
-    frame = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.Int64})
-    if frame.height < 2:
-        return
-    settings = recipe.dedup.semantic
-    found = semantic_duplicates(frame["uid"].to_numpy(), store.matrix(frame, "image_embedding"), settings.clusters,
-                                settings.max_similarity, settings.seed)
-    EMBED_DECISIONS.write(pl.concat([filtered, found]).sort("uid"), layout.embed_decisions)
 
 
 def run_embed_stage(recipe: Recipe, engine: Engine) -> dict:
@@ -281,10 +265,13 @@ class EmbedStage(Stage):
 
     def extra(self, recipe: Recipe) -> list:
         semantic = recipe.dedup.semantic
-        return [EMBED_VERSION, semantic.model_dump(mode="json") if semantic else None, model_listing(recipe)]
+        # without None values: a recipe that leaves `sample` out keeps the fingerprint it had before the key
+        semantic = semantic.model_dump(mode="json", exclude_none=True) if semantic else None
+        return [EMBED_VERSION, semantic, model_listing(recipe)]
 
     def outputs(self, layout: BuildLayout) -> tuple:
-        return (layout.embed_dir, layout.embed_scores_dir, layout.embed_members, layout.embed_decisions)
+        return (layout.embed_dir, layout.embed_scores_dir, layout.embed_members, layout.embed_decisions,
+                layout.embed_semantic_dir)
 
     def run(self, context: StageContext) -> dict:
         return run_embed_stage(context.recipe, context.engine)
