@@ -58,6 +58,7 @@ mutation: $(STAMP)
 	$(BIN)/python tools/mutation.py $(AREAS)
 
 # Speed and memory targets: each benchmark prints its figures and a ratio to a baseline run beside it.
+# CNCLIP_BENCH_SMALL=1 make bench: the same code on tiny inputs, seconds each (what make test runs).
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 

@@ -12,6 +12,8 @@ peak, recall 100% of the planted pairs.
 The growth is also set against a floor computed here (`banding_floor`): the least cost any exact
 band search can have at each size, whatever its plan, grows ×13.7 from 1M to 10M rows in the cost
 model, so a band search at its best at both sizes cannot grow by 12× or less.
+
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 20k and 50k rows, 1 run each, a 2,000-row baseline.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from statistics import median
 import numpy as np
 
 from cnclip.corpus.ops.neardup import _CANDIDATE_COST, _SORT_COST, BITS, band_plan
+from sizes import announce, size
 
 MAX_DISTANCE = 4
-REPEATS = 3
+SIZES = size((1_000_000, 10_000_000), (20_000, 50_000))  # the rows of the two timed sizes
+REPEATS = size(3, 1)
+BASE_ROWS = size(20_000, 2_000)  # the all-pairs baseline's rows, extrapolated quadratically
 
 
 def synthetic(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,11 +101,12 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--rows":
         print(json.dumps(run_size(int(sys.argv[2]))))
         return
-    base_rows = 20_000
+    announce()
+    base_rows = BASE_ROWS
     base = brute_force_seconds(base_rows)
     print(f"baseline: all-pairs on {base_rows:,} rows in {base:.2f} s")
     results = []
-    for rows in (1_000_000, 10_000_000):
+    for rows in SIZES:
         runs = [run_in_process(rows) for _ in range(REPEATS)]
         result = {"rows": rows, "seconds": median(r["seconds"] for r in runs), "cpu": median(r["cpu"] for r in runs),
                   "peak_mib": max(r["peak_mib"] for r in runs), "recall": min(r["recall"] for r in runs),
@@ -115,18 +121,25 @@ def main() -> None:
               f"-> ratio {all_pairs / result['seconds']:,.0f}x; first call in the process (numba's "
               f"cache load, 1,000 rows) {result['first_call']:.2f} s, not counted")
     small, large = results
+    (few, many), scale = SIZES, SIZES[1] / SIZES[0]
     growth = large["seconds"] / small["seconds"]
-    print(f"1M -> 10M: rows x10, time x{growth:.1f} (CPU x{large['cpu'] / small['cpu']:.1f}), "
+    print(f"{_short(few)} -> {_short(many)}: rows x{scale:g}, time x{growth:.1f} "
+          f"(CPU x{large['cpu'] / small['cpu']:.1f}), "
           f"memory x{large['peak_mib'] / small['peak_mib']:.1f} (more rows need longer band keys: "
-          f"{len(band_plan(10**6, MAX_DISTANCE).bands)} -> {len(band_plan(10**7, MAX_DISTANCE).bands)} bands)")
-    small_plan, large_plan = (band_plan(rows, MAX_DISTANCE).cost(rows, rows * rows / 2) / rows
-                              for rows in (10**6, 10**7))
+          f"{len(band_plan(few, MAX_DISTANCE).bands)} -> {len(band_plan(many, MAX_DISTANCE).bands)} bands)")
+    small_plan, large_plan = (band_plan(rows, MAX_DISTANCE).cost(rows, rows * rows / 2) / rows for rows in SIZES)
     print(f"the least cost of any exact band search (fractional covering, neardup's cost model) grows "
-          f"x{10 * banding_floor(10**7) / banding_floor(10**6):.1f} from 1M to 10M rows; the plans chosen "
-          f"x{10 * large_plan / small_plan:.1f} in the same model; the rest of the measured growth is memory")
+          f"x{scale * banding_floor(many) / banding_floor(few):.1f} from {_short(few)} to {_short(many)} rows; "
+          f"the plans chosen x{scale * large_plan / small_plan:.1f} in the same model; the rest of the measured "
+          f"growth is memory")
     ok = (large["seconds"] <= 10 and growth <= 12 and large["peak_mib"] <= 2048
           and all(r["recall"] == 1.0 for r in results))
     print(f"targets (10M <= 10 s, growth <= 12x, <= 2 GiB, recall 100%): {'met' if ok else 'NOT met'}")
+
+
+def _short(rows: int) -> str:
+    """1M, 10M, 20k: the sizes as the printed lines have always named them."""
+    return f"{rows // 10**6}M" if rows % 10**6 == 0 else f"{rows // 1000}k"
 
 
 def banding_floor(count: int, max_distance: int = MAX_DISTANCE) -> float:

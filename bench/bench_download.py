@@ -6,7 +6,8 @@ x 16 threads, 224 px, webdataset, sha256) and the same input rows; the stage's f
 its routing plan and the attempts table. Rounds alternate between the two; medians are printed.
 Target: stage time / raw time <= 1.05x.
 
-BENCH_DOWNLOAD_IMAGES (default 15000) and BENCH_DOWNLOAD_ROUNDS (default 3) size a run.
+BENCH_DOWNLOAD_IMAGES (default 15000) and BENCH_DOWNLOAD_ROUNDS (default 3) size a run;
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py) makes their defaults 300 and 1.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-COUNT = int(os.environ.get("BENCH_DOWNLOAD_IMAGES", "15000"))
-ROUNDS = int(os.environ.get("BENCH_DOWNLOAD_ROUNDS", "3"))
+from sizes import announce, size
+
+COUNT = int(os.environ.get("BENCH_DOWNLOAD_IMAGES", size(15000, 300)))
+ROUNDS = int(os.environ.get("BENCH_DOWNLOAD_ROUNDS", size(3, 1)))
 DISTINCT = 200  # image bodies, served under COUNT distinct paths
 
 
@@ -140,6 +143,7 @@ def main() -> None:
             raw.append(raw_img2dataset(recipe, root))
             ours.append(download_stage(recipe))
     raw_s, ours_s = statistics.median(raw), statistics.median(ours)
+    announce()
     print(f"{COUNT} images on 127.0.0.1, 2 processes x 16 threads, median of {ROUNDS} rounds")
     print(f"raw img2dataset: {COUNT / raw_s:,.0f} images/s ({', '.join(f'{t:.1f}' for t in raw)} s)")
     print(f"cnclip download stage (guard in each worker): {COUNT / ours_s:,.0f} images/s "

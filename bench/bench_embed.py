@@ -5,6 +5,8 @@ and encode_text), same model, batch size and images, in the same run. Target: >=
 The model is cn-tiny at random weights, written by the bench as a `cnclip train` checkpoint and
 exported as an open_clip local-dir model (what the plain loop loads): no download. Both sides
 decode the JPEGs, preprocess, and embed the captions too.
+
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 2 parts x 64 images, batch 32.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import polars as pl
 import torch
 
 from shapes import shape_samples, write_shards
+from sizes import announce, size
 
-PARTS, PER_PART, BATCH = 4, 500, 64
+PARTS, PER_PART, BATCH = size((4, 500, 64), (2, 64, 32))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"红橙黄绿蓝紫色的圆形方三角菱一个张图片画着浅背景上这是"]
 
 
@@ -95,6 +98,7 @@ def main() -> None:
         baseline, reference = open_clip_loop(tars, exported)
         ours = embed_stage(tars, folder, checkpoint)
         scores = pl.read_parquet(sorted(folder.glob("embed-*.parquet"))).sort("uid")["clip_score"].to_numpy()
+    announce()
     print(f"open_clip batch loop (webdataset, batch {BATCH}): {count / baseline:,.0f} images/s")
     print(f"cnclip embed stage (per download part, batch {BATCH}): {count / ours:,.0f} images/s")
     ratio = baseline / ours

@@ -1,6 +1,7 @@
 """pHash throughput on one core: cnclip's hash stage vs imagehash.phash(Image.open(path)).
 
 Same 256 px JPEG files for both, decoding included. Target: >= 3x.
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 200 images.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 from PIL import Image
 
 from cnclip.corpus.ops.phash import from_hex, hamming, phash_bytes
+from sizes import announce, size
 
-COUNT = 2000
+COUNT = size(2000, 200)
 
 
 def make_jpegs(folder: Path) -> list[Path]:
@@ -46,6 +48,7 @@ def main() -> None:
         ours = phash_bytes(path.read_bytes() for path in paths)
         elapsed = time.perf_counter() - started
     distances = hamming(ours, from_hex(reference))
+    announce()
     print(f"imagehash.phash(Image.open(path)), 1 core: {COUNT / baseline:,.0f} images/s")
     print(f"cnclip hash stage (draft decode + batched DCT), 1 core: {COUNT / elapsed:,.0f} images/s")
     print(f"ratio: {baseline / elapsed:.2f}x (target >= 3x: {'met' if baseline / elapsed >= 3 else 'NOT met'})")

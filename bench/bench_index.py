@@ -15,6 +15,7 @@ random-query recall@10 0.18.
 BENCH_INDEX_ROWS (default 1,000,000) and BENCH_INDEX_KINDS (default flat,ivf) change a run. hnsw
 is not in the default: its build is single-threaded-slow here (make sets OMP_NUM_THREADS=1): at
 100,000 rows it took 339 s against flat's 6 s and ivf's 65 s, for 1.8x flat's queries/s.
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 5,000 rows in parts of 1,000, 100 queries.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import numpy as np
 from cnclip.corpus.manifests.schemas import PUBLISHED_EMBEDDINGS
 from cnclip.embed import store
 from cnclip.search import index as idx
+from sizes import announce, size
 
-ROWS = int(os.environ.get("BENCH_INDEX_ROWS", "1000000"))
+ROWS = int(os.environ.get("BENCH_INDEX_ROWS", size(1_000_000, 5_000)))
 KINDS = os.environ.get("BENCH_INDEX_KINDS", "flat,ivf").split(",")
-WIDTH, PART_ROWS, QUERIES, TOP = 512, 10_000, 1_000, 10
+WIDTH, TOP = 512, 10
+PART_ROWS, QUERIES = size((10_000, 1_000), (1_000, 100))
 
 
 def unit(rng, n: int) -> np.ndarray:
@@ -66,6 +69,7 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 def main() -> None:
     rng = np.random.default_rng(0)
+    announce()
     with tempfile.TemporaryDirectory() as tmp:
         manifest_dir = Path(tmp)
         started = time.perf_counter()

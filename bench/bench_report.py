@@ -4,6 +4,7 @@ shards (tests/synthetic_corpus.py writes them by polars expressions).
 Target: <= 30 s here. Printed: the report's seconds, its ratio to the 30 s target, and its
 ratio to a baseline measured in the same run: one plain polars scan that reads every column the
 report aggregates (what any report over these manifests must at least read).
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 8,000 + 2,000 rows in 8 parts.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from cnclip.report.corpus import write_corpus_report  # noqa: E402
+from sizes import announce, size  # noqa: E402
 from synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
-SAMPLES, REJECTED, TARGET_S = 800_000, 200_000, 30.0
+SAMPLES, REJECTED, PARTS = size((800_000, 200_000, 80), (8_000, 2_000, 8))
+TARGET_S = 30.0
 
 
 def baseline(manifest_dir: Path) -> float:
@@ -33,11 +36,12 @@ def baseline(manifest_dir: Path) -> float:
 
 
 def main() -> None:
+    announce()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         manifests = write_synthetic_corpus(root, samples=SAMPLES, rejected=REJECTED, per_shard=1000, tar_shards=3,
-                                           parts=80, work=True)
+                                           parts=PARTS, work=True)
         print(f"synthetic corpus: {SAMPLES + REJECTED:,} rows written in {time.perf_counter() - started:.1f} s")
         base = baseline(manifests)
         started = time.perf_counter()

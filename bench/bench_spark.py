@@ -17,7 +17,8 @@ its own). The stages: ingest (one metadata file), text (normalize, filter, pair 
 cap), routing (160 lanes, 10,000 hosts), dedup (exact + near, d = 4) and the shard plan
 (positions, keys, the plan's one file).
 
-CNCLIP_BENCH_ROWS=100000 for a quick run.
+CNCLIP_BENCH_ROWS=100000 for a quick run. CNCLIP_BENCH_SMALL=1 (bench/sizes.py) makes the defaults
+20,000 rows in 2 parts, 2 shuffle partitions and 1 run (the variables above still win).
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-ROWS = int(os.environ.get("CNCLIP_BENCH_ROWS", 1_000_000))
-PARTS = 8
-REPEATS = int(os.environ.get("CNCLIP_BENCH_REPEATS", 3))
+from sizes import announce, size
+
+ROWS = int(os.environ.get("CNCLIP_BENCH_ROWS", size(1_000_000, 20_000)))
+PARTS = size(8, 2)  # ingest parts: the text stage's tasks
+SHUFFLE_PARTITIONS = size("8", "2")
+REPEATS = int(os.environ.get("CNCLIP_BENCH_REPEATS", size(3, 1)))
 CORES = 2  # LocalEngine(2) and local[2]
 WORDS = ["一隻貓", "在沙發上", "睡覺", "美丽的", "风景", "高清壁纸", "的照片", "北京", "上海", "夕陽下的", "海邊",
          "小狗", "公园里", "奔跑", "IMG_2023", "a photo of"]
@@ -51,7 +55,7 @@ def spark_session():
     builder = SparkSession.builder.master("local[2]").appName("cnclip-bench")
     for key, value in {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
                        "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
-                       "spark.sql.shuffle.partitions": "8",
+                       "spark.sql.shuffle.partitions": SHUFFLE_PARTITIONS,
                        # local[N] runs the executors inside the driver's JVM: its 1g default
                        # loses task results of 1M-row joins.
                        "spark.driver.memory": "4g"}.items():
@@ -317,6 +321,7 @@ def main() -> None:
     from cnclip.corpus.runtime.engine import LocalEngine
     from cnclip.corpus.runtime.spark_engine import SparkEngine
 
+    announce()
     root = Path(tempfile.mkdtemp(prefix="cnclip-bench-spark-"))
     try:
         print(f"{ROWS:,} rows, {CORES} cores per engine, load average {os.getloadavg()[0]:.1f} at the start",

@@ -1,6 +1,7 @@
 """Text stage throughput on one core: cnclip's normalization + filters vs OpenCC called per caption.
 
 Target: >= 200k captions/s/core for the text stage's per-row work.
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py): 5,000 captions, one run of each.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import polars as pl
 from cnclip.corpus.ops.normalize import _opencc, normalize_captions
 from cnclip.corpus.recipe import TextSettings
 from cnclip.corpus.stages.text import load_blacklist, per_row_reason
+from sizes import announce, size
 
-COUNT = 400_000
+COUNT = size(400_000, 5_000)
+RUNS = size(3, 1)  # the fastest of RUNS is kept for the stage and baseline A
 WORDS = ["一隻貓", "在沙發上", "睡覺", "２０２３年", "ＮＢＡ總決賽", "美丽的", "风景", "高清壁纸", "&amp;", "的照片",
          "a photo of", "dog", "點擊查看大圖", "IMG_2023", "北京", "上海", "夕陽下的", "海邊", "  ", "\u200b"]
 
@@ -68,9 +71,10 @@ def main() -> None:
             _ = (5 <= len(text) <= 50, letters and len(han.findall(text)) / letters >= 0.5,
                  any(p in text for p in blacklist))
 
-    ours = best_of(3, cnclip_text)
-    per_caption_opencc = best_of(3, opencc_loop)
+    ours = best_of(RUNS, cnclip_text)
+    per_caption_opencc = best_of(RUNS, opencc_loop)
     per_caption_all = best_of(1, python_loop)
+    announce()
     print(f"text stage (normalize + filters), 1 core: {COUNT / ours:,.0f} captions/s "
           f"(target >= 200,000: {'met' if COUNT / ours >= 200_000 else 'NOT met'})")
     print(f"baseline A, Python loop calling OpenCC per caption, conversion only: {COUNT / per_caption_opencc:,.0f} "

@@ -10,6 +10,9 @@ train transform, and
 train everything (our stage 2) and with the image tower locked (our stage 1 vs `--lock-image`).
 Throughput is samples/s over each run's log windows after the first (warm-up) one: both count a
 window's wall-clock, data waits included. Prints one line per run and the ratio ours / theirs.
+
+CNCLIP_BENCH_SMALL=1 (bench/sizes.py) changes the defaults below (SIZES) to a few steps of batch 16
+on 2 shards of 32 images, one run per trainer and mode; options given still win.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("CNCLIP_QUIET", "1")
+
+from sizes import announce, size  # noqa: E402
+
+# The option defaults that size a run; log windows after the first are timed, so small mode keeps three.
+SIZES = size({"batch_size": 64, "steps": 96, "log_every": 16, "shards": 8, "per_shard": 256, "repeats": 2},
+             {"batch_size": 16, "steps": 6, "log_every": 2, "shards": 2, "per_shard": 32, "repeats": 1})
 
 
 def write_bench_shards(folder: Path, shards: int, per_shard: int, side: int) -> list[str]:
@@ -96,14 +105,15 @@ def main() -> None:
     parser.add_argument("--model", default="cn-tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=SIZES["batch_size"])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=96)
-    parser.add_argument("--log-every", type=int, default=16)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--per-shard", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=SIZES["steps"])
+    parser.add_argument("--log-every", type=int, default=SIZES["log_every"])
+    parser.add_argument("--shards", type=int, default=SIZES["shards"])
+    parser.add_argument("--per-shard", type=int, default=SIZES["per_shard"])
     parser.add_argument("--modes", default="full,locked", help="full (stage 2), locked (stage 1), or both")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per trainer and mode (median reported)")
+    parser.add_argument("--repeats", type=int, default=SIZES["repeats"],
+                        help="runs per trainer and mode (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
 
@@ -112,6 +122,7 @@ def main() -> None:
     from cnclip.train.loop import train
     from cnclip.train.models import get_model_config
 
+    announce()
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
         side = get_model_config(args.model)["vision_cfg"]["image_size"]
