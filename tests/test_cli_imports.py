@@ -6,6 +6,7 @@ Each case runs in a fresh interpreter: the test process itself has long imported
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,10 @@ def test_every_public_name_of_cnclip_train_resolves():
 
     import cnclip.train as package
 
+    folder = Path(package.__file__).parent
     for name in package.__all__:
+        # A submodule of the same name would replace the lazy name once anything imports it.
+        assert not (folder / f"{name}.py").exists() and not (folder / name).is_dir(), name
         value = getattr(package, name)
         assert callable(value) and value.__name__ == name, name
     assert package.load_model_from_checkpoint is importlib.import_module("cnclip.train.factory").load_model_from_checkpoint

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cnclip.cli import app
 from cnclip.train.checkpoint import save_checkpoint
-from cnclip.train.export_cn_clip import (
+from cnclip.train.cn_clip_checkpoint import (
     CN_CLIP_TEXT,
     CN_CLIP_VISION,
     CnClipExportError,

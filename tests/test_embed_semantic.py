@@ -3,6 +3,7 @@ rows around a few well-separated directions, with planted near copies, so which 
 is known. The decisions step runs as the embed stage runs it (`decide`), on the local engine and
 on Spark; the blocked comparison is checked against the whole-matrix rule and for its memory."""
 
+import fnmatch
 import tracemalloc
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from cnclip.corpus.manifests.schemas import TABLES
 from cnclip.corpus.ops.semantic_dedup import _blocked_cluster, _whole_cluster, semantic_duplicates, unit_rows
 from cnclip.corpus.recipe.embed import ClipScoreFilter, SemanticDedup
 from cnclip.corpus.runtime.engine import LocalEngine
@@ -87,6 +89,15 @@ def test_a_build_larger_than_the_sample_drops_the_planted_copies_and_nothing_els
     assert decisions["uid"].to_list() == sorted(decisions["uid"].to_list())
     cosines = [float(d.split()[2]) for d in semantic["detail"].to_list()]  # "image cosine 0.9984 > 0.99 (cluster 3)"
     assert all(0.99 < c < 1 for c in cosines), semantic["detail"].to_list()
+    # Every work file of the step has its declared schema (manifests/schemas.py).
+    written = sorted(p.relative_to(layout.output_dir).as_posix() for p in layout.embed_semantic_dir.rglob("*.parquet"))
+    found = {}
+    for relative in written:
+        [table] = [t for t in TABLES if t.root == "output_dir" and fnmatch.fnmatch(relative, t.name)]
+        embed_semantic.at_width(table, WIDTH).check_file(layout.output_dir / relative)  # the model's width
+        found[table.name] = found.get(table.name, 0) + 1
+    assert set(found) == {"work/embed-semantic/sample/*.parquet", "work/embed-semantic/centroids.parquet",
+                          "work/embed-semantic/assigned/*.parquet", "work/embed-semantic/decisions/*.parquet"}
 
 
 def test_a_sample_of_every_row_gives_the_in_memory_decisions_exactly(tmp_path):

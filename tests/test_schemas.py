@@ -99,14 +99,18 @@ def test_every_file_a_build_writes_has_its_declared_schema(built):
             assert written.get(path) == table.name, relative  # validated when written, as this table
             covered.add(table.name)
     assert unknown == []
-    # Every table but the crawl's pairs (no html or warc source here), the embed stage's and
-    # embeddings' (no embed section) and the translate stage's (no translate section; checked in
+    # Every table but the crawl's pairs (no html or warc source here), the embed stage's, semantic
+    # dedup's and embeddings' (no embed section) and the translate stage's (no translate section; checked in
     # test_translate_build.py) was written and checked.
     assert covered == {t.name for t in TABLES} - {"work/crawl/*.parquet", "work/embed/*.parquet",
                                                   "work/embed-scores/*.parquet", "work/embed-members.parquet",
                                                   "work/embed-decisions.parquet", "embeddings/*.parquet",
                                                   "work/translate/parts/*.parquet", "work/translate/todo.parquet",
-                                                  "work/translate-cache/*.parquet"}
+                                                  "work/translate-cache/*.parquet",
+                                                  "work/embed-semantic/sample/*.parquet",
+                                                  "work/embed-semantic/centroids.parquet",
+                                                  "work/embed-semantic/assigned/*.parquet",
+                                                  "work/embed-semantic/decisions/*.parquet"}
     # The bad line made the ingest part carry the optional verdict columns, typed as declared.
     ingest = pl.read_parquet(recipe.output_dir / "work" / "ingest" / "000-00000.parquet")
     assert ingest.filter(pl.col("reason").is_not_null()).select("row", "reason", "detail").rows() == [

@@ -20,7 +20,7 @@ __all__ = [
 
 _LAZY = {
     "train": "loop", "load_model_from_checkpoint": "factory", "create_model": "models", "list_models": "models",
-    "export_checkpoint": "export", "export_cn_clip": "export_cn_clip",
+    "export_checkpoint": "export", "export_cn_clip": "cn_clip_checkpoint",
 }
 
 

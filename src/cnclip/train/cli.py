@@ -201,14 +201,14 @@ def export(
     (a Chinese-CLIP checkpoint: cnclip export clip_cn_rn50.pt exported/rn50)
     cnclip export runs/rn50/checkpoints/stage2-final.pt exported/rn50-cn_clip.pt --format cn_clip
     """
-    from cnclip.train.export_cn_clip import FORMATS
+    from cnclip.train.cn_clip_checkpoint import FORMATS
 
     if fmt not in FORMATS:
         error(f"--format: {' or '.join(FORMATS)} (got {fmt!r})")
         raise typer.Exit(2)
     try:
         if fmt == "cn_clip":
-            from cnclip.train.export_cn_clip import export_cn_clip
+            from cnclip.train.cn_clip_checkpoint import export_cn_clip
 
             structure = export_cn_clip(checkpoint, directory, architecture)
         else:
