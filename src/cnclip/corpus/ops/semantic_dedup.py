@@ -40,7 +40,7 @@ def draw(uids: np.ndarray, seed: int) -> np.ndarray:
 
 def unit_rows(embeddings: np.ndarray) -> np.ndarray:
     """float32 rows of unit length (float16 storage rounds the length)."""
-    x = np.ascontiguousarray(embeddings, dtype=np.float32).copy()
+    x = np.array(embeddings, dtype=np.float32)  # a copy: the caller's array is left as it is
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return x
 
@@ -145,8 +145,10 @@ def cluster_decisions(uids: np.ndarray, x: np.ndarray, assigned: np.ndarray, max
     """The decisions among rows sorted by uid (`x` unit rows) with their clusters, cluster by
     cluster (one step per cluster, vectorized within it)."""
     dropped, kept, cosine, cluster = [], [], [], []
-    for label in np.unique(assigned):
-        members = np.flatnonzero(assigned == label)
+    # Members of each cluster by one stable sort (still in uid order), not a scan of every row per cluster.
+    order = np.argsort(assigned, kind="stable")
+    labels, starts = np.unique(assigned[order], return_index=True)
+    for label, members in zip(labels, np.split(order, starts[1:]), strict=True):
         if len(members) < 2:
             continue
         rows, parents, sims = cluster_duplicates(x[members], max_similarity, block)
