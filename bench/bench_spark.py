@@ -41,7 +41,8 @@ from sizes import announce, size
 ROWS = int(os.environ.get("CNCLIP_BENCH_ROWS", size(1_000_000, 20_000)))
 PARTS = size(8, 2)  # ingest parts: the text stage's tasks
 SHUFFLE_PARTITIONS = size("8", "2")
-REPEATS = int(os.environ.get("CNCLIP_BENCH_REPEATS", size(3, 1)))
+# Two in small mode: a repeat meets what the run before it left (Spark's plan is a folder).
+REPEATS = int(os.environ.get("CNCLIP_BENCH_REPEATS", size(3, 2)))
 CORES = 2  # LocalEngine(2) and local[2]
 WORDS = ["一隻貓", "在沙發上", "睡覺", "美丽的", "风景", "高清壁纸", "的照片", "北京", "上海", "夕陽下的", "海邊",
          "小狗", "公园里", "奔跑", "IMG_2023", "a photo of"]
@@ -243,11 +244,12 @@ def write_shard_inputs(root: Path, decisions: pl.DataFrame, hashes: Path) -> Non
 
 
 def plan_once(root: Path, engine) -> pl.DataFrame:
+    from cnclip.corpus.runtime import storage
     from cnclip.corpus.runtime.layout import BuildLayout
     from cnclip.corpus.stages.shard import plan_shards
 
     recipe = text_recipe(root)
-    Path(BuildLayout.of(recipe).shard_plan).unlink(missing_ok=True)
+    storage.remove(BuildLayout.of(recipe).shard_plan)  # a file, or the folder Spark writes it as
     plan_shards(recipe, engine)
     return pl.read_parquet(BuildLayout.of(recipe).shard_plan)
 
